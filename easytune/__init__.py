@@ -1,0 +1,206 @@
+"""easytune: fine-tune LLaMA/Mistral-family models in JAX, from a laptop CPU to a TPU pod.
+
+    model = easytune.load("path/to/hf_dir", dtype="bfloat16", mesh_dim="1,-1,1")
+    logits = model(tokens)                       # [batch, seq] -> [batch, seq, vocab]
+    model.generate([[{"role": "user", "content": "Hi"}]])
+    model.save_pretrained("out_dir")             # a Hugging Face directory
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+__all__ = ["load", "Model"]
+__version__ = "0.1.0"
+
+logger = logging.getLogger("easytune")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def _resolve(path: str | None) -> str:
+    """A local directory for `path`: itself, a Hub snapshot, or the bundled SmolLM2 (None)."""
+    if path is None:
+        from easytune import assets
+        return assets.smollm2_hf_dir()
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path} is a file; pass the directory holding config.json and the weights.")
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        from huggingface_hub import snapshot_download  # only reached for hub ids
+        try:
+            return snapshot_download(path, allow_patterns=HUB_PATTERNS)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"{path!r} is not a local directory and could not be fetched from the Hugging Face Hub ({e})."
+            ) from None
+    raise FileNotFoundError(f"model path {path!r} does not exist.")
+
+
+def _load_tokenizer(directory: str):
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # a checkpoint without tokenizer files is still a model
+        logger.warning("no tokenizer loaded from %s (%s); text generation needs one.", directory, e)
+        return None
+
+
+def load(
+    path: str | None = None,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    mesh_dim: str | Sequence[int] = "1,-1,1",
+    remat: str = "none",
+    attention: str = "xla",
+    tokenizer: bool = True,
+) -> "Model":
+    """Load a model from an HF directory, a Hub id (when online), an easytune checkpoint, or, with
+    `path=None`, the bundled SmolLM2-135M-Instruct.
+
+    param_dtype defaults to the checkpoint's dtype; dtype (compute) defaults to param_dtype.
+    Parameters are placed straight into their shards on the `mesh_dim` mesh.
+    """
+    from easytune import checkpoint, hf, sharding
+    from easytune.dtypes import dtype_name
+
+    directory = _resolve(path)
+    mesh = sharding.make_mesh(mesh_dim)
+    if checkpoint.is_checkpoint(directory):
+        meta = checkpoint.read_meta(directory)
+        hf_config, generation_config = meta["hf_config"], meta.get("generation_config") or {}
+        param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
+        config = checkpoint.config_from_meta(meta, dtype=dtype_name(dtype or param_dtype),
+                                             param_dtype=param_dtype, remat=remat, attention=attention)
+        params = checkpoint.restore_params(directory, config, mesh)
+    else:
+        config_path = os.path.join(directory, hf.CONFIG_FILE)
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{directory} has no {hf.CONFIG_FILE}: it is neither a Hugging Face "
+                                    f"model directory nor an easytune checkpoint.")
+        hf_config = hf.read_json(config_path)
+        gen_path = os.path.join(directory, hf.GENERATION_CONFIG_FILE)
+        generation_config = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
+        param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
+        config = hf.config_from_hf(hf_config, dtype=dtype_name(dtype or param_dtype),
+                                   param_dtype=param_dtype, remat=remat, attention=attention)
+        params = hf.load_params(directory, config, mesh)
+    return Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
+                 hf_config, generation_config)
+
+
+class Model:
+    """A loaded model: `.config`, `.params`, `.tokenizer`, `.mesh`; callable on token ids."""
+
+    def __init__(self, config, params, tokenizer, mesh, hf_config: dict | None = None,
+                 generation_config: dict | None = None):
+        self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+        self.hf_config = hf_config or {}
+        self.generation_config = generation_config or {}
+        self._forward = None
+
+    @property
+    def family(self):
+        from easytune import models
+        return models.family(self.config.model_type)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """Logits `[batch, seq, vocab]` (float32) for token ids `[batch, seq]`."""
+        import jax
+        import jax.numpy as jnp
+
+        from easytune import sharding
+        if self._forward is None:
+            self._forward = jax.jit(self.family.forward, static_argnums=0)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
+        batch_parts = self.mesh.shape["dp"] * self.mesh.shape["fsdp"]
+        if tokens.shape[0] % batch_parts == 0:
+            tokens = jax.device_put(tokens, sharding.batch_sharding(self.mesh))
+        with jax.set_mesh(self.mesh):
+            return self._forward(self.config, self.params, tokens, positions, segment_ids)
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = self.generation_config.get("eos_token_id", self.hf_config.get("eos_token_id"))
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted(set(ids))
+
+    @property
+    def pad_token_id(self) -> int:
+        for value in (self.generation_config.get("pad_token_id"), self.hf_config.get("pad_token_id"),
+                      getattr(self.tokenizer, "pad_token_id", None)):
+            if isinstance(value, int):
+                return value
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
+    def generate(self, prompts, sampling=None, *, seed: int = 0, return_tokens: bool = False, **kwargs):
+        """Generate for a batch. `prompts`: token-id lists, strings, or chat conversations (lists of
+        `{"role", "content"}` dicts, formatted with the tokenizer's chat template). Returns decoded
+        strings (or token lists for token-id prompts / `return_tokens=True`).
+        kwargs: `max_new_tokens`, `temperature`, `top_k`, `top_p` when `sampling` is not given."""
+        import jax
+
+        from easytune.generate import SamplingConfig, generate_tokens
+        sampling = sampling or SamplingConfig(**kwargs)
+        if not prompts:
+            raise ValueError("generate needs at least one prompt.")
+        as_tokens = isinstance(prompts[0], (list, tuple)) and (not prompts[0] or isinstance(prompts[0][0], int))
+        if as_tokens:
+            token_prompts = [list(p) for p in prompts]
+        else:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of text.")
+            token_prompts = [self._encode(p) for p in prompts]
+        with jax.set_mesh(self.mesh):
+            outputs = generate_tokens(self.config, self.params, token_prompts, sampling,
+                                      self.eos_token_ids, self.pad_token_id, seed)
+        if as_tokens or return_tokens:
+            return outputs
+        return [self.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt)["input_ids"]
+        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # ------------------------------------------------------------------ export
+
+    def save_pretrained(self, directory: str, dtype: str | None = None, max_shard_size: int = 5 * 1024**3) -> None:
+        """Write a Hugging Face directory (config.json, safetensors, tokenizer with its chat template)
+        that `transformers.AutoModelForCausalLM.from_pretrained` loads. dtype: on-disk dtype
+        (default: the parameters' dtype)."""
+        import json
+
+        import jax
+
+        from easytune import hf
+        from easytune.dtypes import dtype_name
+        out_dtype = dtype_name(dtype or self.config.param_dtype)
+        with jax.set_mesh(self.mesh):
+            hf.save_params(directory, self.config, self.params, out_dtype, max_shard_bytes=max_shard_size)
+        if jax.process_index() == 0:
+            hf_config = hf.config_to_hf(self.config, self.hf_config, torch_dtype=out_dtype)
+            with open(os.path.join(directory, hf.CONFIG_FILE), "w") as f:
+                json.dump(hf_config, f, indent=2, sort_keys=True)
+            if self.generation_config:
+                with open(os.path.join(directory, hf.GENERATION_CONFIG_FILE), "w") as f:
+                    json.dump(self.generation_config, f, indent=2, sort_keys=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+
+    def save(self, directory: str) -> None:
+        """Write an easytune (orbax) checkpoint that `easytune.load` restores into any mesh."""
+        from easytune import checkpoint
+        checkpoint.save_model(directory, self.config, self.params, self.hf_config,
+                              self.generation_config, self.tokenizer)

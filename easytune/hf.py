@@ -1,0 +1,311 @@
+"""Hugging Face <-> easytune: config mapping, weight maps, streaming load and export.
+
+Loading builds each parameter with `jax.make_array_from_callback`: every device's shard is read
+straight from the memory-mapped safetensors, so no process ever holds a full copy of a sharded
+parameter. Export streams one (per-layer) tensor at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from easytune import models, sharding
+from easytune.dtypes import dtype_name, parse_dtype
+from easytune.models.llama import LlamaConfig
+from easytune.safetensors_io import SafetensorsCheckpoint, write_safetensors
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# Buffers some old checkpoints carry that are recomputed, not loaded.
+IGNORED_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")
+
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+
+
+# ----------------------------------------------------------------------------- config
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+
+
+def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """`(rope_theta, rope_scaling)` from either transformers layout: v4 `rope_theta` +
+    `rope_scaling`, or v5 `rope_parameters`. Plain RoPE gives `rope_scaling=None`."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = params["rope_theta"]
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        return float(theta), None
+    return float(theta), scaling
+
+
+def config_from_hf(hf: dict, **compute: Any) -> LlamaConfig:
+    """LlamaConfig from an HF `config.json` dict; `compute` sets dtype, param_dtype, remat, attention."""
+    model_type = hf.get("model_type")
+    models.family(model_type)  # unknown model_type -> clear error
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported for {model_type}; only 'silu' is.")
+    num_heads = hf["num_attention_heads"]
+    theta, scaling = rope_from_hf(hf)
+    sliding_window = hf.get("sliding_window") if model_type == "mistral" else None
+    if hf.get("use_sliding_window") is False:
+        sliding_window = None
+    compute = {k: v for k, v in compute.items() if v is not None}
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=sliding_window,
+        model_type=model_type,
+        **compute,
+    )
+
+
+def config_to_hf(config: LlamaConfig, base: dict | None = None, torch_dtype: str | None = None) -> dict:
+    """An HF `config.json` dict for `config`. Fields of `base` (the imported config) are kept, so
+    an import/export round trip returns the same config; architecture fields are set from ours."""
+    c = config
+    hf = dict(base or {})
+    fields = {
+        "architectures": [ARCHITECTURES[c.model_type]],
+        "model_type": c.model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+    }
+    if c.model_type == "mistral":
+        fields["sliding_window"] = c.sliding_window
+    if isinstance(hf.get("rope_parameters"), dict):
+        fields["rope_parameters"] = {"rope_theta": c.rope_theta, "rope_type": "default", **(c.rope_scaling_dict or {})}
+    else:
+        fields["rope_theta"] = c.rope_theta
+        fields["rope_scaling"] = c.rope_scaling_dict
+    # Values transformers assumes when a key is absent: leave them absent, so a round trip
+    # returns the imported config.json unchanged.
+    implied = {"head_dim": c.hidden_size // c.num_heads, "attention_bias": False, "mlp_bias": False,
+               "rope_scaling": None, "tie_word_embeddings": False}
+    for key, value in fields.items():
+        if key in hf or key not in implied or implied[key] != value:
+            hf[key] = value
+    if torch_dtype is not None:
+        key = "dtype" if "dtype" in hf and "torch_dtype" not in hf else "torch_dtype"
+        hf[key] = torch_dtype
+    return hf
+
+
+def checkpoint_dtype(hf: dict) -> str:
+    """The dtype the HF checkpoint declares (float32 if it declares none)."""
+    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return dtype_name(name) if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+# ----------------------------------------------------------------------------- weight map
+
+@dataclasses.dataclass(frozen=True)
+class WeightEntry:
+    path: tuple[str, ...]   # our parameter path
+    hf_name: str            # HF tensor name; '{layer}' filled in for stacked parameters
+    stacked: bool           # has a leading [num_layers] axis
+    transpose: bool         # HF stores [out, in]; we store [in, out]
+
+
+def weight_map(config: LlamaConfig) -> list[WeightEntry]:
+    """Every parameter of `config` with the HF tensor(s) it comes from."""
+    entries = [WeightEntry(("embed", "embedding"), "model.embed_tokens.weight", False, False)]
+    prefix = "model.layers.{layer}."
+    entries.append(WeightEntry(("layers", "attn_norm", "scale"), prefix + "input_layernorm.weight", True, False))
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+        entries.append(WeightEntry(("layers", "attn", ours, "kernel"), prefix + f"self_attn.{theirs}.weight", True, True))
+        if config.attention_bias:
+            entries.append(WeightEntry(("layers", "attn", ours, "bias"), prefix + f"self_attn.{theirs}.bias", True, False))
+    entries.append(WeightEntry(("layers", "mlp_norm", "scale"), prefix + "post_attention_layernorm.weight", True, False))
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        entries.append(WeightEntry(("layers", "mlp", ours, "kernel"), prefix + f"mlp.{theirs}.weight", True, True))
+        if config.mlp_bias:
+            entries.append(WeightEntry(("layers", "mlp", ours, "bias"), prefix + f"mlp.{theirs}.bias", True, False))
+    entries.append(WeightEntry(("final_norm", "scale"), "model.norm.weight", False, False))
+    if not config.tie_word_embeddings:
+        entries.append(WeightEntry(("lm_head", "kernel"), "lm_head.weight", False, True))
+    return entries
+
+
+def _tree_get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _tree_set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- load
+
+def _expected_hf_shape(entry: WeightEntry, shape: tuple[int, ...]) -> tuple[int, ...]:
+    per_layer = shape[1:] if entry.stacked else shape
+    return tuple(reversed(per_layer)) if entry.transpose else tuple(per_layer)
+
+
+def check_checkpoint(checkpoint: SafetensorsCheckpoint, config: LlamaConfig, directory: str) -> None:
+    """Every expected tensor is present with the expected shape, before anything is loaded."""
+    shapes = models.family(config.model_type).param_shapes(config)
+    for entry in weight_map(config):
+        shape = _tree_get(shapes, entry.path).shape
+        want = _expected_hf_shape(entry, shape)
+        layers = range(config.num_layers) if entry.stacked else [None]
+        for layer in layers:
+            name = entry.hf_name.format(layer=layer)
+            if name not in checkpoint:
+                raise ValueError(
+                    f"checkpoint {directory} is missing weight {name!r}; it does not match its "
+                    f"config.json ({config.model_type}, {config.num_layers} layers)."
+                )
+            got = checkpoint.shape(name)
+            if tuple(got) != want:
+                raise ValueError(
+                    f"checkpoint {directory}: weight {name!r} has shape {tuple(got)} but the config "
+                    f"implies {want}."
+                )
+
+
+def _shard_reader(checkpoint: SafetensorsCheckpoint, entry: WeightEntry, dtype, num_layers: int):
+    """Callback for make_array_from_callback: reads one shard's slice from the checkpoint."""
+    memo: dict[str, np.ndarray] = {}
+
+    def read(index):
+        key = repr(index)
+        if key in memo:
+            return memo[key]
+        if entry.stacked:
+            layer_slice, rest = index[0], tuple(index[1:])
+        else:
+            layer_slice, rest = None, tuple(index)
+        hf_rest = tuple(reversed(rest)) if entry.transpose else rest
+
+        def one(name):
+            block = np.asarray(checkpoint[name][hf_rest])
+            return (block.T if entry.transpose else block).astype(dtype)
+
+        if entry.stacked:
+            layers = range(*layer_slice.indices(num_layers))
+            out = np.stack([one(entry.hf_name.format(layer=i)) for i in layers])
+        else:
+            out = one(entry.hf_name)
+        memo[key] = out
+        return out
+
+    return read
+
+
+def load_params(directory: str, config: LlamaConfig, mesh: Mesh) -> dict:
+    """Parameters of `config` from the safetensors in `directory`, placed in their shards on `mesh`."""
+    checkpoint = SafetensorsCheckpoint(directory)
+    check_checkpoint(checkpoint, config, directory)
+    family = models.family(config.model_type)
+    shapes = family.param_shapes(config)
+    shardings = sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh)
+    params: dict = {}
+    for entry in weight_map(config):
+        shape = _tree_get(shapes, entry.path)
+        array = jax.make_array_from_callback(
+            shape.shape, _tree_get(shardings, entry.path),
+            _shard_reader(checkpoint, entry, np.dtype(shape.dtype), config.num_layers), dtype=shape.dtype,
+        )
+        _tree_set(params, entry.path, array)
+    return params
+
+
+# ----------------------------------------------------------------------------- export
+
+def _gather_fn(mesh: Mesh | None):
+    """Jitted `x[i]` replicated on every device, so each process can read a full layer."""
+    if mesh is None:
+        return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
+    return jax.jit(
+        lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """Host copy of a replicated array: every process holds all of it in its first local shard."""
+    return np.asarray(x.addressable_shards[0].data)
+
+
+def save_params(directory: str, config: LlamaConfig, params: dict, dtype=None, max_shard_bytes: int = 5 * 1024**3):
+    """Write `params` as HF safetensors in `directory`, one tensor in host memory at a time.
+
+    dtype: on-disk dtype (default: the parameters' dtype). In a multi-process run every process
+    must call this (the gathers are collective); only process 0 writes.
+    """
+    mesh = None
+    leaf = params["embed"]["embedding"]
+    if isinstance(leaf.sharding, NamedSharding):
+        mesh = leaf.sharding.mesh
+    take_layer = _gather_fn(mesh)
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P())) if mesh is not None else None
+    tensors = []
+    for entry in weight_map(config):
+        array = _tree_get(params, entry.path)
+        out_dtype = np.dtype(parse_dtype(dtype) if dtype is not None else array.dtype)
+        per_layer_shape = array.shape[1:] if entry.stacked else array.shape
+        hf_shape = tuple(reversed(per_layer_shape)) if entry.transpose else tuple(per_layer_shape)
+        layers = range(array.shape[0]) if entry.stacked else [None]
+        for layer in layers:
+            def produce(array=array, layer=layer, entry=entry, out_dtype=out_dtype):
+                if layer is None:
+                    x = replicate(array) if replicate is not None else array
+                else:
+                    x = take_layer(array, jnp.int32(layer))
+                host = _to_host(x)
+                return (host.T if entry.transpose else host).astype(out_dtype)
+            tensors.append((entry.hf_name.format(layer=layer), hf_shape, out_dtype, produce))
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        return write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
+    for *_, produce in tensors:  # other processes join every collective gather
+        produce()
+    return []

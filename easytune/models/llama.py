@@ -1,0 +1,302 @@
+"""LLaMA 1/2/3 and Mistral in pure JAX.
+
+Parameters are a nested dict; per-layer weights are stacked on a leading `[num_layers]` axis and
+the decoder runs under `jax.lax.scan` (optionally rematerialized), so compile time is flat in depth.
+
+    {'embed': {'embedding': [vocab, hidden]},
+     'layers': {'attn_norm': {'scale'}, 'attn': {'q','k','v','o': {'kernel'[, 'bias']}},
+                'mlp_norm': {'scale'}, 'mlp': {'gate','up','down': {'kernel'[, 'bias']}}},
+     'final_norm': {'scale': [hidden]},
+     'lm_head': {'kernel': [hidden, vocab]}}          # absent when embeddings are tied
+
+Kernels are `[in, out]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from easytune.models import layers
+from easytune.dtypes import parse_dtype
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture plus compute options. Frozen and hashable: it is a static jit argument."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Items of the HF `rope_scaling` dict as a sorted tuple of pairs (hashable); None for plain RoPE.
+    rope_scaling: tuple | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral; None attends to the whole prefix
+    model_type: str = "llama"
+    # Compute options: not part of the checkpoint.
+    dtype: str = "float32"          # activations and matmuls
+    param_dtype: str = "float32"    # stored weights (master weights when training)
+    remat: str = "none"             # one of REMAT_POLICIES
+    attention: str = "xla"          # layers.attention implementation
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})."
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+        parse_dtype(self.dtype)
+        parse_dtype(self.param_dtype)
+        layers.rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling_dict)
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def compute_dtype(self):
+        return parse_dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return parse_dtype(self.param_dtype)
+
+
+# Sharding rules: regex searched in the '/'-joined parameter path (so optimizer moments whose
+# paths end in the parameter path inherit them) -> spec of the per-layer tensor. Stacked leading
+# axes are left unsharded automatically. The first match wins.
+SHARDING_RULES = (
+    (r"embed/embedding$", P("mp", "fsdp")),
+    (r"attn/(q|k|v)/kernel$", P("fsdp", "mp")),
+    (r"attn/(q|k|v)/bias$", P("mp")),
+    (r"attn/o/kernel$", P("mp", "fsdp")),
+    (r"mlp/(gate|up)/kernel$", P("fsdp", "mp")),
+    (r"mlp/(gate|up)/bias$", P("mp")),
+    (r"mlp/down/kernel$", P("mp", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "mp")),
+    (r".*", P()),
+)
+
+
+def param_shapes(config: LlamaConfig) -> dict:
+    """Pytree of `jax.ShapeDtypeStruct` describing the parameters."""
+    c, dt = config, config.weight_dtype
+    n, h = c.num_layers, c.hidden_size
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+
+    def dense(fan_in, fan_out, bias):
+        p = {"kernel": jax.ShapeDtypeStruct((n, fan_in, fan_out), dt)}
+        if bias:
+            p["bias"] = jax.ShapeDtypeStruct((n, fan_out), dt)
+        return p
+
+    shapes = {
+        "embed": {"embedding": jax.ShapeDtypeStruct((c.vocab_size, h), dt)},
+        "layers": {
+            "attn_norm": {"scale": jax.ShapeDtypeStruct((n, h), dt)},
+            "attn": {
+                "q": dense(h, q_dim, c.attention_bias),
+                "k": dense(h, kv_dim, c.attention_bias),
+                "v": dense(h, kv_dim, c.attention_bias),
+                "o": dense(q_dim, h, c.attention_bias),
+            },
+            "mlp_norm": {"scale": jax.ShapeDtypeStruct((n, h), dt)},
+            "mlp": {
+                "gate": dense(h, c.intermediate_size, c.mlp_bias),
+                "up": dense(h, c.intermediate_size, c.mlp_bias),
+                "down": dense(c.intermediate_size, h, c.mlp_bias),
+            },
+        },
+        "final_norm": {"scale": jax.ShapeDtypeStruct((h,), dt)},
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = {"kernel": jax.ShapeDtypeStruct((h, c.vocab_size), dt)}
+    return shapes
+
+
+def init_params(config: LlamaConfig, key: jax.Array) -> dict:
+    """Random parameters (normal(0, 0.02) kernels, zero biases, unit norms), as HF initializes.
+
+    Jit this with `out_shardings` to create the parameters directly in their shards.
+    """
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            out.append(jnp.ones(shape.shape, shape.dtype))
+        elif "bias" in name:
+            out.append(jnp.zeros(shape.shape, shape.dtype))
+        else:
+            out.append((0.02 * jax.random.normal(k, shape.shape, jnp.float32)).astype(shape.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+def cache_length(config: LlamaConfig, max_length: int) -> int:
+    """Slots per sequence: a ring buffer of `sliding_window` slots when the window is shorter."""
+    if config.sliding_window is not None:
+        return min(max_length, config.sliding_window)
+    return max_length
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> dict:
+    """An empty KV cache able to serve sequences of up to `max_length` tokens.
+
+    'k','v': `[num_layers, batch, slots, kv_heads, head_dim]`; 'positions', 'segment_ids':
+    `[batch, slots]` of the token held in each slot (segment 0 = empty); 'index': tokens written.
+    """
+    slots = cache_length(config, max_length)
+    kv_shape = (config.num_layers, batch_size, slots, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(kv_shape, config.compute_dtype),
+        "v": jnp.zeros(kv_shape, config.compute_dtype),
+        "positions": jnp.zeros((batch_size, slots), jnp.int32),
+        "segment_ids": jnp.zeros((batch_size, slots), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _cache_slots(index: jax.Array, num_new: int, slots: int) -> tuple[jax.Array, int]:
+    """Ring-buffer slots for the last `min(num_new, slots)` of `num_new` tokens written at `index`."""
+    kept = min(num_new, slots)
+    return (index + (num_new - kept) + jnp.arange(kept)) % slots, kept
+
+
+def _write_cache(buffer: jax.Array, new: jax.Array, slots: jax.Array, kept: int) -> jax.Array:
+    """Write the last `kept` entries of `new [batch, T, ...]` into `buffer [batch, slots, ...]`."""
+    return buffer.at[:, slots].set(new[:, new.shape[1] - kept:].astype(buffer.dtype))
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _layer(config: LlamaConfig, inv_freq, h, layer_params, positions, segment_ids, layer_cache, cache_meta):
+    """One decoder block. h `[batch, seq, hidden]`."""
+    c = config
+    batch, seq, _ = h.shape
+    p = layer_params
+    x = layers.rms_norm(h, p["attn_norm"]["scale"], c.rms_norm_eps)
+    q = layers.linear(x, p["attn"]["q"]).reshape(batch, seq, c.num_heads, c.head_dim)
+    k = layers.linear(x, p["attn"]["k"]).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+    v = layers.linear(x, p["attn"]["v"]).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+    q = layers.apply_rope(q, positions, inv_freq)
+    k = layers.apply_rope(k, positions, inv_freq)
+
+    if layer_cache is None:
+        keys, values, kv_positions, kv_segments = k, v, positions, segment_ids
+        new_layer_cache = None
+    else:
+        # Attend to what the cache held plus the new tokens; then store the new tokens.
+        keys = jnp.concatenate([layer_cache["k"].astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([layer_cache["v"].astype(v.dtype), v], axis=1)
+        kv_positions = jnp.concatenate([cache_meta["positions"], positions], axis=1)
+        kv_segments = jnp.concatenate([cache_meta["segment_ids"], segment_ids], axis=1)
+        slots, kept = cache_meta["slots"], cache_meta["kept"]
+        new_layer_cache = {
+            "k": _write_cache(layer_cache["k"], k, slots, kept),
+            "v": _write_cache(layer_cache["v"], v, slots, kept),
+        }
+
+    mask = layers.attention_mask(
+        positions, segment_ids, kv_positions, kv_segments, causal=True, sliding_window=c.sliding_window
+    )
+    attn = layers.attention(q, keys, values, mask, implementation=c.attention)
+    h = h + layers.linear(attn.reshape(batch, seq, c.num_heads * c.head_dim), p["attn"]["o"])
+    h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
+
+    x = layers.rms_norm(h, p["mlp_norm"]["scale"], c.rms_norm_eps)
+    gated = jax.nn.silu(layers.linear(x, p["mlp"]["gate"])) * layers.linear(x, p["mlp"]["up"])
+    h = h + layers.linear(gated, p["mlp"]["down"])
+    h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
+    return h, new_layer_cache
+
+
+def decode_hidden(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None, cache=None):
+    """Final hidden states `[batch, seq, hidden]` (after the last norm) and the updated cache.
+
+    tokens, positions, segment_ids: `[batch, seq]` int. positions default to 0..seq-1 and
+    segment_ids to all ones; segment id 0 marks padding.
+    """
+    c = config
+    batch, seq = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, seq), jnp.int32)
+    inv_freq = layers.rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
+
+    h = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(c.compute_dtype)
+    h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
+
+    cache_meta, layer_caches = None, None
+    if cache is not None:
+        slots, kept = _cache_slots(cache["index"], seq, cache["positions"].shape[1])
+        cache_meta = {"positions": cache["positions"], "segment_ids": cache["segment_ids"],
+                      "slots": slots, "kept": kept}
+        layer_caches = {"k": cache["k"], "v": cache["v"]}
+
+    def body(h, xs):
+        layer_params, layer_cache = xs
+        return _layer(c, inv_freq, h, layer_params, positions, segment_ids, layer_cache, cache_meta)
+
+    policy = REMAT_POLICIES[c.remat]
+    if c.remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    h, new_layer_caches = jax.lax.scan(body, h, (params["layers"], layer_caches))
+    h = layers.rms_norm(h, params["final_norm"]["scale"], c.rms_norm_eps)
+
+    new_cache = None
+    if cache is not None:
+        new_cache = {
+            "k": new_layer_caches["k"],
+            "v": new_layer_caches["v"],
+            "positions": _write_cache(cache["positions"], positions, slots, kept),
+            "segment_ids": _write_cache(cache["segment_ids"], segment_ids, slots, kept),
+            "index": cache["index"] + seq,
+        }
+    return h, new_cache
+
+
+def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
+    """`[batch, seq, vocab]` float32 logits from final hidden states."""
+    if config.tie_word_embeddings:
+        kernel = params["embed"]["embedding"].T
+    else:
+        kernel = params["lm_head"]["kernel"]
+    kernel = kernel.astype(config.compute_dtype)
+    return jnp.einsum("bsh,hv->bsv", hidden, kernel, preferred_element_type=jnp.float32)
+
+
+def forward(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):
+    """Logits `[batch, seq, vocab]` (float32) for `tokens [batch, seq]`."""
+    hidden, _ = decode_hidden(config, params, tokens, positions, segment_ids)
+    return logits_from_hidden(config, params, hidden)
+
+
+def forward_with_cache(config: LlamaConfig, params: dict, tokens, positions, segment_ids, cache):
+    """Like `forward`, attending also to `cache`; returns `(logits, updated_cache)`."""
+    hidden, cache = decode_hidden(config, params, tokens, positions, segment_ids, cache)
+    return logits_from_hidden(config, params, hidden), cache
