@@ -56,18 +56,20 @@ def load(
     remat: str = "none",
     attention: str = "xla",
     tokenizer: bool = True,
+    devices=None,
 ) -> "Model":
     """Load a model from an HF directory, a Hub id (when online), an easytune checkpoint, or, with
     `path=None`, the bundled SmolLM2-135M-Instruct.
 
     param_dtype defaults to the checkpoint's dtype; dtype (compute) defaults to param_dtype.
-    Parameters are placed straight into their shards on the `mesh_dim` mesh.
+    Parameters are placed straight into their shards on the `mesh_dim` mesh, built over all
+    devices of all processes, or over `devices` when given (e.g. one device for a reference run).
     """
     from easytune import checkpoint, hf, sharding
     from easytune.dtypes import dtype_name
 
     directory = _resolve(path)
-    mesh = sharding.make_mesh(mesh_dim)
+    mesh = sharding.make_mesh(mesh_dim, devices)
     if checkpoint.is_checkpoint(directory):
         meta = checkpoint.read_meta(directory)
         hf_config, generation_config = meta["hf_config"], meta.get("generation_config") or {}

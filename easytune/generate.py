@@ -38,10 +38,9 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
 
-def sample_tokens(logits, key, temperature, *, top_k: int, top_p, greedy: bool, use_top_p: bool):
-    """Next tokens `[batch]` from `logits [batch, vocab]`: greedy, or temperature/top-k/top-p sampling."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filter_logits(logits, temperature, *, top_k: int, top_p, use_top_p: bool):
+    """Temperature, then top-k, then top-p (nucleus) filtering of `logits [batch, vocab]`, in the
+    order transformers applies them; filtered-out entries become -inf."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -54,6 +53,14 @@ def sample_tokens(logits, key, temperature, *, top_k: int, top_p, greedy: bool, 
         kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
         threshold = jnp.min(kept, axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample_tokens(logits, key, temperature, *, top_k: int, top_p, greedy: bool, use_top_p: bool):
+    """Next tokens `[batch]` from `logits [batch, vocab]`: greedy, or temperature/top-k/top-p sampling."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

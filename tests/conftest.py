@@ -1,0 +1,58 @@
+"""Shared test setup: 8 simulated CPU devices (set before JAX is imported) and tiny HF models."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# name -> (transformers class name, config overrides). Each exercises one architectural feature.
+TINY_CONFIGS = {
+    "llama2": ("LlamaForCausalLM", dict(rms_norm_eps=1e-5)),
+    "llama3_gqa_rope_scaling": ("LlamaForCausalLM", dict(
+        num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
+    "llama_tied_mqa": ("LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    "llama_linear_rope_bias": ("LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True, mlp_bias=True)),
+    "mistral_sliding_window": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5)),
+}
+
+
+def make_hf_model(name: str, directory, seed: int = 0, **overrides):
+    """Save a tiny random HF model (`TINY_CONFIGS[name]`) to `directory`; return the torch model."""
+    import torch
+    import transformers
+
+    class_name, extra = TINY_CONFIGS[name]
+    model_class = getattr(transformers, class_name)
+    config_class = model_class.config_class
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**TINY, **extra, **overrides})).eval()
+    # Norm weights start at ones; perturb them so the tests see whether they are loaded.
+    with torch.no_grad():
+        for name_, param in model.named_parameters():
+            if "norm" in name_ or name_.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(str(directory))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """All tiny configs saved once per session: name -> (directory, torch model)."""
+    out = {}
+    for name in TINY_CONFIGS:
+        directory = tmp_path_factory.mktemp(name)
+        out[name] = (str(directory), make_hf_model(name, directory))
+    return out
