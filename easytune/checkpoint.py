@@ -21,6 +21,15 @@ from easytune.models.llama import LlamaConfig
 MARKER = "easytune.json"
 FORMAT_VERSION = 1
 ARCH_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": LlamaConfig}
+# Host memory orbax may use for arrays in flight; its default (96 GB) copies a whole model to host
+# at once. 1 GB bounds a conversion's peak to about one copy of the model plus this.
+CONCURRENT_GB = 1
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    handler = ocp.StandardCheckpointHandler(save_concurrent_gb=CONCURRENT_GB,
+                                            restore_concurrent_gb=CONCURRENT_GB)
+    return ocp.Checkpointer(handler)
 
 
 def is_checkpoint(path: str) -> bool:
@@ -41,9 +50,7 @@ def save_model(directory: str, config, params, hf_config: dict | None = None,
     """Write an easytune checkpoint of `params` (sharded arrays are saved shard by shard)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(directory, "params"), params, force=True)
-    ckptr.wait_until_finished()
+    _checkpointer().save(os.path.join(directory, "params"), ocp.args.StandardSave(params), force=True)
     if jax.process_index() == 0:
         meta = {"format": "easytune", "version": FORMAT_VERSION, "config": architecture_dict(config),
                 "hf_config": hf_config or {}, "generation_config": generation_config or {}}
@@ -79,7 +86,7 @@ def restore_params(directory: str, config, mesh):
     shardings = sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     path = os.path.join(os.path.abspath(directory), "params")
-    stored = ocp.StandardCheckpointer().metadata(path)
+    stored = _checkpointer().metadata(path)
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
     want = {sharding.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
@@ -88,4 +95,4 @@ def restore_params(directory: str, config, mesh):
     if missing:
         raise ValueError(f"easytune checkpoint {directory} is missing parameter {missing[0]!r} "
                          f"({len(missing)} missing in all); it does not match its config.")
-    return ocp.StandardCheckpointer().restore(path, target)
+    return _checkpointer().restore(path, ocp.args.StandardRestore(target))

@@ -226,14 +226,20 @@ def _shard_reader(checkpoint: SafetensorsCheckpoint, entry: WeightEntry, dtype, 
         hf_rest = tuple(reversed(rest)) if entry.transpose else rest
 
         def one(name):
-            block = np.asarray(checkpoint[name][hf_rest])
-            return (block.T if entry.transpose else block).astype(dtype)
+            block = checkpoint[name][hf_rest]
+            return (block.T if entry.transpose else block).astype(dtype, copy=False)
 
         if entry.stacked:
             layers = range(*layer_slice.indices(num_layers))
-            out = np.stack([one(entry.hf_name.format(layer=i)) for i in layers])
+            first = one(entry.hf_name.format(layer=layers[0]))
+            out = np.empty((len(layers), *first.shape), dtype)  # filled in place: no second copy
+            out[0] = first
+            for i, layer in enumerate(layers[1:], start=1):
+                out[i] = one(entry.hf_name.format(layer=layer))
         else:
             out = one(entry.hf_name)
+            if entry.transpose:  # a contiguous copy; otherwise the device copies from the mapping
+                out = np.ascontiguousarray(out)
         memo[key] = out
         return out
 
@@ -301,7 +307,7 @@ def save_params(directory: str, config: LlamaConfig, params: dict, dtype=None, m
                 else:
                     x = take_layer(array, jnp.int32(layer))
                 host = _to_host(x)
-                return (host.T if entry.transpose else host).astype(out_dtype)
+                return (host.T if entry.transpose else host).astype(out_dtype, copy=False)
             tensors.append((entry.hf_name.format(layer=layer), hf_shape, out_dtype, produce))
     if jax.process_index() == 0:
         os.makedirs(directory, exist_ok=True)

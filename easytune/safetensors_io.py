@@ -37,7 +37,6 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries = header
         self._data_start = 8 + header_len
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
 
     def keys(self):
         return self.entries.keys()
@@ -46,11 +45,16 @@ class SafetensorsFile:
         return tuple(self.entries[name]["shape"])
 
     def __getitem__(self, name: str) -> np.ndarray:
+        """A read-only view mapping just this tensor's bytes. The mapping lives only as long as
+        the view, so pages read for one tensor stop counting toward this process's memory once
+        it has been converted."""
         entry = self.entries[name]
         dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
         start, end = entry["data_offsets"]
-        raw = self._map[self._data_start + start: self._data_start + end]
-        return raw.view(dtype).reshape(entry["shape"])
+        if end == start:
+            return np.zeros(entry["shape"], dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + start,
+                         shape=tuple(entry["shape"]))
 
 
 class SafetensorsCheckpoint:
@@ -140,10 +144,10 @@ def write_safetensors(
             f.write(struct.pack("<Q", len(header_bytes)))
             f.write(header_bytes)
             for name, shape, dtype, produce in shard:
-                array = np.ascontiguousarray(produce(), dtype=dtype)
+                array = np.ascontiguousarray(produce(), dtype=dtype)  # copies only if transposed
                 if array.shape != tuple(shape):
                     raise ValueError(f"tensor {name} has shape {array.shape}, expected {tuple(shape)}.")
-                f.write(array.tobytes())
+                f.write(array.reshape(-1).view(np.uint8).data)
         os.replace(path + ".tmp", path)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
