@@ -25,9 +25,13 @@ def smollm2():
     return directory, torch_model, AutoTokenizer.from_pretrained(directory)
 
 
-def test_logits_match_transformers(smollm2):
+@pytest.fixture(scope="module")
+def model(smollm2):
+    return easytune.load(smollm2[0])
+
+
+def test_logits_match_transformers(smollm2, model):
     directory, torch_model, tokenizer = smollm2
-    model = easytune.load(directory)
     assert (model.config.num_heads, model.config.num_kv_heads, model.config.tie_word_embeddings) == (9, 3, True)
     texts = ["The quick brown fox jumps over the lazy dog.", "def fibonacci(n):\n    return"]
     batch = tokenizer(texts, padding="max_length", max_length=16, truncation=True)["input_ids"]
@@ -40,9 +44,8 @@ def test_logits_match_transformers(smollm2):
     assert diff <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
-def test_greedy_chat_generations_match_transformers(smollm2):
+def test_greedy_chat_generations_match_transformers(smollm2, model):
     directory, torch_model, tokenizer = smollm2
-    model = easytune.load(directory)
     ours = model.generate(CHATS, max_new_tokens=MAX_NEW_TOKENS, return_tokens=True)
     for chat, tokens in zip(CHATS, ours):
         prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
@@ -53,3 +56,24 @@ def test_greedy_chat_generations_match_transformers(smollm2):
         assert tokens == ref, (tokenizer.decode(tokens), tokenizer.decode(ref))
     texts = model.generate(CHATS[:1], max_new_tokens=MAX_NEW_TOKENS)
     assert "Paris" in texts[0]
+
+
+def test_export_keeps_weights_tokenizer_and_chat_template(smollm2, model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory, torch_model, tokenizer = smollm2
+    model.save_pretrained(str(tmp_path))
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    for key, value in torch_model.state_dict().items():
+        assert torch.equal(value, exported.state_dict()[key]), key
+    exported_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert exported_tokenizer.chat_template == tokenizer.chat_template
+    for chat in CHATS:
+        assert (exported_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+                == tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+
+
+def test_generate_cli(smollm2, capsys):
+    from easytune import generate
+    generate.main(["--model", smollm2[0], "--prompt", "What is the capital of France?", "--max_new_tokens", "16"])
+    out = capsys.readouterr().out
+    assert ">>> What is the capital of France?" in out and "Paris" in out

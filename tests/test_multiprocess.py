@@ -1,0 +1,59 @@
+"""Two real processes (jax.distributed on 127.0.0.1, gloo CPU collectives), 4 devices each: the
+mesh spans both, each process loads only its shards, and export from the pair is exact."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from test_hf import assert_same_state_dict
+
+CHILD = r"""
+import os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+coordinator, process_id, model_dir, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id)
+import numpy as np
+from jax.experimental import multihost_utils
+import easytune
+
+model = easytune.load(model_dir, tokenizer=False, mesh_dim="2,2,2")
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+assert model.mesh.devices.size == 8
+q = model.params["layers"]["attn"]["q"]["kernel"]
+assert not q.is_fully_addressable and len(q.addressable_shards) == 4
+tokens = np.random.RandomState(0).randint(0, 128, (8, 16))
+logits = multihost_utils.process_allgather(model(tokens), tiled=True)
+model.save_pretrained(out_dir)
+if process_id == 0:
+    np.save(os.path.join(out_dir, "logits.npy"), logits)
+print("CHILD_OK", process_id)
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_load_forward_and_export(hf_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+    directory, torch_model = hf_models["llama3_gqa_rope_scaling"]
+    out = str(tmp_path / "out")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, coordinator, str(i), directory, out], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for i, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0 and f"CHILD_OK {i}" in text, text[-3000:]
+
+    tokens = np.random.RandomState(0).randint(0, 128, (8, 16))
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.load(os.path.join(out, "logits.npy")), ref, atol=1e-4)
+    assert_same_state_dict(torch_model, AutoModelForCausalLM.from_pretrained(out))
