@@ -73,7 +73,7 @@ def load(
     if checkpoint.is_checkpoint(directory):
         meta = checkpoint.read_meta(directory)
         hf_config, generation_config = meta["hf_config"], meta.get("generation_config") or {}
-        param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
+        param_dtype = dtype_name(param_dtype or checkpoint.stored_param_dtype(meta))
         config = checkpoint.config_from_meta(meta, dtype=dtype_name(dtype or param_dtype),
                                              param_dtype=param_dtype, remat=remat, attention=attention)
         params = checkpoint.restore_params(directory, config, mesh)
@@ -109,7 +109,10 @@ class Model:
         return models.family(self.config.model_type)
 
     def __call__(self, tokens, positions=None, segment_ids=None):
-        """Logits `[batch, seq, vocab]` (float32) for token ids `[batch, seq]`."""
+        """Logits `[batch, seq, vocab]` (float32) for token ids `[batch, seq]`.
+
+        positions default to 0..seq-1 per row and segment_ids to ones (0 marks padding); pass both
+        for left-padded or packed batches."""
         import jax
         import jax.numpy as jnp
 
@@ -144,29 +147,45 @@ class Model:
         return self.eos_token_ids[0] if self.eos_token_ids else 0
 
     def generate(self, prompts, sampling=None, *, seed: int = 0, return_tokens: bool = False, **kwargs):
-        """Generate for a batch. `prompts`: token-id lists, strings, or chat conversations (lists of
-        `{"role", "content"}` dicts, formatted with the tokenizer's chat template). Returns decoded
-        strings (or token lists for token-id prompts / `return_tokens=True`).
-        kwargs: `max_new_tokens`, `temperature`, `top_k`, `top_p` when `sampling` is not given."""
-        import jax
+        """Generate for one prompt or a batch.
 
+        prompts: a string; a conversation (list of `{"role", "content"}` dicts, formatted with the
+        tokenizer's chat template); a list of token ids; or a list (or array) of any of these.
+        Returns a list of decoded strings, or of token-id lists for token-id prompts or with
+        `return_tokens=True`. kwargs: `max_new_tokens`, `temperature`, `top_k`, `top_p` when
+        `sampling` (a `generate.SamplingConfig`) is not given.
+        """
         from easytune.generate import SamplingConfig, generate_tokens
         sampling = sampling or SamplingConfig(**kwargs)
-        if not prompts:
-            raise ValueError("generate needs at least one prompt.")
-        as_tokens = isinstance(prompts[0], (list, tuple)) and (not prompts[0] or isinstance(prompts[0][0], int))
-        if as_tokens:
-            token_prompts = [list(p) for p in prompts]
-        else:
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass token ids instead of text.")
-            token_prompts = [self._encode(p) for p in prompts]
-        with jax.set_mesh(self.mesh):
-            outputs = generate_tokens(self.config, self.params, token_prompts, sampling,
-                                      self.eos_token_ids, self.pad_token_id, seed)
+        batch, as_tokens = self._prompt_batch(prompts)
+        if not as_tokens and self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead of text.")
+        token_prompts = batch if as_tokens else [self._encode(p) for p in batch]
+        outputs = generate_tokens(self.config, self.params, token_prompts, sampling,
+                                  self.eos_token_ids, self.pad_token_id, seed, mesh=self.mesh)
         if as_tokens or return_tokens:
             return outputs
         return [self.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+
+    @staticmethod
+    def _prompt_batch(prompts) -> tuple[list, bool]:
+        """`(batch, is_token_ids)` from any accepted prompt form; a clear error for the rest."""
+        import numpy as np
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]  # one string or one conversation
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("generate needs a prompt: a string, a conversation, token ids, or a list of them.")
+        if all(isinstance(t, (int, np.integer)) for t in prompts):
+            prompts = [prompts]  # one list of token ids
+        batch = [p.tolist() if isinstance(p, np.ndarray) else p for p in prompts]
+        if all(isinstance(p, (list, tuple)) and p and all(isinstance(t, (int, np.integer)) for t in p) for p in batch):
+            return [[int(t) for t in p] for p in batch], True
+        if all(isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) for m in p)) for p in batch):
+            return list(batch), False
+        raise ValueError("each prompt must be a string, a conversation (list of role/content dicts) or a "
+                         "non-empty list of token ids, all of one kind.")
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -16,11 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from easytune import models, sharding
-from easytune.models.llama import LlamaConfig
 
 MARKER = "easytune.json"
 FORMAT_VERSION = 1
-ARCH_CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": LlamaConfig}
 # Host memory orbax may use for arrays in flight; its default (96 GB) copies a whole model to host
 # at once. 1 GB bounds a conversion's peak to about one copy of the model plus this.
 CONCURRENT_GB = 1
@@ -40,6 +38,7 @@ def architecture_dict(config) -> dict:
     """The config's fields minus the compute options (those are chosen at load time)."""
     from easytune.hf import COMPUTE_FIELDS
     out = {k: v for k, v in dataclasses.asdict(config).items() if k not in COMPUTE_FIELDS}
+    out["param_dtype"] = config.param_dtype  # the stored dtype: what `load` restores by default
     if out.get("rope_scaling") is not None:
         out["rope_scaling"] = dict(config.rope_scaling)
     return out
@@ -70,13 +69,17 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
+def stored_param_dtype(meta: dict) -> str:
+    return meta["config"].get("param_dtype", "float32")
+
+
 def config_from_meta(meta: dict, **compute):
     arch = dict(meta["config"])
-    models.family(arch.get("model_type"))
+    family = models.family(arch.get("model_type"))
     if arch.get("rope_scaling") is not None:
         arch["rope_scaling"] = tuple(sorted(arch["rope_scaling"].items()))
-    compute = {k: v for k, v in compute.items() if v is not None}
-    return ARCH_CONFIG_CLASSES[arch["model_type"]](**arch, **compute)
+    arch.update({k: v for k, v in compute.items() if v is not None})
+    return family.Config(**arch)
 
 
 def restore_params(directory: str, config, mesh):

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easytune import models
+
+logger = logging.getLogger("easytune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +48,7 @@ def filter_logits(logits, temperature, *, top_k: int, top_p, use_top_p: bool):
     order transformers applies them; filtered-out entries become -inf."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if use_top_p:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
@@ -64,18 +69,21 @@ def sample_tokens(logits, key, temperature, *, top_k: int, top_p, greedy: bool, 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(config, sampling: SamplingConfig, params, tokens, positions, segment_ids, eos_ids,
-              pad_id, key, temperature, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _generate(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, params, tokens, positions,
+              segment_ids, eos_ids, pad_id, key, temperature, top_p):
+    """Prefill `tokens [batch, prompt]` then decode up to `max_new` tokens in a while loop.
+
+    Returns `[batch, max_new]` token ids; rows that hit an id in `eos_ids` are `pad_id` after it.
+    Only shapes and the static sampling switches trigger compilation; temperature and top_p are
+    traced, so changing them reuses the program.
+    """
     family = models.family(config.model_type)
     batch, prompt_len = tokens.shape
-    max_new = sampling.max_new_tokens
-    greedy = sampling.temperature == 0.0
-    sample = functools.partial(sample_tokens, top_k=sampling.top_k, greedy=greedy,
-                               use_top_p=sampling.top_p < 1.0)
+    sample = functools.partial(sample_tokens, top_k=top_k, greedy=greedy, use_top_p=use_top_p)
 
     cache = family.init_cache(config, batch, prompt_len + max_new)
-    hidden, cache = family.decode_hidden(config, params, tokens, positions, segment_ids, cache)
+    hidden, cache = family.hidden_states(config, params, tokens, positions, segment_ids, cache)
     logits = family.logits_from_hidden(config, params, hidden[:, -1:])[:, 0]
     next_positions = positions[:, -1] + 1
 
@@ -90,7 +98,7 @@ def _generate(config, sampling: SamplingConfig, params, tokens, positions, segme
         token = jnp.where(done, pad_id, token)
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, eos_ids)
-        hidden, cache = family.decode_hidden(
+        hidden, cache = family.hidden_states(
             config, params, token[:, None], next_positions[:, None],
             jnp.ones((batch, 1), jnp.int32), cache,
         )
@@ -108,13 +116,16 @@ def bucket_length(length: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(length, 1) - 1).bit_length())
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
-    """Left-pad token lists to `[batch, length]`: tokens, positions and segment ids (0 = padding)."""
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None):
+    """Left-pad token lists to `[batch, length]`: tokens, positions and segment ids (0 = padding).
+
+    Padding holds token 0 (any id works: segment 0 is never attended; 0 is always in the vocab).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must have at least one token.")
     length = length or bucket_length(max(len(p) for p in prompts))
     batch = len(prompts)
-    tokens = np.full((batch, length), pad_id, np.int32)
+    tokens = np.zeros((batch, length), np.int32)
     positions = np.zeros((batch, length), np.int32)
     segment_ids = np.zeros((batch, length), np.int32)
     for row, prompt in enumerate(prompts):
@@ -133,15 +144,32 @@ def generate_tokens(
     eos_ids: Sequence[int],
     pad_id: int,
     seed: int = 0,
+    mesh=None,
 ) -> list[list[int]]:
-    """Generate for a batch of token-id prompts; each result stops after (and includes) its EOS."""
-    tokens, positions, segment_ids = left_pad(prompts, pad_id)
+    """Generate for a batch of token-id prompts; each result stops after (and includes) its EOS.
+
+    With a `mesh`, prompts are split over its batch axes (when the batch divides them) and the
+    call works in multi-process runs: every process passes the same prompts and gets all results.
+    """
+    tokens, positions, segment_ids = left_pad(prompts)
+    if tokens.shape[1] + sampling.max_new_tokens > config.max_position_embeddings:
+        logger.warning("prompt (%d, bucketed) + max_new_tokens (%d) exceeds max_position_embeddings (%d); "
+                       "quality may degrade past it.", tokens.shape[1], sampling.max_new_tokens,
+                       config.max_position_embeddings)
+    inputs = [tokens, positions, segment_ids]
+    if mesh is not None:
+        from easytune import sharding
+        batch_parts = mesh.shape["dp"] * mesh.shape["fsdp"]
+        spec = sharding.batch_sharding(mesh) if len(prompts) % batch_parts == 0 else NamedSharding(mesh, P())
+        inputs = [jax.device_put(x, spec) for x in inputs]
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     out = _generate(
-        config, sampling, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids),
-        eos, jnp.int32(pad_id), jax.random.key(seed),
+        config, sampling.max_new_tokens, sampling.top_k, sampling.temperature == 0.0, sampling.top_p < 1.0,
+        params, *inputs, eos, jnp.int32(pad_id), jax.random.key(seed),
         jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
     )
+    if not out.is_fully_addressable:
+        out = multihost_utils.process_allgather(out, tiled=True)
     results = []
     eos_set = set(eos_ids)
     for row in np.asarray(out).tolist():

@@ -7,9 +7,9 @@ parameter. Export streams one (per-layer) tensor at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-import re
 from typing import Any
 
 import jax
@@ -25,8 +25,7 @@ from easytune.safetensors_io import SafetensorsCheckpoint, write_safetensors
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-# Buffers some old checkpoints carry that are recomputed, not loaded.
-IGNORED_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 
@@ -62,6 +61,10 @@ def config_from_hf(hf: dict, **compute: Any) -> LlamaConfig:
     """LlamaConfig from an HF `config.json` dict; `compute` sets dtype, param_dtype, remat, attention."""
     model_type = hf.get("model_type")
     models.family(model_type)  # unknown model_type -> clear error
+    missing = [key for key in REQUIRED_FIELDS if key not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else "")
+                         + f"; a {model_type} config needs {list(REQUIRED_FIELDS)}.")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported for {model_type}; only 'silu' is.")
@@ -116,9 +119,8 @@ def config_to_hf(config: LlamaConfig, base: dict | None = None, torch_dtype: str
     }
     if c.model_type == "mistral":
         fields["sliding_window"] = c.sliding_window
-    if isinstance(hf.get("rope_parameters"), dict):
-        fields["rope_parameters"] = {"rope_theta": c.rope_theta, "rope_type": "default", **(c.rope_scaling_dict or {})}
-    else:
+    if rope_from_hf(hf) != (c.rope_theta, c.rope_scaling_dict):  # else keep the rope keys as written
+        hf.pop("rope_parameters", None)
         fields["rope_theta"] = c.rope_theta
         fields["rope_scaling"] = c.rope_scaling_dict
     # Values transformers assumes when a key is absent: leave them absent, so a round trip
@@ -128,9 +130,9 @@ def config_to_hf(config: LlamaConfig, base: dict | None = None, torch_dtype: str
     for key, value in fields.items():
         if key in hf or key not in implied or implied[key] != value:
             hf[key] = value
-    if torch_dtype is not None:
-        key = "dtype" if "dtype" in hf and "torch_dtype" not in hf else "torch_dtype"
-        hf[key] = torch_dtype
+    if torch_dtype is not None:  # transformers 5 reads "dtype", 4 reads "torch_dtype"
+        for key in [k for k in ("dtype", "torch_dtype") if k in hf] or ["torch_dtype"]:
+            hf[key] = torch_dtype
     return hf
 
 
@@ -211,39 +213,48 @@ def check_checkpoint(checkpoint: SafetensorsCheckpoint, config: LlamaConfig, dir
                 )
 
 
-def _shard_reader(checkpoint: SafetensorsCheckpoint, entry: WeightEntry, dtype, num_layers: int):
-    """Callback for make_array_from_callback: reads one shard's slice from the checkpoint."""
+def _shard_reader(checkpoint: SafetensorsCheckpoint, entry: WeightEntry, dtype, layer: int | None = None):
+    """Callback for make_array_from_callback: reads one device's slice of one (per-layer) tensor.
+
+    Devices holding the same slice (replicated dims) share one read.
+    """
+    name = entry.hf_name.format(layer=layer)
     memo: dict[str, np.ndarray] = {}
 
     def read(index):
         key = repr(index)
-        if key in memo:
-            return memo[key]
-        if entry.stacked:
-            layer_slice, rest = index[0], tuple(index[1:])
-        else:
-            layer_slice, rest = None, tuple(index)
-        hf_rest = tuple(reversed(rest)) if entry.transpose else rest
-
-        def one(name):
-            block = checkpoint[name][hf_rest]
-            return (block.T if entry.transpose else block).astype(dtype, copy=False)
-
-        if entry.stacked:
-            layers = range(*layer_slice.indices(num_layers))
-            first = one(entry.hf_name.format(layer=layers[0]))
-            out = np.empty((len(layers), *first.shape), dtype)  # filled in place: no second copy
-            out[0] = first
-            for i, layer in enumerate(layers[1:], start=1):
-                out[i] = one(entry.hf_name.format(layer=layer))
-        else:
-            out = one(entry.hf_name)
-            if entry.transpose:  # a contiguous copy; otherwise the device copies from the mapping
-                out = np.ascontiguousarray(out)
-        memo[key] = out
-        return out
+        if key not in memo:
+            block = checkpoint[name][tuple(reversed(index)) if entry.transpose else tuple(index)]
+            if entry.transpose:
+                block = np.ascontiguousarray(block.T)
+            # Without a transpose the device copies straight from the file mapping.
+            memo[key] = block.astype(dtype, copy=False)
+        return memo[key]
 
     return read
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_writer(stacked_sharding: NamedSharding):
+    """Jitted in-place `stack[i] = layer` (the stack is donated, so no second copy exists)."""
+    return jax.jit(lambda stack, layer, i: jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0),
+                   donate_argnums=0, out_shardings=stacked_sharding)
+
+
+def _load_entry(checkpoint, entry: WeightEntry, shape: jax.ShapeDtypeStruct, array_sharding: NamedSharding):
+    dtype = np.dtype(shape.dtype)
+    if not entry.stacked:
+        return jax.make_array_from_callback(shape.shape, array_sharding, _shard_reader(checkpoint, entry, dtype))
+    # A stacked tensor is a large share of the model (all layers of one weight): allocate it in
+    # its shards once and fill it layer by layer, so host memory never holds more than one layer.
+    layer_sharding = NamedSharding(array_sharding.mesh, P(*tuple(array_sharding.spec)[1:]))
+    stack = jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=array_sharding)()
+    write = _layer_writer(array_sharding)
+    for layer in range(shape.shape[0]):
+        layer_array = jax.make_array_from_callback(
+            shape.shape[1:], layer_sharding, _shard_reader(checkpoint, entry, dtype, layer))
+        stack = write(stack, layer_array, jnp.int32(layer))
+    return stack
 
 
 def load_params(directory: str, config: LlamaConfig, mesh: Mesh) -> dict:
@@ -255,11 +266,7 @@ def load_params(directory: str, config: LlamaConfig, mesh: Mesh) -> dict:
     shardings = sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh)
     params: dict = {}
     for entry in weight_map(config):
-        shape = _tree_get(shapes, entry.path)
-        array = jax.make_array_from_callback(
-            shape.shape, _tree_get(shardings, entry.path),
-            _shard_reader(checkpoint, entry, np.dtype(shape.dtype), config.num_layers), dtype=shape.dtype,
-        )
+        array = _load_entry(checkpoint, entry, _tree_get(shapes, entry.path), _tree_get(shardings, entry.path))
         _tree_set(params, entry.path, array)
     return params
 
@@ -292,7 +299,7 @@ def save_params(directory: str, config: LlamaConfig, params: dict, dtype=None, m
     if isinstance(leaf.sharding, NamedSharding):
         mesh = leaf.sharding.mesh
     take_layer = _gather_fn(mesh)
-    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P())) if mesh is not None else None
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P())) if mesh is not None else (lambda x: x)
     tensors = []
     for entry in weight_map(config):
         array = _tree_get(params, entry.path)
@@ -302,16 +309,16 @@ def save_params(directory: str, config: LlamaConfig, params: dict, dtype=None, m
         layers = range(array.shape[0]) if entry.stacked else [None]
         for layer in layers:
             def produce(array=array, layer=layer, entry=entry, out_dtype=out_dtype):
-                if layer is None:
-                    x = replicate(array) if replicate is not None else array
-                else:
-                    x = take_layer(array, jnp.int32(layer))
+                x = replicate(array) if layer is None else take_layer(array, jnp.int32(layer))
                 host = _to_host(x)
                 return (host.T if entry.transpose else host).astype(out_dtype, copy=False)
             tensors.append((entry.hf_name.format(layer=layer), hf_shape, out_dtype, produce))
     if jax.process_index() == 0:
         os.makedirs(directory, exist_ok=True)
         return write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
-    for *_, produce in tensors:  # other processes join every collective gather
-        produce()
+    for entry in weight_map(config):  # other processes only join the collective gathers, in order
+        array = _tree_get(params, entry.path)
+        for layer in (range(array.shape[0]) if entry.stacked else [None]):
+            out = replicate(array) if layer is None else take_layer(array, jnp.int32(layer))
+            out.block_until_ready()
     return []

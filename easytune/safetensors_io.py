@@ -149,6 +149,9 @@ def write_safetensors(
                     raise ValueError(f"tensor {name} has shape {array.shape}, expected {tuple(shape)}.")
                 f.write(array.reshape(-1).view(np.uint8).data)
         os.replace(path + ".tmp", path)
+    for stale in os.listdir(directory):  # weights of an earlier export would shadow or mix with ours
+        if stale.endswith(".safetensors") and stale.startswith("model") and stale not in names:
+            os.remove(os.path.join(directory, stale))
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         with open(os.path.join(directory, INDEX_FILE + ".tmp"), "w") as f:

@@ -87,3 +87,12 @@ def test_unsupported_rope_scaling(tiny_dir):
     (tiny_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rope scaling type 'su' is not supported"):
         easytune.load(str(tiny_dir), tokenizer=False)
+
+
+def test_config_missing_a_field(tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    del config["intermediate_size"]
+    (tiny_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json lacks 'intermediate_size'") as excinfo:
+        easytune.load(str(tiny_dir), tokenizer=False)
+    assert_one_line(excinfo)

@@ -97,3 +97,44 @@ def test_bad_sampling_settings():
         gen.SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.SamplingConfig(max_new_tokens=0)
+
+
+def test_llama3_style_eos_list_and_out_of_vocab_pad(hf_models, tmp_path):
+    """generation_config with several EOS ids (as Llama 3 ships) and a pad id outside the vocab."""
+    import json
+    import shutil
+    directory, torch_model = hf_models["llama3_gqa_rope_scaling"]
+    free_run = hf_greedy(torch_model, PROMPTS[0], 12)
+    eos = [free_run[5], free_run[2]]
+    local = tmp_path / "m"
+    shutil.copytree(directory, local)
+    (local / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": 128}))
+    model = easytune.load(str(local), tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")
+    assert model.eos_token_ids == sorted(eos) and model.pad_token_id == 128
+    out = model.generate(PROMPTS, max_new_tokens=12)
+    assert out[0] == free_run[:3]
+    for prompt, tokens in zip(PROMPTS[1:], out[1:]):
+        assert tokens == hf_greedy(torch_model, prompt, 12, eos_token_id=eos)
+
+
+def test_prompt_forms(hf_models):
+    directory, _ = hf_models["llama2"]
+    model = easytune.load(directory, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")
+    batch = model.generate(PROMPTS, max_new_tokens=4)
+    assert model.generate(PROMPTS[0], max_new_tokens=4) == batch[:1]  # one prompt, not a batch
+    assert model.generate(np.asarray(PROMPTS[2]), max_new_tokens=4) == batch[2:]
+    assert model.generate([np.asarray(p, np.int64) for p in PROMPTS], max_new_tokens=4) == batch
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.generate("hello")
+    with pytest.raises(ValueError, match="generate needs a prompt"):
+        model.generate([])
+
+
+def test_sampling_settings_do_not_recompile_and_top_k_is_clamped(hf_models):
+    directory, _ = hf_models["llama2"]
+    model = easytune.load(directory, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")
+    model.generate(PROMPTS, max_new_tokens=4, temperature=0.7, top_p=0.9)
+    compiled = gen._generate._cache_size()
+    model.generate(PROMPTS, max_new_tokens=4, temperature=1.3, top_p=0.5)
+    assert gen._generate._cache_size() == compiled
+    assert len(model.generate(PROMPTS, max_new_tokens=4, temperature=1.0, top_k=10_000)) == 3

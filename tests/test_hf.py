@@ -56,6 +56,29 @@ def test_transformers_v4_config_layout(tmp_path):
     assert_same_state_dict(torch_model, AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")))
 
 
+def test_transformers_v4_linear_rope_type_key_round_trips(tmp_path):
+    """Old configs spell the scaling kind `type`; export must not rewrite it."""
+    make_hf_model("llama_linear_rope_bias", tmp_path / "src")
+    config = read_config(tmp_path / "src")
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    model = easytune.load(str(tmp_path / "src"), tokenizer=False)
+    assert dict(model.config.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+    model.save_pretrained(str(tmp_path / "out"))
+    assert read_config(tmp_path / "out") == config
+
+
+def test_export_over_an_earlier_export_leaves_no_stale_weights(hf_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+    directory, torch_model = hf_models["llama2"]
+    model = easytune.load(directory, tokenizer=False)
+    model.save_pretrained(str(tmp_path))                       # one file
+    model.save_pretrained(str(tmp_path), max_shard_size=40_000)  # now sharded
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    assert_same_state_dict(torch_model, AutoModelForCausalLM.from_pretrained(str(tmp_path)))
+
+
 def test_bf16_checkpoint_round_trip_and_sharded_files(tmp_path):
     """A bf16 checkpoint split over several safetensors files (with an index) loads as bf16 and
     exports to several files again, bit-equal."""
@@ -91,6 +114,7 @@ def test_import_export_clis_through_an_easytune_checkpoint(hf_models, tmp_path):
     import_hf.main(["--model", directory, "--output_dir", ckpt, "--mesh_dim", "1,8,1"])
     assert os.path.exists(os.path.join(ckpt, "easytune.json"))
     restored = easytune.load(ckpt, tokenizer=False, mesh_dim="2,1,4")
+    assert restored.config.param_dtype == "float32"
     assert restored.config.sliding_window == 5
     tokens = np.random.RandomState(0).randint(0, 128, (2, 12))
     with torch.no_grad():
@@ -98,3 +122,11 @@ def test_import_export_clis_through_an_easytune_checkpoint(hf_models, tmp_path):
     export_hf.main(["--checkpoint", ckpt, "--output_dir", out])
     assert read_config(out) == read_config(directory)
     assert_same_state_dict(torch_model, AutoModelForCausalLM.from_pretrained(out))
+
+
+def test_easytune_checkpoint_keeps_its_dtype(hf_models, tmp_path):
+    directory, torch_model = hf_models["llama2"]
+    import_hf.main(["--model", directory, "--output_dir", str(tmp_path / "ckpt"), "--param_dtype", "bf16"])
+    restored = easytune.load(str(tmp_path / "ckpt"), tokenizer=False)
+    assert restored.config.param_dtype == "bfloat16"
+    assert restored.params["layers"]["mlp"]["up"]["kernel"].dtype == jax.numpy.bfloat16

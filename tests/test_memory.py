@@ -27,9 +27,14 @@ def test_load_peak_memory_is_about_one_model(tmp_path):
     # ~270 MB float32, mostly layer weights as in real LLMs (the vocab matrices are 25%)
     size = make_model(str(tmp_path / "model"), 4, 1024, 8000)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # A fixed mmap threshold: large buffers go back to the OS when freed, so the peak measures
+    # live memory, not glibc's habit of keeping freed heap after raising its threshold.
+    env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
     out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "tiny"), str(tmp_path / "model")],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     ratio = int(out.stdout.split("DELTA_KB")[-1]) * 1024 / size
     print(f"load peak: {ratio:.2f}x the weights")
-    assert ratio < 1.5
+    # Streaming gives ~1.2x here (one copy plus one tensor in flight); staging whole stacked
+    # tensors on the host gave 1.5x, and reading a full state dict first gives >= 2x.
+    assert ratio < 1.35

@@ -57,6 +57,9 @@ def test_remat_keeps_values_and_gradients(hf_models, remat):
     g1 = jax.grad(loss, argnums=1)(plain.config, plain.params)
     g2 = jax.grad(loss, argnums=1)(rematted.config, rematted.params)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), g1, g2)
+    # and the rematerialization is really there
+    assert "remat" not in str(jax.make_jaxpr(jax.grad(loss, argnums=1), static_argnums=0)(plain.config, plain.params))
+    assert "remat" in str(jax.make_jaxpr(jax.grad(loss, argnums=1), static_argnums=0)(rematted.config, rematted.params))
 
 
 def test_bf16_params_and_compute(hf_models):
@@ -68,7 +71,32 @@ def test_bf16_params_and_compute(hf_models):
     assert mixed.params["layers"]["attn"]["q"]["kernel"].dtype == jnp.float32
     tokens = np.random.RandomState(4).randint(0, 128, (2, SEQ))
     ref = reference_logits(torch_model, tokens)
+    fp32 = np.asarray(easytune.load(directory, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")(tokens))
     for m in (model, mixed):
         logits = np.asarray(m(tokens))
         assert logits.dtype == np.float32
         assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
+        assert np.abs(logits - fp32).max() > 1e-4  # computed in bf16, not silently in fp32
+
+
+def test_mistral_without_sliding_window(tmp_path):
+    """Mistral v0.2+ configs set sliding_window to null: full causal attention."""
+    from conftest import make_hf_model
+    torch_model = make_hf_model("mistral_sliding_window", tmp_path, sliding_window=None)
+    model = easytune.load(str(tmp_path), tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")
+    assert model.config.sliding_window is None
+    tokens = np.random.RandomState(6).randint(0, 128, (2, SEQ))
+    np.testing.assert_allclose(model(tokens), reference_logits(torch_model, tokens), atol=1e-4)
+
+
+def test_out_of_vocab_padding_stays_finite(hf_models):
+    """A pad id outside the vocabulary (a pad token added to the tokenizer) in padded positions
+    must not turn the real tokens' logits into NaN."""
+    directory, torch_model = hf_models["llama2"]
+    model = easytune.load(directory, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")
+    tokens = np.random.RandomState(7).randint(0, 128, (1, 12))
+    padded = np.concatenate([tokens, np.full((1, 4), 128)], axis=1)
+    segments = jnp.asarray(np.concatenate([np.ones((1, 12)), np.zeros((1, 4))], axis=1).astype(np.int32))
+    logits = np.asarray(model(padded, None, segments))
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(logits[:, :12], reference_logits(torch_model, tokens), atol=1e-4)

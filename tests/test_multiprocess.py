@@ -27,9 +27,11 @@ q = model.params["layers"]["attn"]["q"]["kernel"]
 assert not q.is_fully_addressable and len(q.addressable_shards) == 4
 tokens = np.random.RandomState(0).randint(0, 128, (8, 16))
 logits = multihost_utils.process_allgather(model(tokens), tiled=True)
+generated = model.generate([[1, 17, 33, 9], [1, 90]] * 4, max_new_tokens=6)
 model.save_pretrained(out_dir)
 if process_id == 0:
     np.save(os.path.join(out_dir, "logits.npy"), logits)
+    np.save(os.path.join(out_dir, "generated.npy"), np.asarray(generated))
 print("CHILD_OK", process_id)
 """
 
@@ -56,4 +58,9 @@ def test_two_process_load_forward_and_export(hf_models, tmp_path):
     with torch.no_grad():
         ref = torch_model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.load(os.path.join(out, "logits.npy")), ref, atol=1e-4)
+    for prompt, tokens in zip([[1, 17, 33, 9], [1, 90]] * 4, np.load(os.path.join(out, "generated.npy")).tolist()):
+        with torch.no_grad():
+            expected = torch_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                            eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == expected
     assert_same_state_dict(torch_model, AutoModelForCausalLM.from_pretrained(out))

@@ -54,8 +54,9 @@ def test_greedy_chat_generations_match_transformers(smollm2, model):
             ref = torch_model.generate(prompt, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         ref = ref[0, prompt.shape[1]:].tolist()
         assert tokens == ref, (tokenizer.decode(tokens), tokenizer.decode(ref))
-    texts = model.generate(CHATS[:1], max_new_tokens=MAX_NEW_TOKENS)
-    assert "Paris" in texts[0]
+    texts = model.generate(CHATS[0], max_new_tokens=MAX_NEW_TOKENS)  # one conversation
+    assert len(texts) == 1 and "Paris" in texts[0]
+    assert "Paris" in model.generate("The capital of France is", max_new_tokens=8)[0]  # plain text
 
 
 def test_export_keeps_weights_tokenizer_and_chat_template(smollm2, model, tmp_path):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from easytune.models import llama
 
-# model_type -> module providing: Config class, param_shapes, init_params, forward,
-# forward_with_cache, init_cache, SHARDING_RULES.
+# model_type -> module providing: Config (frozen dataclass), param_shapes, init_params,
+# SHARDING_RULES, forward (logits), hidden_states + logits_from_hidden, and init_cache.
 FAMILIES = {
     "llama": llama,
     "mistral": llama,

@@ -164,7 +164,7 @@ def cache_length(config: LlamaConfig, max_length: int) -> int:
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> dict:
-    """An empty KV cache able to serve sequences of up to `max_length` tokens.
+    """An empty KV cache for sequences of up to `max_length` tokens (prompt + generated).
 
     'k','v': `[num_layers, batch, slots, kv_heads, head_dim]`; 'positions', 'segment_ids':
     `[batch, slots]` of the token held in each slot (segment 0 = empty); 'index': tokens written.
@@ -180,65 +180,59 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> dict:
     }
 
 
-def _cache_slots(index: jax.Array, num_new: int, slots: int) -> tuple[jax.Array, int]:
+def _ring_slots(index: jax.Array, num_new: int, slots: int) -> tuple[jax.Array, int]:
     """Ring-buffer slots for the last `min(num_new, slots)` of `num_new` tokens written at `index`."""
     kept = min(num_new, slots)
     return (index + (num_new - kept) + jnp.arange(kept)) % slots, kept
 
 
-def _write_cache(buffer: jax.Array, new: jax.Array, slots: jax.Array, kept: int) -> jax.Array:
+def _ring_write(buffer: jax.Array, new: jax.Array, slots: jax.Array, kept: int) -> jax.Array:
     """Write the last `kept` entries of `new [batch, T, ...]` into `buffer [batch, slots, ...]`."""
     return buffer.at[:, slots].set(new[:, new.shape[1] - kept:].astype(buffer.dtype))
 
 
 # ----------------------------------------------------------------------------- forward
 
-def _layer(config: LlamaConfig, inv_freq, h, layer_params, positions, segment_ids, layer_cache, cache_meta):
-    """One decoder block. h `[batch, seq, hidden]`."""
+def _qkv(config: LlamaConfig, inv_freq, h, p, positions):
+    """Projections of one block: q `[b, s, heads, d]`, k and v `[b, s, kv_heads, d]`, RoPE applied."""
     c = config
     batch, seq, _ = h.shape
-    p = layer_params
     x = layers.rms_norm(h, p["attn_norm"]["scale"], c.rms_norm_eps)
     q = layers.linear(x, p["attn"]["q"]).reshape(batch, seq, c.num_heads, c.head_dim)
     k = layers.linear(x, p["attn"]["k"]).reshape(batch, seq, c.num_kv_heads, c.head_dim)
     v = layers.linear(x, p["attn"]["v"]).reshape(batch, seq, c.num_kv_heads, c.head_dim)
-    q = layers.apply_rope(q, positions, inv_freq)
-    k = layers.apply_rope(k, positions, inv_freq)
+    return layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq), v
 
-    if layer_cache is None:
-        keys, values, kv_positions, kv_segments = k, v, positions, segment_ids
-        new_layer_cache = None
-    else:
-        # Attend to what the cache held plus the new tokens; then store the new tokens.
-        keys = jnp.concatenate([layer_cache["k"].astype(k.dtype), k], axis=1)
-        values = jnp.concatenate([layer_cache["v"].astype(v.dtype), v], axis=1)
-        kv_positions = jnp.concatenate([cache_meta["positions"], positions], axis=1)
-        kv_segments = jnp.concatenate([cache_meta["segment_ids"], segment_ids], axis=1)
-        slots, kept = cache_meta["slots"], cache_meta["kept"]
-        new_layer_cache = {
-            "k": _write_cache(layer_cache["k"], k, slots, kept),
-            "v": _write_cache(layer_cache["v"], v, slots, kept),
-        }
 
+def _finish_block(config: LlamaConfig, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments):
+    """Attention over (keys, values) plus the output projection and the MLP; returns the new h."""
+    c = config
+    batch, seq, _ = h.shape
     mask = layers.attention_mask(
         positions, segment_ids, kv_positions, kv_segments, causal=True, sliding_window=c.sliding_window
     )
     attn = layers.attention(q, keys, values, mask, implementation=c.attention)
     h = h + layers.linear(attn.reshape(batch, seq, c.num_heads * c.head_dim), p["attn"]["o"])
     h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
-
     x = layers.rms_norm(h, p["mlp_norm"]["scale"], c.rms_norm_eps)
     gated = jax.nn.silu(layers.linear(x, p["mlp"]["gate"])) * layers.linear(x, p["mlp"]["up"])
     h = h + layers.linear(gated, p["mlp"]["down"])
-    h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
-    return h, new_layer_cache
+    return layers.constrain(h, P(layers.BATCH_AXES, None, None))
 
 
-def decode_hidden(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None, cache=None):
+def _scan_layers(config: LlamaConfig, body, carry, xs):
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+    return jax.lax.scan(body, carry, xs)
+
+
+def hidden_states(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None, cache=None):
     """Final hidden states `[batch, seq, hidden]` (after the last norm) and the updated cache.
 
     tokens, positions, segment_ids: `[batch, seq]` int. positions default to 0..seq-1 and
-    segment_ids to all ones; segment id 0 marks padding.
+    segment_ids to all ones; segment id 0 marks padding. With a `cache` (see `init_cache`), the
+    tokens attend to what it holds as well and are appended to it; the caller keeps
+    `index + seq` within the `max_length` the cache was made for.
     """
     c = config
     batch, seq = tokens.shape
@@ -248,35 +242,69 @@ def decode_hidden(config: LlamaConfig, params: dict, tokens, positions=None, seg
         segment_ids = jnp.ones((batch, seq), jnp.int32)
     inv_freq = layers.rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
 
-    h = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(c.compute_dtype)
+    # clip: an out-of-vocab pad id (a pad token added to the tokenizer) must not turn into NaN.
+    h = jnp.take(params["embed"]["embedding"], tokens, axis=0, mode="clip").astype(c.compute_dtype)
     h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
 
-    cache_meta, layer_caches = None, None
-    if cache is not None:
-        slots, kept = _cache_slots(cache["index"], seq, cache["positions"].shape[1])
-        cache_meta = {"positions": cache["positions"], "segment_ids": cache["segment_ids"],
-                      "slots": slots, "kept": kept}
-        layer_caches = {"k": cache["k"], "v": cache["v"]}
+    if cache is None:
+        def body(h, p):
+            q, k, v = _qkv(c, inv_freq, h, p, positions)
+            return _finish_block(c, h, p, q, positions, segment_ids, k, v, positions, segment_ids), None
 
-    def body(h, xs):
-        layer_params, layer_cache = xs
-        return _layer(c, inv_freq, h, layer_params, positions, segment_ids, layer_cache, cache_meta)
-
-    policy = REMAT_POLICIES[c.remat]
-    if c.remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    h, new_layer_caches = jax.lax.scan(body, h, (params["layers"], layer_caches))
+        h, _ = _scan_layers(c, body, h, params["layers"])
+        new_cache = None
+    else:
+        h, new_cache = _decode_with_cache(c, inv_freq, params, h, positions, segment_ids, cache)
     h = layers.rms_norm(h, params["final_norm"]["scale"], c.rms_norm_eps)
+    return h, new_cache
 
-    new_cache = None
-    if cache is not None:
-        new_cache = {
-            "k": new_layer_caches["k"],
-            "v": new_layer_caches["v"],
-            "positions": _write_cache(cache["positions"], positions, slots, kept),
-            "segment_ids": _write_cache(cache["segment_ids"], segment_ids, slots, kept),
-            "index": cache["index"] + seq,
-        }
+
+def _decode_with_cache(c: LlamaConfig, inv_freq, params, h, positions, segment_ids, cache):
+    seq = h.shape[1]
+    num_slots = cache["positions"].shape[1]
+    ring = c.sliding_window is not None and num_slots >= c.sliding_window
+    if seq == 1 or not ring:
+        # The hot path (every decode step): write the new tokens into the cache in place, then
+        # attend over the cache. Safe because no slot a query still needs gets overwritten: one
+        # token replaces the one just outside the window, and a cache that is not a ring never
+        # wraps.
+        start = cache["index"] % num_slots
+        kv_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, start))
+        kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, start))
+
+        def body(carry, xs):
+            h, cache_k, cache_v = carry
+            p, layer = xs
+            q, k, v = _qkv(c, inv_freq, h, p, positions)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, start, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
+            keys = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False).astype(q.dtype)
+            values = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False).astype(q.dtype)
+            h = _finish_block(c, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments)
+            return (h, cache_k, cache_v), None
+
+        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+        (h, cache_k, cache_v), _ = _scan_layers(c, body, (h, cache["k"], cache["v"]), (params["layers"], layer_ids))
+    else:
+        # Several tokens into a sliding-window ring (chunked prefill): writing first could evict
+        # keys that earlier tokens of the chunk still need, so attend over cache + new, then write.
+        slots, kept = _ring_slots(cache["index"], seq, num_slots)
+        kv_positions = jnp.concatenate([cache["positions"], positions], axis=1)
+        kv_segments = jnp.concatenate([cache["segment_ids"], segment_ids], axis=1)
+
+        def body(h, xs):
+            p, layer_k, layer_v = xs
+            q, k, v = _qkv(c, inv_freq, h, p, positions)
+            keys = jnp.concatenate([layer_k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([layer_v.astype(v.dtype), v], axis=1)
+            h = _finish_block(c, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments)
+            return h, (_ring_write(layer_k, k, slots, kept), _ring_write(layer_v, v, slots, kept))
+
+        h, (cache_k, cache_v) = _scan_layers(c, body, h, (params["layers"], cache["k"], cache["v"]))
+        kv_positions = _ring_write(cache["positions"], positions, slots, kept)
+        kv_segments = _ring_write(cache["segment_ids"], segment_ids, slots, kept)
+    new_cache = {"k": cache_k, "v": cache_v, "positions": kv_positions, "segment_ids": kv_segments,
+                 "index": cache["index"] + seq}
     return h, new_cache
 
 
@@ -292,11 +320,8 @@ def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
 
 def forward(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):
     """Logits `[batch, seq, vocab]` (float32) for `tokens [batch, seq]`."""
-    hidden, _ = decode_hidden(config, params, tokens, positions, segment_ids)
+    hidden, _ = hidden_states(config, params, tokens, positions, segment_ids)
     return logits_from_hidden(config, params, hidden)
 
 
-def forward_with_cache(config: LlamaConfig, params: dict, tokens, positions, segment_ids, cache):
-    """Like `forward`, attending also to `cache`; returns `(logits, updated_cache)`."""
-    hidden, cache = decode_hidden(config, params, tokens, positions, segment_ids, cache)
-    return logits_from_hidden(config, params, hidden), cache
+Config = LlamaConfig
