@@ -58,8 +58,9 @@ def load(
     tokenizer: bool = True,
     devices=None,
 ) -> "Model":
-    """Load a model from an HF directory, a Hub id (when online), an easytune checkpoint, or, with
-    `path=None`, the bundled SmolLM2-135M-Instruct.
+    """Load a model from an HF directory, a Hub id (when online), an easytune checkpoint (a model
+    checkpoint, a training step `<run>/checkpoints/<step>`, or a run directory: its latest step),
+    or, with `path=None`, the bundled SmolLM2-135M-Instruct.
 
     param_dtype defaults to the checkpoint's dtype; dtype (compute) defaults to param_dtype.
     Parameters are placed straight into their shards on the `mesh_dim` mesh, built over all
@@ -70,13 +71,15 @@ def load(
 
     directory = _resolve(path)
     mesh = sharding.make_mesh(mesh_dim, devices)
-    if checkpoint.is_checkpoint(directory):
-        meta = checkpoint.read_meta(directory)
+    found = checkpoint.locate(directory)
+    if found is not None:
+        meta, params_path, tokenizer_dir = found
         hf_config, generation_config = meta["hf_config"], meta.get("generation_config") or {}
         param_dtype = dtype_name(param_dtype or checkpoint.stored_param_dtype(meta))
         config = checkpoint.config_from_meta(meta, dtype=dtype_name(dtype or param_dtype),
                                              param_dtype=param_dtype, remat=remat, attention=attention)
-        params = checkpoint.restore_params(directory, config, mesh)
+        params = checkpoint.restore_params(params_path, config, mesh)
+        directory = tokenizer_dir
     else:
         config_path = os.path.join(directory, hf.CONFIG_FILE)
         if not os.path.exists(config_path):

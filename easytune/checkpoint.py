@@ -1,10 +1,13 @@
 """easytune checkpoints: orbax-saved parameters plus the model's config, HF config and tokenizer.
 
-Layout of a checkpoint directory:
+A model checkpoint (`Model.save`, `import_hf`):
     easytune.json    {"format": "easytune", "version": 1, "config": {...}, "hf_config": {...},
                       "generation_config": {...}}
     params/          orbax PyTree checkpoint (written to a temporary name, then renamed: atomic)
     tokenizer files  as `tokenizer.save_pretrained` writes them
+A training run (`easytune.train`): `<run>/checkpoints/<step>/` holds orbax items `params/`,
+`opt_state/`, `data/` and `model/` (the same metadata as easytune.json); the tokenizer is in
+`<run>/`. `locate` finds the parameters of any of these.
 """
 from __future__ import annotations
 
@@ -30,10 +33,6 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(handler)
 
 
-def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
-
-
 def architecture_dict(config) -> dict:
     """The config's fields minus the compute options (those are chosen at load time)."""
     from easytune.hf import COMPUTE_FIELDS
@@ -44,6 +43,12 @@ def architecture_dict(config) -> dict:
     return out
 
 
+def model_meta(config, hf_config: dict | None = None, generation_config: dict | None = None) -> dict:
+    """What a checkpoint records about its model besides the weights."""
+    return {"format": "easytune", "version": FORMAT_VERSION, "config": architecture_dict(config),
+            "hf_config": hf_config or {}, "generation_config": generation_config or {}}
+
+
 def save_model(directory: str, config, params, hf_config: dict | None = None,
                generation_config: dict | None = None, tokenizer=None) -> None:
     """Write an easytune checkpoint of `params` (sharded arrays are saved shard by shard)."""
@@ -51,8 +56,7 @@ def save_model(directory: str, config, params, hf_config: dict | None = None,
     os.makedirs(directory, exist_ok=True)
     _checkpointer().save(os.path.join(directory, "params"), ocp.args.StandardSave(params), force=True)
     if jax.process_index() == 0:
-        meta = {"format": "easytune", "version": FORMAT_VERSION, "config": architecture_dict(config),
-                "hf_config": hf_config or {}, "generation_config": generation_config or {}}
+        meta = model_meta(config, hf_config, generation_config)
         tmp = os.path.join(directory, MARKER + ".tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
@@ -61,12 +65,34 @@ def save_model(directory: str, config, params, hf_config: dict | None = None,
             tokenizer.save_pretrained(directory)
 
 
-def read_meta(directory: str) -> dict:
-    with open(os.path.join(directory, MARKER)) as f:
+def _read_meta(path: str) -> dict:
+    with open(path) as f:
         meta = json.load(f)
     if meta.get("format") != "easytune" or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{directory}/{MARKER} is not an easytune v{FORMAT_VERSION} checkpoint.")
+        raise ValueError(f"{path} is not easytune v{FORMAT_VERSION} checkpoint metadata.")
     return meta
+
+
+def _training_steps(run_dir: str) -> list[int]:
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return []
+    return sorted(int(d) for d in os.listdir(checkpoints)
+                  if d.isdigit() and os.path.exists(os.path.join(checkpoints, d, "model", "metadata")))
+
+
+def locate(path: str) -> tuple[dict, str, str] | None:
+    """`(metadata, params directory, tokenizer directory)` for a model checkpoint, a training
+    step directory, or a training run directory (its latest step); None if `path` is none of them."""
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return _read_meta(os.path.join(path, MARKER)), os.path.join(path, "params"), path
+    if os.path.isfile(os.path.join(path, "model", "metadata")) and os.path.isdir(os.path.join(path, "params")):
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        return _read_meta(os.path.join(path, "model", "metadata")), os.path.join(path, "params"), run_dir
+    steps = _training_steps(path)
+    if steps:
+        return locate(os.path.join(path, "checkpoints", str(steps[-1])))
+    return None
 
 
 def stored_param_dtype(meta: dict) -> str:
@@ -82,13 +108,13 @@ def config_from_meta(meta: dict, **compute):
     return family.Config(**arch)
 
 
-def restore_params(directory: str, config, mesh):
-    """Parameters from an easytune checkpoint, restored straight into their shards on `mesh`."""
+def restore_params(params_path: str, config, mesh):
+    """Parameters from an orbax `params` directory, restored straight into their shards on `mesh`."""
     family = models.family(config.model_type)
     shapes = family.param_shapes(config)
     shardings = sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    path = os.path.join(os.path.abspath(directory), "params")
+    path = os.path.abspath(params_path)
     stored = _checkpointer().metadata(path)
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
@@ -96,6 +122,6 @@ def restore_params(directory: str, config, mesh):
     have = {sharding.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(dict(stored_tree))[0]}
     missing = sorted(want - have)
     if missing:
-        raise ValueError(f"easytune checkpoint {directory} is missing parameter {missing[0]!r} "
+        raise ValueError(f"easytune checkpoint {params_path} is missing parameter {missing[0]!r} "
                          f"({len(missing)} missing in all); it does not match its config.")
     return _checkpointer().restore(path, ocp.args.StandardRestore(target))

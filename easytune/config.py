@@ -1,0 +1,80 @@
+"""Flags shared by every entry point: one ml_collections tree of defaults, each leaf an absl flag.
+
+Nested fields are set with dotted flags (`--optimizer.lr=2e-5`), a preset with
+`--config=configs/<preset>.py` (a file whose `get_config()` returns a dict or ConfigDict of
+overrides). Precedence: command line > preset > defaults. `--help` lists every field with its doc.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Mapping
+
+from absl import flags
+from ml_collections import ConfigDict
+
+
+def _leaves(tree: Mapping, prefix: str = ""):
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _leaves(value, name + ".")
+        else:
+            yield name, value
+
+
+def define_flags(defaults: Mapping, docs: Mapping[str, str], flag_values=flags.FLAGS) -> None:
+    """Register one absl flag per leaf of `defaults` (dotted names for nested fields).
+
+    A leaf whose default is None becomes a string flag where '' means None.
+    """
+    flags.DEFINE_string("config", None, "preset file (python, get_config() -> overrides); "
+                        "command-line flags override it", flag_values=flag_values)
+    for name, value in _leaves(defaults):
+        doc = docs.get(name, "")
+        if name not in docs:
+            raise ValueError(f"flag {name!r} has no documentation; add it to the docs table.")
+        if isinstance(value, bool):
+            flags.DEFINE_boolean(name, value, doc, flag_values=flag_values)
+        elif isinstance(value, int):
+            flags.DEFINE_integer(name, value, doc, flag_values=flag_values)
+        elif isinstance(value, float):
+            flags.DEFINE_float(name, value, doc, flag_values=flag_values)
+        else:
+            flags.DEFINE_string(name, "" if value is None else str(value), doc, flag_values=flag_values)
+
+
+def _load_preset(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config preset {path} does not exist.")
+    spec = importlib.util.spec_from_file_location("easytune_preset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config preset {path} must define get_config() returning the overrides.")
+    preset = module.get_config()
+    return preset.to_dict() if isinstance(preset, ConfigDict) else dict(preset)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[leaf] = value
+
+
+def read_config(defaults: Mapping, flag_values=flags.FLAGS) -> ConfigDict:
+    """The merged configuration after absl has parsed the command line."""
+    tree = ConfigDict(dict(defaults)).to_dict()
+    known = dict(_leaves(defaults))
+    if flag_values["config"].value:
+        for name, value in _leaves(_load_preset(flag_values["config"].value)):
+            if name not in known:
+                raise ValueError(f"preset {flag_values['config'].value} sets unknown field {name!r}.")
+            _set(tree, name, value)
+    for name, default in known.items():
+        flag = flag_values[name]
+        if flag.present:
+            value = flag.value
+            _set(tree, name, None if (default is None and value == "") else value)
+    return ConfigDict(tree)

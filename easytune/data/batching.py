@@ -1,0 +1,72 @@
+"""A deterministic, resumable iterator of batches over rows from `make_rows`."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class BatchIterator:
+    """Yields dicts of `[batch_size, seq_length]` arrays, epoch after epoch, forever.
+
+    Epoch e visits the rows in the order `np.random.default_rng([seed, e]).permutation(num_rows)`
+    (or in order, shuffle=False), so a run resumed from `state()` sees the same batches as one that
+    never stopped. drop_last=True skips the final partial batch of each epoch; drop_last=False fills
+    it out with all-padding rows (segment 0, loss_mask 0), keeping the shape fixed for jit.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = True):
+        self.rows = rows
+        self.num_rows = len(next(iter(rows.values())))
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if self.num_rows < batch_size:
+            raise ValueError(f"the data has {self.num_rows} rows, fewer than batch_size={batch_size}; "
+                             f"lower the batch size or add data.")
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = None, None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, partial = divmod(self.num_rows, self.batch_size)
+        return full + (0 if self.drop_last or partial == 0 else 1)
+
+    def state(self) -> dict:
+        """Where the next batch comes from: {"epoch": int, "index": batch index within the epoch}."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
+            raise ValueError(f"invalid iterator state {state}: this data has {self.steps_per_epoch} batches per epoch.")
+        self.epoch, self.index = epoch, index
+        self._roll_over()
+
+    def _roll_over(self) -> None:
+        if self.index >= self.steps_per_epoch:  # keep state() canonical: the end of e is the start of e + 1
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+            else:
+                self._order = np.arange(self.num_rows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        chosen = self._epoch_order()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        self._roll_over()
+        batch = {}
+        for key, values in self.rows.items():
+            taken = values[chosen]
+            if len(chosen) < self.batch_size:  # drop_last=False: pad the last batch with empty rows
+                padding = np.zeros((self.batch_size - len(chosen), *values.shape[1:]), values.dtype)
+                taken = np.concatenate([taken, padding])
+            batch[key] = taken
+        return batch

@@ -1,0 +1,183 @@
+"""Reading SFT records from disk or the Hub, and normalizing them into conversations.
+
+A record is one JSON object. Four layouts are understood (`detect_format`):
+
+    messages           {"messages": [{"role": "user", "content": "..."}, ...]}
+                       (also "conversations", with role/content or ShareGPT's from/value)
+    alpaca             {"instruction": "...", "input": "..." (optional), "output": "..."}
+    prompt_completion  {"prompt": "...", "completion": "..."}  (or both lists of messages, as in TRL)
+    text               {"text": "..."}                        (continued pretraining, no template)
+
+Every error names where the bad record is (`where`, e.g. "train.jsonl record 3").
+"""
+from __future__ import annotations
+
+import json
+import os
+
+FORMATS = ("messages", "alpaca", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant")
+LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+_LAYOUTS = ('{"messages": [{"role", "content"}, ...]} (or "conversations"), '
+            '{"instruction", "input" (optional), "output"}, {"prompt", "completion"}, {"text"}')
+
+
+def load_records(source: str, split: str = "train") -> list[dict]:
+    """The records of `source`: a local .jsonl, .json (a list of objects or {"data": [...]}) or
+    .parquet file, or else a Hugging Face `datasets` name loaded with `load_dataset(source, split=split)`."""
+    source = os.path.expanduser(source)
+    if os.path.isfile(source):
+        if source.endswith(".jsonl"):
+            return _read_jsonl(source)
+        if source.endswith(".json"):
+            return _read_json(source)
+        if source.endswith(".parquet"):
+            return _read_parquet(source)
+        raise ValueError(f"{source}: unsupported file type; use one of {', '.join(LOCAL_EXTENSIONS)}.")
+    if os.path.isdir(source):
+        raise ValueError(f"{source} is a directory; pass a {', '.join(LOCAL_EXTENSIONS)} file or a dataset name.")
+    if source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data file {source!r} does not exist.")
+    return _load_hub_dataset(source, split)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing newline, a separator) are not records
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {line_number}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            records.append(_check_object(record, f"{path} line {line_number}"))
+    return records
+
+
+def _read_json(path: str) -> list[dict]:
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records or an object {{\"data\": [...]}}, "
+                         f"got {_json_type(data)}.")
+    return [_check_object(record, f"{path} item {i}") for i, record in enumerate(data, start=1)]
+
+
+def _read_parquet(path: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow.") from None
+    return pq.read_table(path).to_pylist()
+
+
+def _load_hub_dataset(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{name!r} is not a local file; loading it from the Hub needs `pip install datasets`.") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise FileNotFoundError(f"{name!r} is not a local file and could not be loaded with "
+                                f"datasets.load_dataset(split={split!r}) ({e}).") from None
+    return [dict(record) for record in dataset]
+
+
+def _check_object(record, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object (one record), got {_json_type(record)}.")
+    return record
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def detect_format(record: dict, where: str) -> str:
+    """Which of `FORMATS` the record's fields describe; ValueError naming `where` if none."""
+    if "messages" in record or "conversations" in record:
+        return "messages"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    raise ValueError(f"{where}: unrecognized record with fields {sorted(record)}; "
+                     f"accepted layouts are {_LAYOUTS}.")
+
+
+def to_messages(record: dict, fmt: str, where: str) -> list[dict] | None:
+    """The record as a validated conversation `[{"role", "content"}, ...]`, or None for 'text'
+    records (whose text is validated too). Raises ValueError naming `where` on bad content."""
+    if fmt == "messages":
+        key = "messages" if "messages" in record else "conversations"
+        messages = [_message(m, f"{where} {key}[{i}]") for i, m in enumerate(_list(record[key], where, key))]
+    elif fmt == "alpaca":
+        user = _string(record, "instruction", where)
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise ValueError(f"{where}: 'input' must be a string, got {_json_type(extra)}.")
+        if extra and extra.strip():
+            user = f"{user}\n\n{extra}"
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": _string(record, "output", where)}]
+    elif fmt == "prompt_completion":
+        if isinstance(record["prompt"], list):  # TRL's conversational prompt/completion
+            prompt = [_message(m, f"{where} prompt[{i}]") for i, m in enumerate(record["prompt"])]
+            completion = _list(record["completion"], where, "completion")
+            messages = prompt + [_message(m, f"{where} completion[{i}]") for i, m in enumerate(completion)]
+        else:
+            messages = [{"role": "user", "content": _string(record, "prompt", where)},
+                        {"role": "assistant", "content": _string(record, "completion", where)}]
+    elif fmt == "text":
+        _string(record, "text", where)
+        return None
+    else:
+        raise ValueError(f"unknown record format {fmt!r}; expected one of {FORMATS}.")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no assistant message, so there is nothing to train on.")
+    return messages
+
+
+def _list(value, where: str, key: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: {key!r} must be a non-empty list of messages, got "
+                         f"{'an empty list' if value == [] else _json_type(value)}.")
+    return value
+
+
+def _message(message, where: str) -> dict:
+    if not isinstance(message, dict):
+        raise ValueError(f"{where}: a message must be an object with 'role' and 'content', got {_json_type(message)}.")
+    if "role" not in message and "from" in message:  # ShareGPT: {"from": "human"|"gpt", "value": ...}
+        role = _SHAREGPT_ROLES.get(message["from"], message["from"])
+        message = {"role": role, "content": message.get("value")}
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r}; roles must be one of {', '.join(ROLES)}.")
+    return {"role": role, "content": _string(message, "content", where)}
+
+
+def _string(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"{where}: missing {key!r}.")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {_json_type(value)}.")
+    if not value.strip():
+        raise ValueError(f"{where}: {key!r} is empty.")
+    return value

@@ -1,0 +1,46 @@
+"""Chat templates: the tokenizer's own, or a builtin one chosen with --chat_template.
+
+Templates are Jinja strings rendered by `tokenizer.apply_chat_template`, which provides
+`messages`, `add_generation_prompt`, `bos_token` and `eos_token`.
+"""
+from __future__ import annotations
+
+# ChatML without a default system prompt. The turn ends with the literal <|im_end|>, so use it with
+# tokenizers that have <|im_start|>/<|im_end|> as special tokens (and <|im_end|> as a stop token).
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The Tulu format of allenai/open-instruct: role headers on their own line, assistant turns end with
+# the tokenizer's eos token (followed by a newline except after the last message).
+TULU = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\\n' + message['content'] + eos_token }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+BUILTIN_TEMPLATES = {"chatml": CHATML, "tulu": TULU}
+TEMPLATE_CHOICES = ("tokenizer", *BUILTIN_TEMPLATES)
+
+
+def resolve_chat_template(tokenizer, name: str | None) -> str:
+    """The Jinja template for `name`: None or "tokenizer" -> the tokenizer's own, else a builtin."""
+    if name is None or name == "tokenizer":
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates; "default" is the chat one
+            template = template.get("default")
+        if not template:
+            raise ValueError(f"the tokenizer has no chat template; pass "
+                             f"--chat_template={'|'.join(BUILTIN_TEMPLATES)} to use a builtin one.")
+        return template
+    if name in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[name]
+    raise ValueError(f"unknown chat template {name!r}; choose one of {', '.join(TEMPLATE_CHOICES)}.")

@@ -1,0 +1,132 @@
+"""Records -> token ids with a loss mask over the trained (assistant) tokens.
+
+Assistant spans are found by rendering the conversation incrementally, so any chat template works
+without `{% generation %}` markers: for assistant turn i, the tokens of
+`template(messages[:i], add_generation_prompt=True)` are the prompt, and the tokens that
+`template(messages[:i+1])` adds after them are the turn. That span is the content plus whatever the
+template closes the turn with: `<|im_end|>\\n` for ChatML, `<eos>` (and `\\n` unless it is the last
+turn) for Tulu. This is the span open-instruct trains on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from easytune.data.formats import detect_format, to_messages
+
+
+@dataclasses.dataclass
+class Example:
+    """One tokenized sample: `input_ids [length]` and `loss_mask [length]`, where loss_mask[i] is 1
+    iff token i is a trained token (the model is trained to predict it from the tokens before)."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    @property
+    def num_trainable_targets(self) -> int:
+        """Loss terms this example contributes: trained tokens with a token before them."""
+        return sum(self.loss_mask[1:])
+
+
+@dataclasses.dataclass
+class DataStats:
+    """Counts from `tokenize_records`. num_truncated counts kept examples that lost tokens;
+    num_tokens and num_trainable_tokens (loss terms) are over kept examples after truncation."""
+
+    num_records: int = 0
+    num_kept: int = 0
+    num_dropped_no_trainable_tokens: int = 0
+    num_truncated: int = 0
+    num_tokens: int = 0
+    num_trainable_tokens: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.num_records} records: {self.num_kept} kept, {self.num_dropped_no_trainable_tokens} dropped "
+                f"(no trainable tokens after truncation), {self.num_truncated} truncated; "
+                f"{self.num_tokens} tokens, {self.num_trainable_tokens} trained")
+
+
+def _render_ids(tokenizer, messages, chat_template: str, add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(list(messages), chat_template=chat_template, tokenize=True,
+                                        add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def tokenize_conversation(messages: Sequence[dict], tokenizer, chat_template: str) -> Example:
+    """Tokenize `messages` with `chat_template`; loss on every assistant turn's tokens, nothing else."""
+    if messages and messages[0]["role"] == "assistant":
+        raise ValueError("the conversation starts with an assistant message; there is no prompt before it, "
+                         "so its tokens can't be located. Put a system or user message first.")
+    input_ids = _render_ids(tokenizer, messages, chat_template, add_generation_prompt=False)
+    loss_mask = [0] * len(input_ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_prefix_of(_render_ids(tokenizer, messages[:turn], chat_template, True), input_ids, turn, True))
+        end = len(_prefix_of(_render_ids(tokenizer, messages[:turn + 1], chat_template, False), input_ids, turn + 1, False))
+        if end <= start:
+            raise ValueError(f"chat template problem: assistant message {turn} renders no tokens after the "
+                             f"generation prompt, so there is nothing to train on for it.")
+        loss_mask[start:end] = [1] * (end - start)
+    return Example(input_ids, loss_mask)
+
+
+def _prefix_of(partial: list[int], full: list[int], num_messages: int, generation_prompt: bool) -> list[int]:
+    """`partial`, after checking that it is a prefix of the whole conversation's `full` ids."""
+    if full[:len(partial)] != partial:
+        what = f"the first {num_messages} messages" + (" plus the generation prompt" if generation_prompt else "")
+        raise ValueError(
+            f"chat template problem: {what} do not tokenize to a prefix of the whole conversation, so the "
+            f"assistant tokens can't be located. The template renders earlier turns differently depending on "
+            f"what follows (e.g. it drops past reasoning, or its generation prompt differs from how it opens an "
+            f"assistant turn), or tokens merge across the turn boundary. Use --chat_template=chatml or tulu.")
+    return partial
+
+
+def tokenize_text(text: str, tokenizer) -> Example:
+    """Continued pretraining: bos (if the tokenizer adds one) + text + eos; loss on all tokens but the first."""
+    input_ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not input_ids or input_ids[-1] != eos):
+        input_ids.append(eos)
+    return Example(input_ids, [0] + [1] * (len(input_ids) - 1))
+
+
+def tokenize_records(records: Sequence[dict], tokenizer, chat_template: str | None, seq_length: int,
+                     source_name: str) -> tuple[list[Example], DataStats]:
+    """Tokenize every record (any layout of `formats`), right-truncate to `seq_length`, and drop the
+    examples left with no trainable target. Errors name `<source_name> record <n>` (1-based)."""
+    if not records:
+        raise ValueError(f"{source_name} has no records.")
+    stats = DataStats(num_records=len(records))
+    examples = []
+    for number, record in enumerate(records, start=1):
+        where = f"{source_name} record {number}"
+        fmt = detect_format(record, where)
+        messages = to_messages(record, fmt, where)
+        try:
+            if messages is None:
+                example = tokenize_text(record["text"], tokenizer)
+            else:
+                if chat_template is None:
+                    raise ValueError("conversations need a chat template; pass --chat_template.")
+                example = tokenize_conversation(messages, tokenizer, chat_template)
+        except Exception as e:  # template errors (jinja, raise_exception) and ours, located
+            raise ValueError(f"{where}: {e}") from e
+        truncated = len(example.input_ids) > seq_length
+        example = Example(example.input_ids[:seq_length], example.loss_mask[:seq_length])
+        if example.num_trainable_targets == 0:
+            stats.num_dropped_no_trainable_tokens += 1
+            continue
+        examples.append(example)
+        stats.num_truncated += truncated
+        stats.num_tokens += len(example.input_ids)
+        stats.num_trainable_tokens += example.num_trainable_targets
+    stats.num_kept = len(examples)
+    if not examples:
+        raise ValueError(f"all {len(records)} samples of {source_name} have no trainable tokens after truncation "
+                         f"to seq_length={seq_length}; raise --seq_length or check the data.")
+    return examples, stats

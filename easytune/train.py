@@ -1,0 +1,274 @@
+"""The one training loop. An algorithm supplies a loss over `(model_config, params, batch)` that
+returns `(sum of per-token losses, number of tokens)`; this module owns everything else: the
+sharded train state, the jitted step (gradient accumulation, clipping, AdamW, donation),
+evaluation, logging, orbax checkpoints and exact resume.
+
+Checkpoint layout: `<output_dir>/checkpoints/<step>/` with orbax items `params`, `opt_state`,
+`data` (the data iterator's position) and `model` (config, HF config, generation config), so any
+step loads with `easytune.load` and exports with `easytune.export_hf`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from easytune import checkpoint, models, sharding
+
+logger = logging.getLogger("easytune")
+
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_schedule(opt, total_steps: int) -> optax.Schedule:
+    """Warmup (steps or ratio of total) to `opt.lr`, then cosine, linear or constant to lr * min_lr_ratio."""
+    warmup = opt.warmup_steps if opt.warmup_steps > 0 else int(round(opt.warmup_ratio * total_steps))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    peak, end = opt.lr, opt.lr * opt.min_lr_ratio
+    decay_steps = max(total_steps - warmup, 1)
+    if opt.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt.min_lr_ratio)
+    elif opt.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    elif opt.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"unknown --optimizer.schedule {opt.schedule!r}; use cosine, linear or constant.")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only (not norms, biases)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in sharding.path_name(path)
+                                            or "embedding" in sharding.path_name(path), params)
+
+
+def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(opt, total_steps)
+    parts = []
+    if opt.clip_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(opt.clip_grad_norm))
+    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                             mask=_decay_mask))
+    return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------- the step
+
+def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, grad_accum_steps: int):
+    """`step(params, opt_state, batch) -> (params, opt_state, metrics)`; batch leaves are
+    `[grad_accum_steps, micro_batch, seq]`.
+
+    reduction 'mean': every trained token of the global batch weighs the same (sum / tokens).
+    reduction 'sum': token losses summed per micro-batch and averaged over accumulation steps
+    (open-instruct's `--reduce_loss sum`).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown loss reduction {reduction!r}; use mean or sum.")
+
+    def step(params, opt_state, batch):
+        def micro(carry, micro_batch):
+            grads_acc, loss_acc, tokens_acc = carry
+            (loss_sum, tokens), grads = jax.value_and_grad(
+                lambda p: loss_fn(model_config, p, micro_batch), has_aux=True)(params)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, loss_sum, tokens), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        denominator = jnp.maximum(tokens, 1.0) if reduction == "mean" else float(grad_accum_steps)
+        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "trained_tokens": tokens}
+        return params, opt_state, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- batches
+
+def global_batch(mesh, rows: dict[str, np.ndarray], grad_accum_steps: int) -> dict[str, jax.Array]:
+    """Host rows `[batch, seq]` (the same on every process) -> global arrays
+    `[accum, batch / accum, seq]`, micro-batch rows split over dp x fsdp. Each process transfers
+    only the rows its devices hold."""
+    out = {}
+    spec = NamedSharding(mesh, P(None, ("dp", "fsdp"), None))
+    for key, value in rows.items():
+        batch, seq = value.shape
+        value = value.reshape(grad_accum_steps, batch // grad_accum_steps, seq)
+        out[key] = jax.make_array_from_callback(value.shape, spec, lambda index, v=value: v[index])
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class Trainer:
+    """Runs `loss_fn` over batches from `train_batches` with everything a run needs.
+
+    cfg: the entry point's ConfigDict (optimizer.*, total_steps, batch_size, grad_accum_steps,
+    loss_reduction, save_steps, keep_checkpoints, eval_steps, log_steps, output_dir, resume).
+    """
+
+    def __init__(self, cfg, model, loss_fn: LossFn, total_steps: int, metrics_logger=None):
+        self.cfg, self.model, self.loss_fn = cfg, model, loss_fn
+        self.mesh, self.model_config = model.mesh, model.config
+        self.total_steps = total_steps
+        if cfg.batch_size % cfg.grad_accum_steps:
+            raise ValueError(f"--batch_size ({cfg.batch_size}) must be a multiple of --grad_accum_steps "
+                             f"({cfg.grad_accum_steps}).")
+        micro = cfg.batch_size // cfg.grad_accum_steps
+        data_parallel = self.mesh.shape["dp"] * self.mesh.shape["fsdp"]
+        if micro % data_parallel:
+            raise ValueError(f"the micro-batch ({cfg.batch_size} / {cfg.grad_accum_steps} accumulation steps = "
+                             f"{micro}) must divide over dp x fsdp = {data_parallel} devices; change "
+                             f"--batch_size, --grad_accum_steps or --mesh_dim.")
+        self.optimizer, self.schedule = make_optimizer(cfg.optimizer, total_steps)
+        family = models.family(self.model_config.model_type)
+        rules = family.SHARDING_RULES
+        self.param_shardings = sharding.tree_shardings(model.params, rules, self.mesh)
+        opt_shapes = jax.eval_shape(self.optimizer.init, model.params)
+        self.opt_shardings = sharding.tree_shardings(opt_shapes, rules, self.mesh)
+        self.params = model.params
+        with jax.set_mesh(self.mesh):
+            self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
+        step = build_train_step(self.model_config, loss_fn, self.optimizer, cfg.loss_reduction, cfg.grad_accum_steps)
+        self._step = jax.jit(step, out_shardings=(self.param_shardings, self.opt_shardings, None),
+                             donate_argnums=(0, 1))
+        self._eval = jax.jit(lambda params, batch: loss_fn(self.model_config, params, batch))
+        self.step = 0
+        self.metrics_logger = metrics_logger
+        self.manager = checkpoint_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, data_state: dict) -> None:
+        meta = checkpoint.model_meta(self.model_config, self.model.hf_config, self.model.generation_config)
+        self.manager.save(self.step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(self.params),
+            opt_state=ocp.args.StandardSave(self.opt_state),
+            data=ocp.args.JsonSave(data_state),
+            model=ocp.args.JsonSave(meta),
+        ))
+        self.manager.wait_until_finished()
+
+    def restore_latest(self) -> dict | None:
+        """Restore the newest readable checkpoint; a corrupt one is skipped with a warning.
+        Returns the data iterator state, or None when there is nothing to resume."""
+        abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract(self.params, self.param_shardings)),
+                    opt_state=ocp.args.StandardRestore(abstract(self.opt_state, self.opt_shardings)),
+                    data=ocp.args.JsonRestore(),
+                ))
+            except Exception as e:  # a torn or corrupted checkpoint: fall back to the one before
+                logger.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one.",
+                               step, self.manager.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                continue
+            self.params, self.opt_state, self.step = restored["params"], restored["opt_state"], step
+            self.model.params = self.params
+            logger.info("resumed from step %d", step)
+            return dict(restored["data"])
+        return None
+
+    # ------------------------------------------------------------------ loop
+
+    def evaluate(self, batches: Iterator[dict]) -> dict[str, float]:
+        """Mean per-token loss and perplexity over `batches` (host rows `[batch, seq]`)."""
+        total, tokens = 0.0, 0.0
+        with jax.set_mesh(self.mesh):
+            for rows in batches:
+                batch = {k: v[0] for k, v in global_batch(self.mesh, rows, 1).items()}
+                loss_sum, count = self._eval(self.params, batch)
+                total, tokens = total + float(loss_sum), tokens + float(count)
+        loss = total / max(tokens, 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    def train(self, train_batches, eval_batches: Callable[[], Iterator[dict]] | None = None,
+              progress=None, flops_per_token: float | None = None, peak_flops: float | None = None) -> list[dict]:
+        """Run until `total_steps`. `train_batches` yields host rows `[batch_size, seq]` and has
+        `state()` (saved with each checkpoint). Returns the logged metrics."""
+        cfg = self.cfg
+        history = []
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        with jax.set_mesh(self.mesh):
+            while self.step < self.total_steps:
+                rows = next(train_batches)
+                batch = global_batch(self.mesh, rows, cfg.grad_accum_steps)
+                step_start = time.perf_counter()
+                self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch)
+                self.step += 1
+                window_steps += 1
+                window_tokens += int((rows["segment_ids"] > 0).sum())
+                log_now = self.step % cfg.log_steps == 0 or self.step == self.total_steps
+                if log_now:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": self.step, **metrics,
+                              "learning_rate": float(self.schedule(self.step - 1)),
+                              "tokens_per_second": window_tokens / elapsed,
+                              "step_seconds": elapsed / window_steps}
+                    if self.step == 1:
+                        record["first_step_seconds"] = time.perf_counter() - step_start
+                    if flops_per_token and peak_flops:
+                        record["mfu"] = record["tokens_per_second"] * flops_per_token / (peak_flops * jax.device_count())
+                    if eval_batches is not None and cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0:
+                        record.update(self.evaluate(eval_batches()))
+                    history.append(record)
+                    if self.metrics_logger is not None:
+                        self.metrics_logger.log(self.step, {k: v for k, v in record.items() if k != "step"})
+                    if progress is not None:
+                        progress.update(self.step, record)
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                if cfg.save_steps > 0 and (self.step % cfg.save_steps == 0 or self.step == self.total_steps):
+                    self.save(train_batches.state())
+                    window_start = time.perf_counter()  # checkpoint time is not training throughput
+        self.model.params = self.params
+        return history
+
+
+def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """All eval rows in order, `batch_size` at a time; the last batch is padded with rows whose
+    loss_mask is 0 (so every device gets a full batch and padding adds nothing)."""
+    num_rows = len(rows["input_ids"])
+    for start in range(0, num_rows, batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+        missing = batch_size - len(batch["input_ids"])
+        if missing:
+            batch = {k: np.concatenate([v, np.zeros((missing, v.shape[1]), v.dtype)]) for k, v in batch.items()}
+        yield batch
+
+
+def truncate_metrics(output_dir: str, step: int) -> None:
+    """Drop metrics.jsonl lines logged after `step`: a resumed run logs those steps again."""
+    import json
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
