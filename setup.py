@@ -25,6 +25,9 @@ setup(
         "gguf>=0.10",
         # TensorBoard event files for training metrics (easytune.logging_utils).
         "tensorboardX",
+        # --train_data as parquet or a `datasets` name.
+        "pyarrow",
+        "datasets",
     ],
     extras_require={
         # Reference implementations the tests compare against. Pin torch: an unpinned torch pulls

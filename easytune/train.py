@@ -93,7 +93,7 @@ def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, g
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads), "trained_tokens": tokens}
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), "trained_tokens": tokens}
         return params, opt_state, metrics
 
     return step

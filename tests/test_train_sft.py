@@ -1,0 +1,174 @@
+"""The SFT entry point and the one training loop, on a tiny LLaMA with the real SmolLM2 tokenizer."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+import jax
+
+import easytune
+from easytune import assets, data, train
+from easytune.algos import sft
+from easytune.train_sft import DEFAULTS, run
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random LLaMA with SmolLM2's vocabulary, tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    source = assets.smollm2_hf_dir()
+    for name in os.listdir(source):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(source, name), directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for record in data.make_task_records(96, seed=1):
+            f.write(json.dumps({"messages": record["messages"]}) + "\n")
+    return str(path)
+
+
+def make_cfg(model, train_data, output_dir, **overrides):
+    cfg = ConfigDict(DEFAULTS)
+    cfg.update(model=model, train_data=train_data, output_dir=str(output_dir), logger="none", seq_length=64,
+               batch_size=8, total_steps=4, log_steps=1)
+    cfg.optimizer.lr = 1e-3
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def logged(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+    summary = run(make_cfg(tiny_chat_model, task_file, tmp_path / "out", total_steps=6,
+                           export_hf=str(tmp_path / "hf"), eval_data=task_file, eval_steps=3))
+    records = logged(tmp_path / "out")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "learning_rate", "tokens_per_second", "grad_norm"} <= records[0].keys()
+    assert "eval_loss" in records[2] and "eval_perplexity" in records[2]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert summary["last_loss"] == records[-1]["loss"]
+    # the export loads in transformers and matches the trained parameters
+    trained = easytune.load(str(tmp_path / "out"), tokenizer=False)  # a run directory: its latest step
+    tokens = np.random.RandomState(0).randint(0, 49152, (8, 16))
+    import torch
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(trained(tokens), exported(torch.tensor(tokens)).logits.numpy(), atol=1e-4)
+
+
+def trainer_losses(model, steps, rows, **cfg_overrides):
+    cfg = make_cfg(None, None, "/tmp/unused", **cfg_overrides)
+    trainer = train.Trainer(cfg, model, sft.loss_sums, total_steps=steps)
+    iterator = data.BatchIterator(rows, cfg.batch_size, seed=0)
+    history = trainer.train(iterator)
+    return [h["loss"] for h in history], trainer.params
+
+
+@pytest.fixture(scope="module")
+def task_rows(tiny_chat_model):
+    tokenizer = easytune.load(tiny_chat_model).tokenizer
+    records = data.make_task_records(64, seed=2)
+    examples, _ = data.tokenize_records(records, tokenizer, tokenizer.chat_template, 128, "tasks")
+    return examples, data.make_rows(examples, 128, pack=True)
+
+
+def test_sharded_training_matches_unsharded(tiny_chat_model, task_rows):
+    _, rows = task_rows
+    single = easytune.load(tiny_chat_model, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")
+    sharded = easytune.load(tiny_chat_model, tokenizer=False, mesh_dim="2,2,2")
+    losses_1, params_1 = trainer_losses(single, 3, rows)
+    losses_8, params_8 = trainer_losses(sharded, 3, rows)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), params_8, params_1)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_chat_model, task_rows):
+    _, rows = task_rows
+    load = lambda: easytune.load(tiny_chat_model, tokenizer=False, mesh_dim="1,4,2")  # noqa: E731
+    losses_1, params_1 = trainer_losses(load(), 3, rows, grad_accum_steps=1)
+    losses_2, params_2 = trainer_losses(load(), 3, rows, batch_size=8, grad_accum_steps=2)
+    np.testing.assert_allclose(losses_2, losses_1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), params_2, params_1)
+
+
+def test_packed_and_unpacked_batches_give_the_same_per_example_losses(tiny_chat_model, task_rows):
+    examples, packed = task_rows
+    model = easytune.load(tiny_chat_model, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")
+    unpacked = data.make_rows(examples, 128, pack=False)
+    assert len(packed["input_ids"]) < len(unpacked["input_ids"])  # packing really packed
+
+    def losses_by_example(rows):
+        """{tuple(example tokens): mean loss} from every segment of every row."""
+        per_segment = np.asarray(jax.jit(sft.per_segment_losses, static_argnums=(0, 3))(
+            model.config, model.params, {k: jax.numpy.asarray(v) for k, v in rows.items()}, 8))
+        out = {}
+        for r in range(len(rows["input_ids"])):
+            for s in range(1, rows["segment_ids"][r].max() + 1):
+                key = tuple(rows["input_ids"][r][rows["segment_ids"][r] == s])
+                out[key] = per_segment[r, s - 1]
+        return out
+
+    a, b = losses_by_example(packed), losses_by_example(unpacked)
+    assert a.keys() == b.keys() and len(a) == len(examples)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
+
+
+def test_sum_reduction_is_token_sum_over_accumulation_steps(tiny_chat_model, task_rows):
+    _, rows = task_rows
+    load = lambda: easytune.load(tiny_chat_model, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1")  # noqa: E731
+    model = load()
+    batch = {k: jax.numpy.asarray(v[:8]) for k, v in rows.items()}
+    total, tokens = sft.loss_sums(model.config, model.params, batch)
+    # (training donates and replaces the model's parameters: each run gets a fresh load)
+    losses, _ = trainer_losses(load(), 1, {k: v[:8] for k, v in rows.items()}, loss_reduction="sum", grad_accum_steps=2)
+    np.testing.assert_allclose(losses[0], float(total) / 2, rtol=1e-5)
+    losses, _ = trainer_losses(load(), 1, {k: v[:8] for k, v in rows.items()}, loss_reduction="mean")
+    np.testing.assert_allclose(losses[0], float(total) / float(tokens), rtol=1e-5)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [oops\n',
+     r"train.jsonl line 2: not valid JSON"),
+    ('{"question": "hi"}\n', r"train.jsonl record 1: unrecognized record with fields \['question'\]"),  # missing field: names the record and what it has
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}]}\n', r"robot"),
+    ("", r"has no records"),
+])
+def test_bad_data_is_one_clear_error(tiny_chat_model, tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        run(make_cfg(tiny_chat_model, str(path), tmp_path / "out"))
+
+
+def test_every_sample_over_long_is_an_error(tiny_chat_model, tmp_path):
+    path = tmp_path / "train.jsonl"
+    long_prompt = "word " * 200
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": long_prompt},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    with pytest.raises(ValueError, match="no trainable tokens after truncation to seq_length=64"):
+        run(make_cfg(tiny_chat_model, str(path), tmp_path / "out"))
