@@ -97,6 +97,7 @@ DOCS = {
 }
 
 config_lib.define_flags(DEFAULTS, DOCS)
+flags.adopt_module_key_flags(config_lib)  # so that --help (not only --helpfull) lists them
 logger = logging.getLogger("easytune")
 
 
@@ -156,15 +157,16 @@ def run(cfg) -> dict:
         model.tokenizer.save_pretrained(cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
-    trainer = train.Trainer(cfg, model, sft.loss_sums, total_steps, metrics_logger)
+    trainer = train.Trainer(cfg, model, sft.loss_sums, total_steps)
     summary = {"train_samples": stats.num_records, "train_samples_dropped": stats.num_dropped_no_trainable_tokens,
                "total_steps": total_steps}
     if cfg.resume:
         data_state = trainer.restore_latest()
         if data_state is not None:
             batches.restore(data_state)
-            train.truncate_metrics(cfg.output_dir, trainer.step)
+        train.truncate_metrics(cfg.output_dir, trainer.step)  # before the logger opens the file
+    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
+    trainer.metrics_logger = metrics_logger
     if heldout is not None and trainer.step == 0:
         summary["heldout_accuracy_before"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
         if is_main:

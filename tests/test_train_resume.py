@@ -1,0 +1,110 @@
+"""Real processes: a run SIGKILLed mid-way resumes to exactly the uninterrupted losses; a corrupt
+newest checkpoint falls back to the previous one with a warning; 2 processes train like 1; flags."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train_sft import logged, task_file, tiny_chat_model  # noqa: F401  (fixtures)
+
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+
+
+def train_command(model, data, output_dir, *extra):
+    return [sys.executable, "-m", "easytune.train_sft", f"--model={model}", f"--train_data={data}",
+            f"--output_dir={output_dir}", "--logger=none", "--seq_length=128", "--batch_size=8",
+            "--optimizer.lr=1e-3", "--save_steps=2", "--keep_checkpoints=3", *extra]
+
+
+def run_to_end(command, env=ENV):
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def losses(output_dir):
+    return {r["step"]: r["loss"] for r in logged(output_dir)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_chat_model, task_file, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("reference")
+    run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12"))
+    return losses(out)
+
+
+def test_sigkill_mid_run_then_resume_reproduces_the_losses(tiny_chat_model, task_file, reference_run, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(tiny_chat_model, task_file, out, "--total_steps=12"), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isdir(out / "checkpoints" / "6") and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 12 not in losses(out)  # it really was cut short
+    run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12", "--resume"))
+    assert losses(out) == reference_run  # every step, bit-equal
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, task_file, reference_run, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12"))
+    params = out / "checkpoints" / "12" / "params"
+    for root, _, files in os.walk(params):  # tear the newest checkpoint's array data
+        for name in files:
+            if root.endswith("/d") or "ocdbt" in root:
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(16)
+    result = run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12", "--resume"))
+    assert "checkpoint at step 12" in result.stderr and "trying the previous one" in result.stderr
+    assert "resumed from step 10" in result.stderr
+    assert losses(out) == reference_run
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tiny_chat_model, task_file, reference_run, tmp_path):  # noqa: F811
+    """Two processes of one device each (mesh 1,2,1 across them; each feeds its rows) against the
+    reference: one process with two devices."""
+    out = tmp_path / "two"
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(train_command(tiny_chat_model, task_file, out, "--total_steps=12",
+                                            f"--jax_distributed.coordinator_address={address}",
+                                            "--jax_distributed.num_processes=2", f"--jax_distributed.process_id={i}"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    two = losses(out)
+    assert two.keys() == reference_run.keys()
+    for step in two:
+        assert abs(two[step] - reference_run[step]) <= 1e-5 * abs(reference_run[step])
+
+
+def test_help_documents_every_flag_and_presets_merge(tiny_chat_model, task_file, tmp_path):  # noqa: F811
+    from easytune.train_sft import DEFAULTS, DOCS
+    out = subprocess.run([sys.executable, "-m", "easytune.train_sft", "--help"], env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    for name in DOCS:
+        assert f"--{name}:" in out.stdout or f"--[no]{name}:" in out.stdout, name
+    preset = tmp_path / "preset.py"
+    preset.write_text("def get_config():\n    return {'optimizer': {'lr': 3e-4, 'b2': 0.95}, 'seed': 7}\n")
+    run_to_end(train_command(tiny_chat_model, task_file, tmp_path / "p", "--total_steps=1", f"--config={preset}",
+                             "--optimizer.b2=0.9"))
+    with open(tmp_path / "p" / "config.json") as f:
+        saved = json.load(f)
+    # command line (lr in train_command, b2 here) beats the preset, the preset beats the defaults
+    assert saved["optimizer"]["lr"] == 1e-3 and saved["optimizer"]["b2"] == 0.9 and saved["seed"] == 7
+    assert saved["optimizer"]["eps"] == DEFAULTS["optimizer"]["eps"]
