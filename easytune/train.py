@@ -27,6 +27,8 @@ from easytune import checkpoint, models, sharding
 logger = logging.getLogger("easytune")
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+# Batches are [grad_accum_steps, micro_batch, seq]: micro-batch rows over the data-parallel axes.
+BATCH_SPEC = P(None, ("dp", "fsdp"), None)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -106,7 +108,7 @@ def global_batch(mesh, rows: dict[str, np.ndarray], grad_accum_steps: int) -> di
     `[accum, batch / accum, seq]`, micro-batch rows split over dp x fsdp. Each process transfers
     only the rows its devices hold."""
     out = {}
-    spec = NamedSharding(mesh, P(None, ("dp", "fsdp"), None))
+    spec = NamedSharding(mesh, BATCH_SPEC)
     for key, value in rows.items():
         batch, seq = value.shape
         value = value.reshape(grad_accum_steps, batch // grad_accum_steps, seq)
@@ -152,7 +154,9 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
         step = build_train_step(self.model_config, loss_fn, self.optimizer, cfg.loss_reduction, cfg.grad_accum_steps)
-        self._step = jax.jit(step, out_shardings=(self.param_shardings, self.opt_shardings, None),
+        batch_sharding = NamedSharding(self.mesh, BATCH_SPEC)
+        self._step = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, batch_sharding),
+                             out_shardings=(self.param_shardings, self.opt_shardings, None),
                              donate_argnums=(0, 1))
         self._eval = jax.jit(lambda params, batch: loss_fn(self.model_config, params, batch))
         self.step = 0

@@ -35,7 +35,7 @@ DEFAULTS = {
     "pack": True,
     "loss_reduction": "mean",
     "optimizer": {
-        "lr": 5e-5, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
+        "lr": 1e-4, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
         "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad_norm": 1.0,
     },
     "seed": 0,
@@ -46,7 +46,7 @@ DEFAULTS = {
     "resume": False,
     "export_hf": None,
     "logger": "tensorboard",
-    "tasks": {"num_train": 4000, "num_heldout": 100, "max_new_tokens": 16},
+    "tasks": {"num_train": 640, "num_heldout": 100, "max_new_tokens": 16},
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
 }
 
@@ -70,7 +70,8 @@ DOCS = {
     "pack": "pack several samples per row (best fit; attention never crosses samples)",
     "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "
                       "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
-    "optimizer.lr": "peak learning rate (AdamW)",
+    "optimizer.lr": "peak learning rate (AdamW); the default suits the embedded 135M job, full fine-tuning "
+                    "of 7B+ models usually wants 1e-5 to 2e-5",
     "optimizer.schedule": "cosine, linear or constant after warmup",
     "optimizer.warmup_steps": "warmup steps (0 = use warmup_ratio)",
     "optimizer.warmup_ratio": "warmup as a fraction of total_steps",
@@ -140,7 +141,7 @@ def run(cfg) -> dict:
     examples, stats = data.tokenize_records(train_records, model.tokenizer, template, cfg.seq_length, source)
     rows = data.make_rows(examples, cfg.seq_length, pack=cfg.pack)
     batches = data.BatchIterator(rows, cfg.batch_size, seed=cfg.seed)
-    logger.info("train data %s: %s; %d rows of %d tokens", source, stats, len(rows["input_ids"]), cfg.seq_length)
+    logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), len(rows["input_ids"]), cfg.seq_length)
     if stats.num_dropped_no_trainable_tokens and is_main:
         print(f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} samples with no trainable "
               f"tokens after truncation to seq_length={cfg.seq_length}", file=sys.stderr)

@@ -172,3 +172,27 @@ def test_every_sample_over_long_is_an_error(tiny_chat_model, tmp_path):
                                              {"role": "assistant", "content": "ok"}]}) + "\n")
     with pytest.raises(ValueError, match="no trainable tokens after truncation to seq_length=64"):
         run(make_cfg(tiny_chat_model, str(path), tmp_path / "out"))
+
+
+def test_default_job_reports_heldout_accuracy_and_exports(tmp_path):
+    """The no-flag job's path (bundled SmolLM2, generated tasks), shrunk to two steps."""
+    cfg = make_cfg(None, None, tmp_path / "out", total_steps=2, seq_length=128)
+    cfg.tasks.num_train, cfg.tasks.num_heldout, cfg.tasks.max_new_tokens = 32, 8, 8
+    summary = run(cfg)
+    for key in ("heldout_accuracy_before", "heldout_accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["export_hf"] == str(tmp_path / "out" / "hf")
+    with open(tmp_path / "out" / "hf" / "config.json") as f:
+        assert json.load(f)["num_hidden_layers"] == 30
+    assert os.path.exists(tmp_path / "out" / "hf" / "tokenizer.json")
+
+
+def test_bf16_compute_trains_fp32_master_weights(tiny_chat_model, task_rows):
+    _, rows = task_rows
+    load = lambda dtype: easytune.load(tiny_chat_model, tokenizer=False, mesh_dim="1,8,1", dtype=dtype,  # noqa: E731
+                                       param_dtype="float32")
+    losses_32, _ = trainer_losses(load("float32"), 2, rows)
+    losses_16, params_16 = trainer_losses(load("bfloat16"), 2, rows)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params_16))
+    np.testing.assert_allclose(losses_16, losses_32, rtol=2e-2)
+    assert losses_16 != losses_32  # the compute really ran in bf16
