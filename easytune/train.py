@@ -162,24 +162,32 @@ class Trainer:
         self.step = 0
         self.metrics_logger = metrics_logger
         self.manager = checkpoint_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
+        if not cfg.resume and self.manager.all_steps():
+            raise ValueError(f"{self.manager.directory} already holds checkpoints (steps "
+                             f"{list(self.manager.all_steps())}); pass --resume to continue that run, or choose a "
+                             f"new --output_dir.")
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, data_state: dict) -> None:
         meta = checkpoint.model_meta(self.model_config, self.model.hf_config, self.model.generation_config)
-        self.manager.save(self.step, args=ocp.args.Composite(
+        saved = self.manager.save(self.step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(self.params),
             opt_state=ocp.args.StandardSave(self.opt_state),
             data=ocp.args.JsonSave(data_state),
             model=ocp.args.JsonSave(meta),
         ))
         self.manager.wait_until_finished()
+        if not saved and self.step not in self.manager.all_steps():
+            raise RuntimeError(f"orbax declined to save step {self.step} in {self.manager.directory} "
+                               f"(it holds {list(self.manager.all_steps())}).")
 
     def restore_latest(self) -> dict | None:
         """Restore the newest readable checkpoint; a corrupt one is skipped with a warning.
         Returns the data iterator state, or None when there is nothing to resume."""
         abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -188,13 +196,21 @@ class Trainer:
                     data=ocp.args.JsonRestore(),
                 ))
             except Exception as e:  # a torn or corrupted checkpoint: fall back to the one before
-                logger.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one.",
-                               step, self.manager.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+                logger.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
+                               step, self.manager.directory, failures[-1][1])
                 continue
+            for bad_step, _ in failures:  # so this run's own saves at those steps are not refused
+                self.manager.delete(bad_step)
             self.params, self.opt_state, self.step = restored["params"], restored["opt_state"], step
             self.model.params = self.params
             logger.info("resumed from step %d", step)
             return dict(restored["data"])
+        if failures:  # nothing restores: a different model or optimizer, not a torn file
+            raise ValueError(f"none of the checkpoints in {self.manager.directory} (steps "
+                             f"{[s for s, _ in failures]}) can be restored into this run's model and optimizer; the "
+                             f"newest failed with {failures[0][1]}. Resume with the settings of that run, or start a "
+                             f"new --output_dir.")
         return None
 
     # ------------------------------------------------------------------ loop
@@ -227,7 +243,8 @@ class Trainer:
                 window_steps += 1
                 window_tokens += int((rows["segment_ids"] > 0).sum())
                 log_now = self.step % cfg.log_steps == 0 or self.step == self.total_steps
-                if log_now:
+                eval_now = (eval_batches is not None and cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0)
+                if log_now or eval_now:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     elapsed = time.perf_counter() - window_start
                     record = {"step": self.step, **metrics,
@@ -238,7 +255,7 @@ class Trainer:
                         record["first_step_seconds"] = time.perf_counter() - step_start
                     if flops_per_token and peak_flops:
                         record["mfu"] = record["tokens_per_second"] * flops_per_token / (peak_flops * jax.device_count())
-                    if eval_batches is not None and cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0:
+                    if eval_now:
                         record.update(self.evaluate(eval_batches()))
                     history.append(record)
                     if self.metrics_logger is not None:
@@ -248,7 +265,8 @@ class Trainer:
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                 if cfg.save_steps > 0 and (self.step % cfg.save_steps == 0 or self.step == self.total_steps):
                     self.save(train_batches.state())
-                    window_start = time.perf_counter()  # checkpoint time is not training throughput
+                    # checkpoint time is not training throughput
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         self.model.params = self.params
         return history
 

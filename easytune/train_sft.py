@@ -151,9 +151,13 @@ def run(cfg) -> dict:
         eval_examples, _ = data.tokenize_records(data.load_records(cfg.eval_data), model.tokenizer, template,
                                                  cfg.seq_length, cfg.eval_data)
         eval_rows = data.make_rows(eval_examples, cfg.seq_length, pack=cfg.pack)
-        eval_batches = lambda: train.eval_batches(eval_rows, cfg.batch_size)  # noqa: E731
+        # micro-batches: eval logits must fit wherever training's do
+        eval_batches = lambda: train.eval_batches(eval_rows, cfg.batch_size // cfg.grad_accum_steps)  # noqa: E731
 
     total_steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
+    if total_steps < 1 or cfg.log_steps < 1:
+        raise ValueError(f"nothing to do: total_steps={total_steps} (from --total_steps or --num_epochs) and "
+                         f"--log_steps={cfg.log_steps} must be >= 1.")
     if is_main:
         model.tokenizer.save_pretrained(cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -165,7 +169,7 @@ def run(cfg) -> dict:
         data_state = trainer.restore_latest()
         if data_state is not None:
             batches.restore(data_state)
-        train.truncate_metrics(cfg.output_dir, trainer.step)  # before the logger opens the file
+    train.truncate_metrics(cfg.output_dir, trainer.step)  # before the logger opens the file
     metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
     trainer.metrics_logger = metrics_logger
     if heldout is not None and trainer.step == 0:
@@ -185,7 +189,10 @@ def run(cfg) -> dict:
     if cfg.save_steps == 0:
         trainer.save(batches.state())
     if eval_batches is not None:
-        summary.update(trainer.evaluate(eval_batches()))
+        if history and "eval_loss" in history[-1]:
+            summary.update({k: history[-1][k] for k in ("eval_loss", "eval_perplexity")})
+        else:
+            summary.update(trainer.evaluate(eval_batches()))
     if heldout is not None:
         summary["heldout_accuracy_after"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
         if is_main:

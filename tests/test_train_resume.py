@@ -67,6 +67,16 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, t
     assert "checkpoint at step 12" in result.stderr and "trying the previous one" in result.stderr
     assert "resumed from step 10" in result.stderr
     assert losses(out) == reference_run
+    import easytune
+    easytune.load(str(out), tokenizer=False)  # the torn step 12 was replaced by this run's own
+
+    # resuming with settings that do not match the checkpoints is an error, not a silent restart
+    result = subprocess.run(train_command(tiny_chat_model, task_file, out, "--total_steps=14", "--resume",
+                                          "--optimizer.clip_grad_norm=0"), env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0 and "can be restored into this run's model and optimizer" in result.stderr
+    result = subprocess.run(train_command(tiny_chat_model, task_file, out, "--total_steps=14", "--resume",
+                                          "--batch_size=4"), env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0 and "checkpoint was written with batch_size=8" in result.stderr
 
 
 def free_port():

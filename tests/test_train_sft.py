@@ -63,14 +63,20 @@ def logged(output_dir):
 
 def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp_path):
     from transformers import AutoModelForCausalLM
-    summary = run(make_cfg(tiny_chat_model, task_file, tmp_path / "out", total_steps=6,
-                           export_hf=str(tmp_path / "hf"), eval_data=task_file, eval_steps=3))
+    cfg = make_cfg(tiny_chat_model, task_file, tmp_path / "out", total_steps=6, log_steps=2, eval_steps=3,
+                   export_hf=str(tmp_path / "hf"), eval_data=task_file)
+    summary = run(cfg)
     records = logged(tmp_path / "out")
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records] == [2, 3, 4, 6]  # every log step, plus eval steps of their own
     assert {"loss", "learning_rate", "tokens_per_second", "grad_norm"} <= records[0].keys()
-    assert "eval_loss" in records[2] and "eval_perplexity" in records[2]
+    assert [("eval_loss" in r) for r in records] == [False, True, False, True]
+    assert "eval_perplexity" in records[1] and summary["eval_loss"] == records[-1]["eval_loss"]
+    schedule = train.make_schedule(cfg.optimizer, 6)
+    assert [r["learning_rate"] for r in records] == pytest.approx([float(schedule(s - 1)) for s in (2, 3, 4, 6)])
     assert records[-1]["loss"] < records[0]["loss"]
     assert summary["last_loss"] == records[-1]["loss"]
+    with pytest.raises(ValueError, match="already holds checkpoints .* pass --resume"):
+        run(cfg)  # a new run into a used directory would mix two runs' checkpoints
     # the export loads in transformers and matches the trained parameters
     trained = easytune.load(str(tmp_path / "out"), tokenizer=False)  # a run directory: its latest step
     tokens = np.random.RandomState(0).randint(0, 49152, (8, 16))

@@ -31,11 +31,22 @@ class BatchIterator:
         full, partial = divmod(self.num_rows, self.batch_size)
         return full + (0 if self.drop_last or partial == 0 else 1)
 
+    def _layout(self) -> dict:
+        """What a position means: the same index in another layout would be other data."""
+        return {"batch_size": self.batch_size, "seed": self.seed, "num_rows": self.num_rows,
+                "shuffle": self.shuffle, "drop_last": self.drop_last}
+
     def state(self) -> dict:
-        """Where the next batch comes from: {"epoch": int, "index": batch index within the epoch}."""
-        return {"epoch": self.epoch, "index": self.index}
+        """Where the next batch comes from ("epoch", "index": batch index within the epoch), and
+        the layout that position refers to."""
+        return {"epoch": self.epoch, "index": self.index, **self._layout()}
 
     def restore(self, state: dict) -> None:
+        for key, value in self._layout().items():
+            if key in state and state[key] != value:
+                raise ValueError(f"cannot resume this data position: the checkpoint was written with {key}="
+                                 f"{state[key]!r}, this run has {key}={value!r}; resume with the same data and "
+                                 f"batch settings, or start a new --output_dir.")
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
             raise ValueError(f"invalid iterator state {state}: this data has {self.steps_per_epoch} batches per epoch.")

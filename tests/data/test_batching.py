@@ -24,7 +24,7 @@ def test_epochs_are_the_seeded_permutations():
     for epoch in range(2):
         order = np.random.default_rng([7, epoch]).permutation(10) + 1
         assert batches[3 * epoch:3 * epoch + 3] == order[:9].reshape(3, 3).tolist()
-    assert iterator.state() == {"epoch": 2, "index": 0}
+    assert {k: iterator.state()[k] for k in ("epoch", "index")} == {"epoch": 2, "index": 0}
     assert batches[:3] != batches[3:]  # a new order each epoch
 
 
@@ -62,3 +62,12 @@ def test_too_few_rows_and_bad_state():
         BatchIterator(numbered_rows(3), batch_size=4, seed=0)
     with pytest.raises(ValueError, match="invalid iterator state"):
         BatchIterator(numbered_rows(8), batch_size=4, seed=0).restore({"epoch": 0, "index": 5})
+
+
+def test_resuming_under_another_layout_is_refused():
+    """The same batch index means other data under another batch size or seed."""
+    state = BatchIterator(numbered_rows(16), batch_size=4, seed=1).state()
+    with pytest.raises(ValueError, match="checkpoint was written with batch_size=4, this run has batch_size=2"):
+        BatchIterator(numbered_rows(16), batch_size=2, seed=1).restore(state)
+    with pytest.raises(ValueError, match="seed=1"):
+        BatchIterator(numbered_rows(16), batch_size=4, seed=2).restore(state)
