@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 __all__ = ["load", "Model"]
 __version__ = "0.1.0"
@@ -125,9 +125,7 @@ class Model:
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
-        batch_parts = self.mesh.shape["dp"] * self.mesh.shape["fsdp"]
-        if tokens.shape[0] % batch_parts == 0:
-            tokens = jax.device_put(tokens, sharding.batch_sharding(self.mesh))
+        tokens = jax.device_put(tokens, sharding.input_sharding(self.mesh, tokens.shape[0]))
         with jax.set_mesh(self.mesh):
             return self._forward(self.config, self.params, tokens, positions, segment_ids)
 

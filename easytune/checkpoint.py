@@ -27,10 +27,18 @@ FORMAT_VERSION = 1
 CONCURRENT_GB = 1
 
 
+def bounded_handler() -> ocp.StandardCheckpointHandler:
+    """The orbax handler for array trees, with host memory in flight bounded by CONCURRENT_GB."""
+    return ocp.StandardCheckpointHandler(save_concurrent_gb=CONCURRENT_GB, restore_concurrent_gb=CONCURRENT_GB)
+
+
 def _checkpointer() -> ocp.Checkpointer:
-    handler = ocp.StandardCheckpointHandler(save_concurrent_gb=CONCURRENT_GB,
-                                            restore_concurrent_gb=CONCURRENT_GB)
-    return ocp.Checkpointer(handler)
+    return ocp.Checkpointer(bounded_handler())
+
+
+def abstract_target(tree, shardings):
+    """ShapeDtypeStructs carrying `shardings`: tells orbax to restore each array into its shards."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def architecture_dict(config) -> dict:
@@ -113,7 +121,7 @@ def restore_params(params_path: str, config, mesh):
     family = models.family(config.model_type)
     shapes = family.param_shapes(config)
     shardings = sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    target = abstract_target(shapes, shardings)
     path = os.path.abspath(params_path)
     stored = _checkpointer().metadata(path)
     stored_tree = getattr(stored, "item_metadata", stored)

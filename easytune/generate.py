@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easytune import models
 
@@ -159,8 +158,7 @@ def generate_tokens(
     inputs = [tokens, positions, segment_ids]
     if mesh is not None:
         from easytune import sharding
-        batch_parts = mesh.shape["dp"] * mesh.shape["fsdp"]
-        spec = sharding.batch_sharding(mesh) if len(prompts) % batch_parts == 0 else NamedSharding(mesh, P())
+        spec = sharding.input_sharding(mesh, len(prompts))
         inputs = [jax.device_put(x, spec) for x in inputs]
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     out = _generate(

@@ -273,16 +273,6 @@ def load_params(directory: str, config: LlamaConfig, mesh: Mesh) -> dict:
 
 # ----------------------------------------------------------------------------- export
 
-def _gather_fn(mesh: Mesh | None):
-    """Jitted `x[i]` replicated on every device, so each process can read a full layer."""
-    if mesh is None:
-        return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
-    return jax.jit(
-        lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
-        out_shardings=NamedSharding(mesh, P()),
-    )
-
-
 def _to_host(x: jax.Array) -> np.ndarray:
     """Host copy of a replicated array: every process holds all of it in its first local shard."""
     return np.asarray(x.addressable_shards[0].data)
@@ -294,31 +284,29 @@ def save_params(directory: str, config: LlamaConfig, params: dict, dtype=None, m
     dtype: on-disk dtype (default: the parameters' dtype). In a multi-process run every process
     must call this (the gathers are collective); only process 0 writes.
     """
-    mesh = None
     leaf = params["embed"]["embedding"]
-    if isinstance(leaf.sharding, NamedSharding):
-        mesh = leaf.sharding.mesh
-    take_layer = _gather_fn(mesh)
-    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P())) if mesh is not None else (lambda x: x)
-    tensors = []
+    replicated = NamedSharding(leaf.sharding.mesh, P()) if isinstance(leaf.sharding, NamedSharding) else None
+    # Each tensor (one layer of a stacked parameter) is gathered whole onto every device, in turn.
+    take_layer = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), out_shardings=replicated)
+    replicate = jax.jit(lambda x: x, out_shardings=replicated)
+    tensors, gathers = [], []
     for entry in weight_map(config):
         array = _tree_get(params, entry.path)
         out_dtype = np.dtype(parse_dtype(dtype) if dtype is not None else array.dtype)
         per_layer_shape = array.shape[1:] if entry.stacked else array.shape
         hf_shape = tuple(reversed(per_layer_shape)) if entry.transpose else tuple(per_layer_shape)
-        layers = range(array.shape[0]) if entry.stacked else [None]
-        for layer in layers:
-            def produce(array=array, layer=layer, entry=entry, out_dtype=out_dtype):
-                x = replicate(array) if layer is None else take_layer(array, jnp.int32(layer))
-                host = _to_host(x)
+        for layer in (range(array.shape[0]) if entry.stacked else [None]):
+            def gather(array=array, layer=layer):
+                return replicate(array) if layer is None else take_layer(array, jnp.int32(layer))
+
+            def produce(gather=gather, entry=entry, out_dtype=out_dtype):
+                host = _to_host(gather())
                 return (host.T if entry.transpose else host).astype(out_dtype, copy=False)
             tensors.append((entry.hf_name.format(layer=layer), hf_shape, out_dtype, produce))
+            gathers.append(gather)
     if jax.process_index() == 0:
         os.makedirs(directory, exist_ok=True)
         return write_safetensors(directory, tensors, max_shard_bytes=max_shard_bytes)
-    for entry in weight_map(config):  # other processes only join the collective gathers, in order
-        array = _tree_get(params, entry.path)
-        for layer in (range(array.shape[0]) if entry.stacked else [None]):
-            out = replicate(array) if layer is None else take_layer(array, jnp.int32(layer))
-            out.block_until_ready()
+    for gather in gathers:  # other processes only join the collective gathers, in the same order
+        gather().block_until_ready()
     return []

@@ -193,3 +193,16 @@ def llama_flops_per_token(config, seq_length: int) -> float:
         + 3 * c.hidden_size * c.intermediate_size
     matmul_params = c.num_layers * per_layer + c.hidden_size * c.vocab_size
     return 6.0 * matmul_params + 12.0 * c.num_layers * q_dim * seq_length
+
+
+def truncate_metrics(output_dir: str, step: int) -> None:
+    """Drop metrics.jsonl lines logged after `step`: a resumed run logs those steps again, and a
+    fresh run (step 0) starts an empty file. Call it before a MetricsLogger opens the file."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)

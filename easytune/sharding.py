@@ -128,6 +128,18 @@ def tree_shardings(tree, rules, mesh: Mesh):
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, rules, mesh))
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split: dp x fsdp."""
+    return mesh.shape["dp"] * mesh.shape["fsdp"]
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a `[batch, ...]` input: batch over dp and fsdp, the rest replicated."""
     return NamedSharding(mesh, P(("dp", "fsdp"), *([None] * (ndim - 1))))
+
+
+def input_sharding(mesh: Mesh, batch_size: int, ndim: int = 2) -> NamedSharding:
+    """`batch_sharding` when the batch divides over dp x fsdp, else replicated (small batches)."""
+    if batch_size % data_parallel_size(mesh) == 0:
+        return batch_sharding(mesh, ndim)
+    return NamedSharding(mesh, P())

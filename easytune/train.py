@@ -121,7 +121,10 @@ def global_batch(mesh, rows: dict[str, np.ndarray], grad_accum_steps: int) -> di
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
                                            enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    array_items = {name: checkpoint.bounded_handler() for name in ("params", "opt_state")}
+    json_items = {name: ocp.JsonCheckpointHandler() for name in ("data", "model")}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_handlers={**array_items, **json_items})
 
 
 class Trainer:
@@ -139,7 +142,7 @@ class Trainer:
             raise ValueError(f"--batch_size ({cfg.batch_size}) must be a multiple of --grad_accum_steps "
                              f"({cfg.grad_accum_steps}).")
         micro = cfg.batch_size // cfg.grad_accum_steps
-        data_parallel = self.mesh.shape["dp"] * self.mesh.shape["fsdp"]
+        data_parallel = sharding.data_parallel_size(self.mesh)
         if micro % data_parallel:
             raise ValueError(f"the micro-batch ({cfg.batch_size} / {cfg.grad_accum_steps} accumulation steps = "
                              f"{micro}) must divide over dp x fsdp = {data_parallel} devices; change "
@@ -185,14 +188,12 @@ class Trainer:
     def restore_latest(self) -> dict | None:
         """Restore the newest readable checkpoint; a corrupt one is skipped with a warning.
         Returns the data iterator state, or None when there is nothing to resume."""
-        abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract(self.params, self.param_shardings)),
-                    opt_state=ocp.args.StandardRestore(abstract(self.opt_state, self.opt_shardings)),
+                    params=ocp.args.StandardRestore(checkpoint.abstract_target(self.params, self.param_shardings)),
+                    opt_state=ocp.args.StandardRestore(checkpoint.abstract_target(self.opt_state, self.opt_shardings)),
                     data=ocp.args.JsonRestore(),
                 ))
             except Exception as e:  # a torn or corrupted checkpoint: fall back to the one before
@@ -281,16 +282,3 @@ def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[
         if missing:
             batch = {k: np.concatenate([v, np.zeros((missing, v.shape[1]), v.dtype)]) for k, v in batch.items()}
         yield batch
-
-
-def truncate_metrics(output_dir: str, step: int) -> None:
-    """Drop metrics.jsonl lines logged after `step`: a resumed run logs those steps again."""
-    import json
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)

@@ -169,7 +169,7 @@ def run(cfg) -> dict:
         data_state = trainer.restore_latest()
         if data_state is not None:
             batches.restore(data_state)
-    train.truncate_metrics(cfg.output_dir, trainer.step)  # before the logger opens the file
+    logging_utils.truncate_metrics(cfg.output_dir, trainer.step)  # before the logger opens the file
     metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
     trainer.metrics_logger = metrics_logger
     if heldout is not None and trainer.step == 0:

@@ -56,3 +56,37 @@ def hf_models(tmp_path_factory):
         directory = tmp_path_factory.mktemp(name)
         out[name] = (str(directory), make_hf_model(name, directory))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random LLaMA with SmolLM2's vocabulary, tokenizer and chat template."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from easytune import assets
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    source = assets.smollm2_hf_dir()
+    for name in os.listdir(source):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(source, name), directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory):
+    import json
+
+    from easytune import data
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for record in data.make_task_records(96, seed=1):
+            f.write(json.dumps({"messages": record["messages"]}) + "\n")
+    return str(path)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_train_sft import logged, task_file, tiny_chat_model  # noqa: F401  (fixtures)
+from test_train_sft import logged
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
 
@@ -32,13 +32,13 @@ def losses(output_dir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_chat_model, task_file, tmp_path_factory):  # noqa: F811
+def reference_run(tiny_chat_model, task_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12"))
     return losses(out)
 
 
-def test_sigkill_mid_run_then_resume_reproduces_the_losses(tiny_chat_model, task_file, reference_run, tmp_path):  # noqa: F811
+def test_sigkill_mid_run_then_resume_reproduces_the_losses(tiny_chat_model, task_file, reference_run, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(train_command(tiny_chat_model, task_file, out, "--total_steps=12"), env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -54,7 +54,7 @@ def test_sigkill_mid_run_then_resume_reproduces_the_losses(tiny_chat_model, task
     assert losses(out) == reference_run  # every step, bit-equal
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, task_file, reference_run, tmp_path):  # noqa: F811
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, task_file, reference_run, tmp_path):
     out = tmp_path / "run"
     run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12"))
     params = out / "checkpoints" / "12" / "params"
@@ -85,7 +85,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tiny_chat_model, task_file, reference_run, tmp_path):  # noqa: F811
+def test_two_processes_train_like_one(tiny_chat_model, task_file, reference_run, tmp_path):
     """Two processes of one device each (mesh 1,2,1 across them; each feeds its rows) against the
     reference: one process with two devices."""
     out = tmp_path / "two"
@@ -103,7 +103,7 @@ def test_two_processes_train_like_one(tiny_chat_model, task_file, reference_run,
         assert abs(two[step] - reference_run[step]) <= 1e-5 * abs(reference_run[step])
 
 
-def test_help_documents_every_flag_and_presets_merge(tiny_chat_model, task_file, tmp_path):  # noqa: F811
+def test_help_documents_every_flag_and_presets_merge(tiny_chat_model, task_file, tmp_path):
     from easytune.train_sft import DEFAULTS, DOCS
     out = subprocess.run([sys.executable, "-m", "easytune.train_sft", "--help"], env=ENV, capture_output=True,
                          text=True, timeout=120)

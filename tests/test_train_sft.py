@@ -1,7 +1,6 @@
 """The SFT entry point and the one training loop, on a tiny LLaMA with the real SmolLM2 tokenizer."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -10,36 +9,9 @@ from ml_collections import ConfigDict
 import jax
 
 import easytune
-from easytune import assets, data, train
+from easytune import data, train
 from easytune.algos import sft
 from easytune.train_sft import DEFAULTS, run
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory):
-    """A tiny random LLaMA with SmolLM2's vocabulary, tokenizer and chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    directory = tmp_path_factory.mktemp("tiny_chat")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
-    source = assets.smollm2_hf_dir()
-    for name in os.listdir(source):
-        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(os.path.join(source, name), directory)
-    return str(directory)
-
-
-@pytest.fixture(scope="session")
-def task_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as f:
-        for record in data.make_task_records(96, seed=1):
-            f.write(json.dumps({"messages": record["messages"]}) + "\n")
-    return str(path)
 
 
 def make_cfg(model, train_data, output_dir, **overrides):
