@@ -65,3 +65,20 @@ def test_sharded_forward_equals_unsharded(hf_models, name, mesh_dim):
     diff = np.abs(np.asarray(logits) - expected).max()
     print(f"{name} mesh {mesh_dim}: max |diff| = {diff:.2e}")
     assert diff <= 1e-5
+
+
+def test_random_init_is_created_in_its_shards():
+    """init_params jitted with out_shardings: each device makes only its shard, and the result is
+    a usable model (HF-style init: unit norms, std 0.02 kernels)."""
+    config = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=16)
+    mesh = sharding.make_mesh("1,8,1")
+    shardings = sharding.tree_shardings(llama.param_shapes(config), llama.SHARDING_RULES, mesh)
+    params = jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)(config, jax.random.key(0))
+    up = params["layers"]["mlp"]["up"]["kernel"]
+    assert {s.data.shape for s in up.addressable_shards} == {(2, 64 // 8, 96)}
+    assert abs(float(np.std(np.asarray(up))) - 0.02) < 0.002
+    assert np.all(np.asarray(params["final_norm"]["scale"]) == 1.0)
+    with jax.set_mesh(mesh):
+        logits = jax.jit(llama.forward, static_argnums=0)(config, params, np.zeros((8, 4), np.int32))
+    assert logits.shape == (8, 4, 128) and np.isfinite(np.asarray(logits)).all()

@@ -57,6 +57,7 @@ def test_sigkill_mid_run_then_resume_reproduces_the_losses(tiny_chat_model, task
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, task_file, reference_run, tmp_path):
     out = tmp_path / "run"
     run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["10", "12", "8"]  # --keep_checkpoints=3
     params = out / "checkpoints" / "12" / "params"
     for root, _, files in os.walk(params):  # tear the newest checkpoint's array data
         for name in files:

@@ -34,6 +34,7 @@ def logged(output_dir):
 
 
 def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp_path):
+    import torch
     from transformers import AutoModelForCausalLM
     cfg = make_cfg(tiny_chat_model, task_file, tmp_path / "out", total_steps=6, log_steps=2, eval_steps=3,
                    export_hf=str(tmp_path / "hf"), eval_data=task_file)
@@ -52,10 +53,15 @@ def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp
     # the export loads in transformers and matches the trained parameters
     trained = easytune.load(str(tmp_path / "out"), tokenizer=False)  # a run directory: its latest step
     tokens = np.random.RandomState(0).randint(0, 49152, (8, 16))
-    import torch
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_allclose(trained(tokens), exported(torch.tensor(tokens)).logits.numpy(), atol=1e-4)
+    # any step exports later with the CLI, to the same weights
+    from easytune import export_hf
+    export_hf.main(["--checkpoint", str(tmp_path / "out" / "checkpoints" / "6"), "--output_dir", str(tmp_path / "hf6")])
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf6"), dtype=torch.float32)
+    for key, value in exported.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
 
 
 def trainer_losses(model, steps, rows, **cfg_overrides):
@@ -141,6 +147,15 @@ def test_bad_data_is_one_clear_error(tiny_chat_model, tmp_path, content, message
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         run(make_cfg(tiny_chat_model, str(path), tmp_path / "out"))
+
+
+def test_samples_truncated_to_nothing_are_counted_and_skipped(tiny_chat_model, task_file, tmp_path):
+    path = tmp_path / "train.jsonl"
+    long = json.dumps({"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]})
+    with open(task_file) as f:
+        path.write_text(long + "\n" + f.read() + long + "\n")
+    summary = run(make_cfg(tiny_chat_model, str(path), tmp_path / "out", total_steps=1, seq_length=128))
+    assert summary["train_samples"] == 98 and summary["train_samples_dropped"] == 2
 
 
 def test_every_sample_over_long_is_an_error(tiny_chat_model, tmp_path):
