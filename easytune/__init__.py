@@ -57,6 +57,7 @@ def load(
     attention: str = "xla",
     tokenizer: bool = True,
     devices=None,
+    adapter: str | None = None,
 ) -> "Model":
     """Load a model from an HF directory, a Hub id (when online), an easytune checkpoint (a model
     checkpoint, a training step `<run>/checkpoints/<step>`, or a run directory: its latest step),
@@ -65,6 +66,8 @@ def load(
     param_dtype defaults to the checkpoint's dtype; dtype (compute) defaults to param_dtype.
     Parameters are placed straight into their shards on the `mesh_dim` mesh, built over all
     devices of all processes, or over `devices` when given (e.g. one device for a reference run).
+    adapter: a peft adapter directory (LoRA, DoRA, prompt, P-tuning or prefix tuning) to attach.
+    A training run or step of a PEFT run loads its base model with the trained adapter attached.
     """
     from easytune import checkpoint, hf, sharding
     from easytune.dtypes import dtype_name
@@ -78,6 +81,10 @@ def load(
         param_dtype = dtype_name(param_dtype or checkpoint.stored_param_dtype(meta))
         config = checkpoint.config_from_meta(meta, dtype=dtype_name(dtype or param_dtype),
                                              param_dtype=param_dtype, remat=remat, attention=attention)
+        if meta.get("adapter"):  # a PEFT training run: its base model plus the trained adapter
+            return _load_adapter_run(meta, params_path, tokenizer_dir, dtype=dtype, param_dtype=param_dtype,
+                                     mesh_dim=mesh_dim, remat=remat, attention=attention,
+                                     tokenizer=tokenizer, devices=devices)
         params = checkpoint.restore_params(params_path, config, mesh)
         directory = tokenizer_dir
     else:
@@ -92,8 +99,31 @@ def load(
         config = hf.config_from_hf(hf_config, dtype=dtype_name(dtype or param_dtype),
                                    param_dtype=param_dtype, remat=remat, attention=attention)
         params = hf.load_params(directory, config, mesh)
-    return Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
-                 hf_config, generation_config)
+    model = Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
+                  hf_config, generation_config)
+    model.source = directory
+    if adapter is not None:
+        model.load_adapter(adapter)
+    return model
+
+
+def _load_adapter_run(meta, params_path, tokenizer_dir, **kwargs) -> "Model":
+    import orbax.checkpoint as ocp
+
+    from easytune import adapters, checkpoint
+    config = adapters.AdapterConfig.from_dict(meta["adapter"])
+    model = load(meta.get("base_model"), **{**kwargs, "tokenizer": False})
+    if config.quantize_base:
+        model.params = adapters.quantize_base(model.params, model.config, model.mesh)
+    import jax
+    shapes = jax.eval_shape(lambda: adapters.init_params(config, model.config, model.params, jax.random.key(0)))
+    target = checkpoint.abstract_target(shapes, adapters.shardings_for(shapes, model.config, model.mesh))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(params_path, target)
+    model.adapter = adapters.Adapter(config, params)
+    if kwargs.get("tokenizer", True):
+        model.tokenizer = _load_tokenizer(tokenizer_dir)
+    return model
 
 
 class Model:
@@ -104,7 +134,65 @@ class Model:
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         self.hf_config = hf_config or {}
         self.generation_config = generation_config or {}
+        self.adapter = None   # an easytune.adapters.Adapter, when one is attached
+        self.source = None    # the directory the weights came from (recorded by adapter runs)
         self._forward = None
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, method: str, seed: int = 0, init_embeddings=None, **options):
+        """Attach a fresh adapter (`easytune.adapters.AdapterConfig` options: rank, alpha,
+        dropout, target_modules, use_rslora, num_virtual_tokens, encoder_type, ...). For
+        `qlora` the base's block kernels are first replaced by NF4 (and the originals freed)."""
+        import jax
+
+        from easytune import adapters
+        config = adapters.make_config(self.config, method, **options)
+        if config.quantize_base:
+            self.params = adapters.quantize_base(self.params, self.config, self.mesh)
+        in_features = {m: adapters.in_features(self.config, m.split("/")) for m in config.modules}
+        init = lambda base, key: adapters.init_params(config, self.config, base, key, in_features,  # noqa: E731
+                                                      init_embeddings)
+        shapes = jax.eval_shape(init, self.params, jax.random.key(seed))
+        with jax.set_mesh(self.mesh):
+            params = jax.jit(init, out_shardings=adapters.shardings_for(shapes, self.config, self.mesh))(
+                self.params, jax.random.key(seed))
+        self.adapter = adapters.Adapter(config, params)
+        self._forward = None
+        return self.adapter
+
+    def load_adapter(self, directory: str):
+        """Attach a peft adapter directory (see `easytune.adapters.peft_format`)."""
+        from easytune.adapters import peft_format
+        self.adapter = peft_format.load(directory, self.config, self.params, self.mesh)
+        self._forward = None
+        return self.adapter
+
+    def save_peft(self, directory: str, base_model: str | None = None) -> None:
+        """Write the attached adapter as a peft adapter directory (adapter_config.json +
+        adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the HF base."""
+        from easytune.adapters import peft_format
+        if self.adapter is None:
+            raise ValueError("this model has no adapter to save; train with --peft or call add_adapter first.")
+        peft_format.save(directory, self.adapter, self.config, base_model or self.source)
+        if self.tokenizer is not None and jax_process_index() == 0:
+            self.tokenizer.save_pretrained(directory)
+
+    @property
+    def forward_params(self) -> dict:
+        """What the model functions take: the params with the adapter (if any) attached."""
+        if self.adapter is None:
+            return self.params
+        from easytune import adapters
+        return adapters.apply(self.params, self.adapter.params, self.adapter.config, self.config)
+
+    def merged_params(self) -> dict:
+        """Plain parameters with the adapter folded in (LoRA/DoRA; NF4 dequantized)."""
+        if self.adapter is None:
+            return self.params
+        from easytune import adapters
+        with __import__("jax").set_mesh(self.mesh):
+            return adapters.merge(self.params, self.adapter, self.config)
 
     @property
     def family(self):
@@ -127,7 +215,7 @@ class Model:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
         tokens = jax.device_put(tokens, sharding.input_sharding(self.mesh, tokens.shape[0]))
         with jax.set_mesh(self.mesh):
-            return self._forward(self.config, self.params, tokens, positions, segment_ids)
+            return self._forward(self.config, self.forward_params, tokens, positions, segment_ids)
 
     # ------------------------------------------------------------------ generation
 
@@ -162,7 +250,7 @@ class Model:
         if not as_tokens and self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text.")
         token_prompts = batch if as_tokens else [self._encode(p) for p in batch]
-        outputs = generate_tokens(self.config, self.params, token_prompts, sampling,
+        outputs = generate_tokens(self.config, self.forward_params, token_prompts, sampling,
                                   self.eos_token_ids, self.pad_token_id, seed, mesh=self.mesh)
         if as_tokens or return_tokens:
             return outputs
@@ -210,7 +298,7 @@ class Model:
         from easytune.dtypes import dtype_name
         out_dtype = dtype_name(dtype or self.config.param_dtype)
         with jax.set_mesh(self.mesh):
-            hf.save_params(directory, self.config, self.params, out_dtype, max_shard_bytes=max_shard_size)
+            hf.save_params(directory, self.config, self.merged_params(), out_dtype, max_shard_bytes=max_shard_size)
         if jax.process_index() == 0:
             hf_config = hf.config_to_hf(self.config, self.hf_config, torch_dtype=out_dtype)
             with open(os.path.join(directory, hf.CONFIG_FILE), "w") as f:
@@ -224,5 +312,10 @@ class Model:
     def save(self, directory: str) -> None:
         """Write an easytune (orbax) checkpoint that `easytune.load` restores into any mesh."""
         from easytune import checkpoint
-        checkpoint.save_model(directory, self.config, self.params, self.hf_config,
+        checkpoint.save_model(directory, self.config, self.merged_params(), self.hf_config,
                               self.generation_config, self.tokenizer)
+
+
+def jax_process_index() -> int:
+    import jax
+    return jax.process_index()

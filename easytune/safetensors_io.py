@@ -106,14 +106,18 @@ def write_safetensors(
     tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
     max_shard_bytes: int = 5 * 1024**3,
     metadata: dict | None = None,
+    filename: str | None = None,
 ) -> list[str]:
     """Write `(name, shape, dtype, produce)` tensors, calling `produce()` one at a time.
 
     Shapes and dtypes are known up front, so each file's header is written first and tensors
     stream after it; only one tensor is in memory at a time. Shards over `max_shard_bytes` get an
     index file, as transformers writes them. Files appear atomically (written to `.tmp`, renamed).
+    filename: write one file of this name, never sharded (e.g. peft's adapter_model.safetensors).
     """
     tensors = list(tensors)
+    if filename is not None:
+        max_shard_bytes = float("inf")
     shards, current, current_bytes = [], [], 0
     for item in tensors:
         nbytes = int(np.prod(item[1], dtype=np.int64)) * np.dtype(item[2]).itemsize
@@ -124,7 +128,7 @@ def write_safetensors(
         current_bytes += nbytes
     shards.append(current)
 
-    names = [SINGLE_FILE] if len(shards) == 1 else [
+    names = [filename or SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
     weight_map, total = {}, 0
@@ -157,6 +161,6 @@ def write_safetensors(
         with open(os.path.join(directory, INDEX_FILE + ".tmp"), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
         os.replace(os.path.join(directory, INDEX_FILE + ".tmp"), os.path.join(directory, INDEX_FILE))
-    elif os.path.exists(os.path.join(directory, INDEX_FILE)):
+    elif filename is None and os.path.exists(os.path.join(directory, INDEX_FILE)):
         os.remove(os.path.join(directory, INDEX_FILE))
     return names

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from easytune.models import nf4
+
 # A large finite negative instead of -inf: a fully masked row (a padding query) then gives a
 # uniform distribution instead of NaN, and NaN never leaks into gradients.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -38,11 +40,41 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 def linear(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
     """The one dense projection: `x [..., in] @ kernel [in, out] (+ bias)` in x's dtype.
 
-    Adapters (LoRA, DoRA, NF4) extend this function by the keys they add to `p`; model code never
-    changes for them.
+    Adapters extend it by the keys they add to `p` (see `easytune.adapters`); model code never
+    changes for them:
+      nf4_*                  the kernel stored as NF4 (QLoRA), dequantized here
+      lora_a [in, r], lora_b [r, out], lora_scale []
+                             LoRA: y += scale * dropout(x) @ a @ b
+      lora_dropout_key, lora_dropout_rate
+                             LoRA dropout on the adapter's input (training only)
+      lora_magnitude [out]   DoRA: the output rescaled by magnitude / ||W + scale * a @ b|| per
+                             column, the norm treated as a constant (as the DoRA paper and peft do)
+    x's last dim is the kernel's true input size (NF4 pads it to a multiple of 64).
     """
-    kernel = p["kernel"].astype(x.dtype)
+    if "kernel" in p:
+        kernel = p["kernel"].astype(x.dtype)
+    else:
+        kernel = nf4.dequantize(p, x.shape[-1], x.dtype)
     y = jnp.einsum("...i,io->...o", x, kernel)
+    if "lora_a" in p:
+        scale = p["lora_scale"].astype(x.dtype)
+        adapter_input = x
+        if "lora_dropout_key" in p:
+            rate = p["lora_dropout_rate"]
+            keep = jax.random.bernoulli(p["lora_dropout_key"], 1.0 - rate, x.shape)
+            adapter_input = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+        a, b = p["lora_a"].astype(x.dtype), p["lora_b"].astype(x.dtype)
+        delta = jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", adapter_input, a), b) * scale
+        if "lora_magnitude" in p:
+            combined = kernel.astype(jnp.float32) + scale.astype(jnp.float32) * (
+                a.astype(jnp.float32) @ b.astype(jnp.float32))
+            norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(combined), axis=0)))
+            ratio = (p["lora_magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
+            # with dropout, peft rescales the dropped-out input's base output (DoRA paper, eq. 5)
+            dropped_base = y if adapter_input is x else jnp.einsum("...i,io->...o", adapter_input, kernel)
+            y = y + (ratio - 1) * dropped_base + ratio * delta
+        else:
+            y = y + delta
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y

@@ -246,13 +246,52 @@ def hidden_states(config: LlamaConfig, params: dict, tokens, positions=None, seg
     h = jnp.take(params["embed"]["embedding"], tokens, axis=0, mode="clip").astype(c.compute_dtype)
     h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
 
-    if cache is None:
+    # Prompt-learning adapters (easytune.adapters), as peft runs them: `virtual_tokens [n, hidden]`
+    # are prepended to the input, `prefix` {k, v} `[layers, n, kv_heads, head_dim]` to every
+    # layer's keys and values. Either way the real tokens move n positions on and the row's
+    # tokens attend to the n virtual ones (rows hold one example: no packing).
+    num_virtual = 0
+    if cache is not None and ("virtual_tokens" in params or "prefix" in params):
+        raise ValueError("decoding with a KV cache does not support prompt, P-tuning or prefix adapters yet; "
+                         "use a LoRA adapter, or export the adapter with --export_peft and generate with peft.")
+    row_segment = jnp.max(segment_ids, axis=1, keepdims=True)
+    if "virtual_tokens" in params:
+        num_virtual = params["virtual_tokens"].shape[0]
+        virtual = jnp.broadcast_to(params["virtual_tokens"].astype(h.dtype), (batch, num_virtual, h.shape[-1]))
+        h = jnp.concatenate([virtual, h], axis=1)
+    elif "prefix" in params:
+        num_virtual = params["prefix"]["k"].shape[1]
+    if num_virtual:
+        virtual_positions = jnp.broadcast_to(jnp.arange(num_virtual, dtype=positions.dtype), (batch, num_virtual))
+        virtual_segments = jnp.broadcast_to(row_segment, (batch, num_virtual)).astype(segment_ids.dtype)
+        positions = positions + num_virtual
+        if "virtual_tokens" in params:
+            positions = jnp.concatenate([virtual_positions, positions], axis=1)
+            segment_ids = jnp.concatenate([virtual_segments, segment_ids], axis=1)
+
+    if cache is None and "prefix" in params:
+        kv_positions = jnp.concatenate([virtual_positions, positions], axis=1)
+        kv_segments = jnp.concatenate([virtual_segments, segment_ids], axis=1)
+
+        def body(h, xs):
+            p, prefix_k, prefix_v = xs
+            q, k, v = _qkv(c, inv_freq, h, p, positions)
+            expand = lambda x: jnp.broadcast_to(x.astype(k.dtype), (batch, *x.shape))  # noqa: E731
+            keys = jnp.concatenate([expand(prefix_k), k], axis=1)
+            values = jnp.concatenate([expand(prefix_v), v], axis=1)
+            return _finish_block(c, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments), None
+
+        h, _ = _scan_layers(c, body, h, (params["layers"], params["prefix"]["k"], params["prefix"]["v"]))
+        new_cache = None
+    elif cache is None:
         def body(h, p):
             q, k, v = _qkv(c, inv_freq, h, p, positions)
             return _finish_block(c, h, p, q, positions, segment_ids, k, v, positions, segment_ids), None
 
         h, _ = _scan_layers(c, body, h, params["layers"])
         new_cache = None
+        if "virtual_tokens" in params:
+            h = h[:, num_virtual:]
     else:
         h, new_cache = _decode_with_cache(c, inv_freq, params, h, positions, segment_ids, cache)
     h = layers.rms_norm(h, params["final_norm"]["scale"], c.rms_norm_eps)
