@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from easytune import checkpoint, models, sharding
+from easytune import adapters, checkpoint, sharding
 
 logger = logging.getLogger("easytune")
 
@@ -52,10 +52,13 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+DECAYED = ("kernel", "embedding", "lora_a", "lora_b", "w_ih", "w_hh")
+
+
 def _decay_mask(params):
-    """Weight decay on matrices only (not norms, biases)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in sharding.path_name(path)
-                                            or "embedding" in sharding.path_name(path), params)
+    """Weight decay on matrices only (not norms, biases, DoRA magnitudes)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(name in sharding.path_name(path) for name in DECAYED), params)
 
 
 def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -70,9 +73,14 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
 
 # ----------------------------------------------------------------------------- the step
 
-def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, grad_accum_steps: int):
-    """`step(params, opt_state, batch) -> (params, opt_state, metrics)`; batch leaves are
-    `[grad_accum_steps, micro_batch, seq]`.
+def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, grad_accum_steps: int,
+                     combine=None, seed: int = 0):
+    """`step(params, opt_state, frozen, batch, step_index) -> (params, opt_state, metrics)`; batch
+    leaves are `[grad_accum_steps, micro_batch, seq]`.
+
+    `params` are what is trained (all weights, or an adapter's); `combine(frozen, params, rng)`
+    builds the model's parameter tree from them (default: `params` itself). rng is
+    `fold_in(key(seed), step_index)` per micro-batch, for adapter dropout.
 
     reduction 'mean': every trained token of the global batch weighs the same (sum / tokens).
     reduction 'sum': token losses summed per micro-batch and averaged over accumulation steps
@@ -80,17 +88,23 @@ def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, g
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"unknown loss reduction {reduction!r}; use mean or sum.")
+    combine = combine or (lambda frozen, params, rng: params)
 
-    def step(params, opt_state, batch):
-        def micro(carry, micro_batch):
+    def step(params, opt_state, frozen, batch, step_index):
+        step_key = jax.random.fold_in(jax.random.key(seed), step_index)
+
+        def micro(carry, xs):
             grads_acc, loss_acc, tokens_acc = carry
+            micro_batch, micro_index = xs
+            rng = jax.random.fold_in(step_key, micro_index)
             (loss_sum, tokens), grads = jax.value_and_grad(
-                lambda p: loss_fn(model_config, p, micro_batch), has_aux=True)(params)
+                lambda p: loss_fn(model_config, combine(frozen, p, rng), micro_batch), has_aux=True)(params)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
             return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, loss_sum, tokens), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        (grads, loss_sum, tokens), _ = jax.lax.scan(
+            micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, jnp.arange(grad_accum_steps)))
         denominator = jnp.maximum(tokens, 1.0) if reduction == "mean" else float(grad_accum_steps)
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -148,20 +162,33 @@ class Trainer:
                              f"{micro}) must divide over dp x fsdp = {data_parallel} devices; change "
                              f"--batch_size, --grad_accum_steps or --mesh_dim.")
         self.optimizer, self.schedule = make_optimizer(cfg.optimizer, total_steps)
-        family = models.family(self.model_config.model_type)
-        rules = family.SHARDING_RULES
-        self.param_shardings = sharding.tree_shardings(model.params, rules, self.mesh)
-        opt_shapes = jax.eval_shape(self.optimizer.init, model.params)
+        rules = adapters.rules_for(self.model_config)
+        self.adapter = model.adapter
+        if self.adapter is not None:
+            # only the adapter is trained and carries optimizer state; the base is an input
+            adapter_config = self.adapter.config
+            self.frozen = model.params
+            self.params = self.adapter.params
+            combine = lambda frozen, params, rng: adapters.apply(  # noqa: E731
+                frozen, params, adapter_config, self.model_config, rng)
+        else:
+            self.frozen, self.params, combine = None, model.params, None
+        self.param_shardings = sharding.tree_shardings(self.params, rules, self.mesh)
+        frozen_shardings = None if self.frozen is None else sharding.tree_shardings(self.frozen, rules, self.mesh)
+        opt_shapes = jax.eval_shape(self.optimizer.init, self.params)
         self.opt_shardings = sharding.tree_shardings(opt_shapes, rules, self.mesh)
-        self.params = model.params
         with jax.set_mesh(self.mesh):
             self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
-        step = build_train_step(self.model_config, loss_fn, self.optimizer, cfg.loss_reduction, cfg.grad_accum_steps)
+        step = build_train_step(self.model_config, loss_fn, self.optimizer, cfg.loss_reduction, cfg.grad_accum_steps,
+                                combine, seed=cfg.seed)
         batch_sharding = NamedSharding(self.mesh, BATCH_SPEC)
-        self._step = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, batch_sharding),
+        self._step = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, frozen_shardings,
+                                                 batch_sharding, None),
                              out_shardings=(self.param_shardings, self.opt_shardings, None),
                              donate_argnums=(0, 1))
-        self._eval = jax.jit(lambda params, batch: loss_fn(self.model_config, params, batch))
+        combine = combine or (lambda frozen, params, rng: params)
+        self._eval = jax.jit(lambda params, frozen, batch: loss_fn(self.model_config, combine(frozen, params, None),
+                                                                   batch))
         self.step = 0
         self.metrics_logger = metrics_logger
         self.manager = checkpoint_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
@@ -174,6 +201,9 @@ class Trainer:
 
     def save(self, data_state: dict) -> None:
         meta = checkpoint.model_meta(self.model_config, self.model.hf_config, self.model.generation_config)
+        if self.adapter is not None:  # the checkpoint's params are the adapter's; the base is referenced
+            meta["adapter"] = self.adapter.config.to_dict()
+            meta["base_model"] = os.path.abspath(self.model.source) if self.model.source else None
         saved = self.manager.save(self.step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(self.params),
             opt_state=ocp.args.StandardSave(self.opt_state),
@@ -204,7 +234,7 @@ class Trainer:
             for bad_step, _ in failures:  # so this run's own saves at those steps are not refused
                 self.manager.delete(bad_step)
             self.params, self.opt_state, self.step = restored["params"], restored["opt_state"], step
-            self.model.params = self.params
+            self._publish()
             logger.info("resumed from step %d", step)
             return dict(restored["data"])
         if failures:  # nothing restores: a different model or optimizer, not a torn file
@@ -222,7 +252,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             for rows in batches:
                 batch = {k: v[0] for k, v in global_batch(self.mesh, rows, 1).items()}
-                loss_sum, count = self._eval(self.params, batch)
+                loss_sum, count = self._eval(self.params, self.frozen, batch)
                 total, tokens = total + float(loss_sum), tokens + float(count)
         loss = total / max(tokens, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -239,7 +269,8 @@ class Trainer:
                 rows = next(train_batches)
                 batch = global_batch(self.mesh, rows, cfg.grad_accum_steps)
                 step_start = time.perf_counter()
-                self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch)
+                self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
+                                                                  np.int32(self.step))
                 self.step += 1
                 window_steps += 1
                 window_tokens += int((rows["segment_ids"] > 0).sum())
@@ -268,8 +299,15 @@ class Trainer:
                     self.save(train_batches.state())
                     # checkpoint time is not training throughput
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        self.model.params = self.params
+        self._publish()
         return history
+
+    def _publish(self) -> None:
+        """Hand the trained weights back to the model handle (for generation and export)."""
+        if self.adapter is not None:
+            self.adapter.params = self.params
+        else:
+            self.model.params = self.params
 
 
 def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

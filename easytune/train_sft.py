@@ -15,6 +15,7 @@ import time
 from absl import app, flags
 
 from easytune import config as config_lib
+from easytune.adapters import FLAG_DEFAULTS as PEFT_DEFAULTS, FLAG_DOCS as PEFT_DOCS
 
 DEFAULTS = {
     "model": None,
@@ -48,6 +49,7 @@ DEFAULTS = {
     "logger": "tensorboard",
     "tasks": {"num_train": 640, "num_heldout": 100, "max_new_tokens": 16},
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
+    **PEFT_DEFAULTS,
 }
 
 DOCS = {
@@ -87,7 +89,7 @@ DOCS = {
     "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
     "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
     "resume": "continue from the newest readable checkpoint in output_dir",
-    "export_hf": "write a Hugging Face directory here at the end (default job: <output_dir>/hf)",
+    "export_hf": "write a Hugging Face directory here at the end, adapters merged (default job: <output_dir>/hf)",
     "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
     "tasks.num_train": "default job: generated training tasks",
     "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
@@ -95,6 +97,7 @@ DOCS = {
     "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
     "jax_distributed.num_processes": "number of processes (0 = auto)",
     "jax_distributed.process_id": "this process's index (-1 = auto)",
+    **PEFT_DOCS,
 }
 
 config_lib.define_flags(DEFAULTS, DOCS)
@@ -119,7 +122,7 @@ def run(cfg) -> dict:
     import jax
 
     import easytune
-    from easytune import data, logging_utils, train
+    from easytune import adapters, data, logging_utils, train
     from easytune.algos import sft
 
     start = time.time()
@@ -130,6 +133,16 @@ def run(cfg) -> dict:
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer; SFT needs one to format and tokenize the data.")
     template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
+    adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
+    prompt_learning = adapter is not None and not adapter.config.is_lora
+    if prompt_learning and cfg.export_hf:
+        raise ValueError(f"--export_hf merges the adapter into the weights, which a {adapter.config.method} adapter "
+                         f"cannot be; use --export_peft.")
+    pack = cfg.pack and not prompt_learning  # virtual tokens belong to one example per row
+    if adapter is not None:
+        info = adapters.summary(adapter.config, adapter.params, model.params)
+        logger.info("peft %s: %d trainable parameters (%.3f%% of %d)", info["method"], info["trainable_params"],
+                    100 * info["trainable_fraction"], info["base_params"])
 
     default_job = cfg.train_data is None
     heldout = None
@@ -139,7 +152,7 @@ def run(cfg) -> dict:
     else:
         train_records, source = data.load_records(cfg.train_data), cfg.train_data
     examples, stats = data.tokenize_records(train_records, model.tokenizer, template, cfg.seq_length, source)
-    rows = data.make_rows(examples, cfg.seq_length, pack=cfg.pack)
+    rows = data.make_rows(examples, cfg.seq_length, pack=pack)
     batches = data.BatchIterator(rows, cfg.batch_size, seed=cfg.seed)
     logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), len(rows["input_ids"]), cfg.seq_length)
     if stats.num_dropped_no_trainable_tokens and is_main:
@@ -150,7 +163,7 @@ def run(cfg) -> dict:
     if cfg.eval_data:
         eval_examples, _ = data.tokenize_records(data.load_records(cfg.eval_data), model.tokenizer, template,
                                                  cfg.seq_length, cfg.eval_data)
-        eval_rows = data.make_rows(eval_examples, cfg.seq_length, pack=cfg.pack)
+        eval_rows = data.make_rows(eval_examples, cfg.seq_length, pack=pack)
         # micro-batches: eval logits must fit wherever training's do
         eval_batches = lambda: train.eval_batches(eval_rows, cfg.batch_size // cfg.grad_accum_steps)  # noqa: E731
 
@@ -172,6 +185,11 @@ def run(cfg) -> dict:
     logging_utils.truncate_metrics(cfg.output_dir, trainer.step)  # before the logger opens the file
     metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
     trainer.metrics_logger = metrics_logger
+    if adapter is not None:
+        summary.update({"peft": adapter.config.method, "trainable_params": adapters.count(adapter.params)})
+    if prompt_learning and heldout is not None:
+        logger.info("held-out accuracy needs generation, which prompt-learning adapters do not support yet; skipped.")
+        heldout = None
     if heldout is not None and trainer.step == 0:
         summary["heldout_accuracy_before"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
         if is_main:
@@ -197,10 +215,15 @@ def run(cfg) -> dict:
         summary["heldout_accuracy_after"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
         if is_main:
             print(f"held-out exact-match accuracy after: {summary['heldout_accuracy_after']:.3f}")
-    export_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job else None)
+    export_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning
+                                   else None)
     if export_dir:
         model.save_pretrained(export_dir)
         summary["export_hf"] = export_dir
+    peft_dir = cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None)
+    if peft_dir:
+        model.save_peft(peft_dir)
+        summary["export_peft"] = peft_dir
     metrics_logger.close()
     summary["wall_seconds"] = time.time() - start
     if is_main:

@@ -254,8 +254,8 @@ def init_params(config: AdapterConfig, model_config, base: dict, key: jax.Array,
                 kernel = p["kernel"] if "kernel" in p else nf4.dequantize(p, fan_in, jnp.float32)
                 node["lora_magnitude"] = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=-2))
             parent = out
-            for key in path[:-1]:
-                parent = parent.setdefault(key, {})
+            for name in path[:-1]:
+                parent = parent.setdefault(name, {})
             parent[path[-1]] = node
         return out
     n, hidden = config.num_virtual_tokens, c.hidden_size
@@ -478,3 +478,66 @@ def summary(config: AdapterConfig, adapter_params: dict, base: dict) -> dict[str
     trainable, frozen = count(adapter_params), count(base)
     return {"method": config.method, "trainable_params": trainable, "base_params": frozen,
             "trainable_fraction": trainable / max(frozen, 1), "base_bytes": nbytes(base)}
+
+
+# ----------------------------------------------------------------------------- entry-point flags
+
+FLAG_DEFAULTS = {
+    "peft": "none",
+    "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ALL_LINEAR, "use_rslora": False},
+    "prompt": {"num_virtual_tokens": 20, "encoder_type": "mlp", "encoder_hidden_size": 0, "init_text": ""},
+    "peft_adapter": None,
+    "export_peft": None,
+}
+
+FLAG_DOCS = {
+    "peft": "parameter-efficient fine-tuning: none (full), lora, qlora (NF4 base + LoRA), dora, prompt, "
+            "prefix, ptuning",
+    "lora.rank": "LoRA rank r (lora, qlora, dora)",
+    "lora.alpha": "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)",
+    "lora.dropout": "dropout on the LoRA input during training",
+    "lora.target_modules": "comma-separated module names (q_proj,v_proj or attn/q), all-linear (every linear "
+                           "but the output head), or re:<regex> over HF module names",
+    "lora.use_rslora": "rank-stabilized scaling alpha / sqrt(r)",
+    "prompt.num_virtual_tokens": "virtual tokens (prompt, prefix, ptuning)",
+    "prompt.encoder_type": "ptuning: mlp or lstm reparameterization; prefix: mlp (prefix projection) or none",
+    "prompt.encoder_hidden_size": "hidden size of the ptuning/prefix encoder (0 = the token dim, as peft)",
+    "prompt.init_text": "prompt tuning: initialise the virtual tokens from this text's embeddings "
+                        "(default: embeddings of random vocabulary tokens)",
+    "peft_adapter": "start from this peft adapter directory (LoRA/DoRA/prompt/prefix) instead of a fresh one",
+    "export_peft": "write the trained adapter here as a peft adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors)",
+}
+
+
+def attach_from_flags(model, cfg, seed: int = 0):
+    """Attach the adapter the entry point's flags ask for (`--peft`, `--lora.*`, `--prompt.*`,
+    `--peft_adapter`); returns it, or None for full fine-tuning."""
+    if cfg.peft_adapter:
+        if cfg.peft != "none":
+            AdapterConfig(method=cfg.peft)  # an unknown method gets its clear error
+        adapter = model.load_adapter(cfg.peft_adapter)
+        if cfg.peft == "qlora":  # continue a LoRA adapter on an NF4 base
+            model.params = quantize_base(model.params, model.config, model.mesh)
+            adapter.config = dataclasses.replace(adapter.config, method="qlora")
+        return adapter
+    if cfg.peft == "none":
+        return None
+    if cfg.peft in LORA_METHODS:
+        targets = tuple(t for t in str(cfg.lora.target_modules).split(",") if t.strip())
+        if len(targets) == 1 and targets[0].startswith("re:"):
+            targets = (str(cfg.lora.target_modules),)  # a regex may hold commas
+        return model.add_adapter(cfg.peft, seed=seed, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                 dropout=cfg.lora.dropout, target_modules=targets, use_rslora=cfg.lora.use_rslora)
+    init_embeddings = None
+    if cfg.peft == "prompt" and cfg.prompt.init_text:
+        ids = model.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("--prompt.init_text tokenizes to nothing; give some text or leave it empty.")
+        n = cfg.prompt.num_virtual_tokens
+        ids = (ids * (n // len(ids) + 1))[:n]  # tiled to n tokens, as peft's TEXT init
+        init_embeddings = np.asarray(jax.device_get(model.params["embed"]["embedding"]))[ids].astype(np.float32)
+    return model.add_adapter(cfg.peft, seed=seed, num_virtual_tokens=cfg.prompt.num_virtual_tokens,
+                             encoder_type=cfg.prompt.encoder_type, encoder_hidden_size=cfg.prompt.encoder_hidden_size,
+                             prompt_init="text" if init_embeddings is not None else "sample_vocab",
+                             init_embeddings=init_embeddings)
