@@ -1,0 +1,252 @@
+"""PEFT: LoRA, DoRA, QLoRA (NF4), prompt tuning, P-tuning and prefix tuning against the `peft`
+library on the same weights, and their training behaviour in the one loop."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import easytune
+from easytune import adapters
+from easytune.adapters import peft_format
+from easytune.models import layers, llama, nf4
+
+from conftest import make_hf_model
+
+TOKENS = np.random.RandomState(0).randint(3, 128, (2, 12))
+
+
+@pytest.fixture(scope="module")
+def gqa_base(tmp_path_factory):
+    """Tiny LLaMA-3 style model (GQA 4/2, llama3 RoPE scaling), saved as an HF directory."""
+    directory = tmp_path_factory.mktemp("gqa_base")
+    make_hf_model("llama3_gqa_rope_scaling", directory)
+    return str(directory)
+
+
+def torch_logits(model, tokens):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def hf_model(directory):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
+# ----------------------------------------------------------------------------- LoRA / DoRA
+
+@pytest.mark.parametrize("variant", ["lora", "lora_rslora", "dora"])
+def test_lora_and_dora_match_peft_both_ways(gqa_base, tmp_path, variant):
+    import peft
+    import torch
+    torch.manual_seed(1)
+    # init_lora_weights=False: B is random too, so the adapter changes the logits
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                             init_lora_weights=False, use_dora=variant == "dora",
+                             use_rslora=variant == "lora_rslora")
+    reference = peft.get_peft_model(hf_model(gqa_base), config).eval()
+    if variant == "dora":
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                if "magnitude" in name:
+                    param.mul_(1 + 0.3 * torch.rand_like(param))
+    reference.save_pretrained(str(tmp_path / "theirs"))
+    expected = torch_logits(reference, TOKENS)
+    base_logits = torch_logits(hf_model(gqa_base), TOKENS)
+    assert np.abs(expected - base_logits).max() > 1e-2  # the adapter matters
+
+    # import: a peft adapter onto an easytune base, sharded over 8 devices
+    model = easytune.load(gqa_base, adapter=str(tmp_path / "theirs"), mesh_dim="1,2,4", tokenizer=False)
+    assert model.adapter.config.method == ("dora" if variant == "dora" else "lora")
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), expected, atol=1e-4)
+    # the LoRA factors are sharded like their base kernel: A over its input, B over its output
+    q = model.adapter.params["layers"]["attn"]["q"]
+    assert q["lora_a"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert q["lora_b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "mp")
+
+    # export: peft loads ours onto the HF base with the same logits and the same tensors
+    model.save_peft(str(tmp_path / "ours"))
+    from safetensors.numpy import load_file
+    theirs = load_file(str(tmp_path / "theirs" / peft_format.WEIGHTS_FILE))
+    ours = load_file(str(tmp_path / "ours" / peft_format.WEIGHTS_FILE))
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+    reloaded = peft.PeftModel.from_pretrained(hf_model(gqa_base), str(tmp_path / "ours")).eval()
+    np.testing.assert_allclose(torch_logits(reloaded, TOKENS), expected, atol=1e-5)
+
+    # merged into the base: an HF export with the adapter folded in
+    model.save_pretrained(str(tmp_path / "merged"))
+    np.testing.assert_allclose(torch_logits(hf_model(str(tmp_path / "merged")), TOKENS), expected, atol=1e-4)
+
+
+def test_lora_dropout_matches_peft_in_training_mode(gqa_base):
+    """With dropout on, each of our dropout masks reproduced in torch gives peft's output: checks
+    where dropout applies (the adapter input; for DoRA also the rescaled base output)."""
+    import peft
+    import torch
+    for use_dora in (False, True):
+        model = easytune.load(gqa_base, tokenizer=False, mesh_dim="1,1,1", devices=jax.devices()[:1])
+        model.add_adapter("dora" if use_dora else "lora", rank=4, alpha=8, dropout=0.5, target_modules=("q_proj",))
+        adapter = model.adapter
+        adapter.params = jax.tree.map(lambda x: x + 0.05, adapter.params)  # B non-zero
+        x = np.random.RandomState(1).randn(3, 64).astype(np.float32)
+        full = adapters.apply(model.params, adapter.params, adapter.config, model.config, rng=jax.random.key(7))
+        p = jax.tree.map(lambda a: a[0], full["layers"]["attn"]["q"])  # layer 0
+        ours = np.asarray(layers.linear(jnp.asarray(x), p))
+        keep = np.asarray(jax.random.bernoulli(p["lora_dropout_key"], 0.5, x.shape))
+        reference = peft.get_peft_model(hf_model(gqa_base), peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"], use_dora=use_dora))
+        layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.tensor(np.asarray(p["lora_a"]).T))
+            layer.lora_B["default"].weight.copy_(torch.tensor(np.asarray(p["lora_b"]).T))
+            if use_dora:
+                layer.lora_magnitude_vector["default"].weight.copy_(torch.tensor(np.asarray(p["lora_magnitude"])))
+        layer.train()
+        layer.lora_dropout["default"] = FixedMask(torch.tensor(keep), 0.5)
+        with torch.no_grad():
+            expected = layer(torch.tensor(x)).numpy()
+        np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def FixedMask(keep, rate):
+    """A dropout module that applies a given keep-mask (so torch and JAX drop the same units)."""
+    import torch
+
+    class Mask(torch.nn.Module):
+        def forward(self, x):
+            return x * keep / (1 - rate)
+    return Mask()
+
+
+# ----------------------------------------------------------------------------- prompt learning
+
+def _linear_from_torch(module):
+    return {"kernel": module.weight.detach().numpy().T, "bias": module.bias.detach().numpy()}
+
+
+def _our_prompt_params(method, encoder_type, encoder):
+    """The peft encoder's trainable weights in our layout (test plumbing for the parity check)."""
+    embedding = encoder.embedding.weight.detach().numpy()
+    if method == "prompt":
+        return {"prompt": {"embedding": embedding}}
+    if method == "prefix":
+        if encoder_type == "none":
+            return {"prefix_encoder": {"embedding": embedding}}
+        return {"prefix_encoder": {"embedding": embedding, "transform": {
+            "0": _linear_from_torch(encoder.transform[0]), "1": _linear_from_torch(encoder.transform[2])}}}
+    if encoder_type == "mlp":
+        return {"prompt_encoder": {"embedding": embedding, "mlp": {
+            str(i): _linear_from_torch(encoder.mlp_head[j]) for i, j in enumerate((0, 2, 4))}}}
+    lstm = {}
+    for layer in range(2):
+        for direction, suffix in (("forward", ""), ("backward", "_reverse")):
+            get = lambda name: getattr(encoder.lstm_head, f"{name}_l{layer}{suffix}").detach().numpy()  # noqa: E731
+            lstm[f"{layer}_{direction}"] = {"w_ih": get("weight_ih").T, "w_hh": get("weight_hh").T,
+                                            "b_ih": get("bias_ih"), "b_hh": get("bias_hh")}
+    return {"prompt_encoder": {"embedding": embedding, "lstm": lstm, "mlp": {
+        "0": _linear_from_torch(encoder.mlp_head[0]), "1": _linear_from_torch(encoder.mlp_head[2])}}}
+
+
+@pytest.mark.parametrize("method,encoder_type", [("prompt", "mlp"), ("ptuning", "mlp"), ("ptuning", "lstm"),
+                                                 ("prefix", "mlp"), ("prefix", "none")])
+def test_prompt_learning_matches_peft(gqa_base, tmp_path, method, encoder_type):
+    import peft
+    import torch
+    torch.manual_seed(2)
+    n = 5
+    if method == "prompt":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    elif method == "ptuning":
+        config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=24,
+                                          encoder_reparameterization_type=encoder_type.upper())
+    else:
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_hidden_size=24,
+                                         prefix_projection=encoder_type == "mlp")
+    reference = peft.get_peft_model(hf_model(gqa_base), config).eval()
+    expected = torch_logits(reference, TOKENS)
+    if method != "prefix":  # peft returns the virtual positions' logits too
+        expected = expected[:, n:]
+
+    model = easytune.load(gqa_base, tokenizer=False, mesh_dim="1,2,4")
+    model.add_adapter(method, num_virtual_tokens=n, encoder_type=encoder_type, encoder_hidden_size=24)
+    ours = _our_prompt_params(method, encoder_type, reference.prompt_encoder["default"])
+    assert jax.tree.structure(ours) == jax.tree.structure(model.adapter.params)
+    model.adapter.params = jax.tree.map(jnp.asarray, ours)
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), expected, atol=1e-4)
+
+    # export for inference (peft keeps the encoder's output) -> peft and back
+    model.save_peft(str(tmp_path / "ours"))
+    reloaded = peft.PeftModel.from_pretrained(hf_model(gqa_base), str(tmp_path / "ours")).eval()
+    theirs = torch_logits(reloaded, TOKENS)
+    np.testing.assert_allclose(theirs if method == "prefix" else theirs[:, n:], expected, atol=1e-4)
+    back = easytune.load(gqa_base, adapter=str(tmp_path / "ours"), tokenizer=False)
+    np.testing.assert_allclose(np.asarray(back(TOKENS)), expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- NF4 / QLoRA
+
+def test_nf4_round_trip_error_and_memory():
+    rng = np.random.RandomState(0)
+    kernel = jnp.asarray(rng.randn(3, 200, 96).astype(np.float32) * 0.02)  # input dim not a multiple of 64
+    q = nf4.quantize(kernel)
+    assert q["nf4_codes"].dtype == jnp.uint8 and q["nf4_codes"].shape == (3, 128, 96)
+    restored = nf4.dequantize(q, 200, jnp.float32)
+    # each weight is within half the widest NF4 gap of its block's absmax (plus absmax's own 8-bit error)
+    blocks = np.pad(np.asarray(kernel), ((0, 0), (0, 56), (0, 0))).reshape(3, 4, 64, 96)
+    absmax = np.abs(blocks).max(axis=2, keepdims=True)
+    bound = (np.diff(nf4.NF4_LEVELS).max() / 2 + 0.01) * absmax
+    error = np.abs(np.pad(np.asarray(restored - kernel), ((0, 0), (0, 56), (0, 0))).reshape(3, 4, 64, 96))
+    assert (error <= bound + 1e-7).all()
+    # values that are exactly NF4 levels times a block max come back exactly (up to the absmax code)
+    assert np.corrcoef(np.asarray(restored).ravel(), np.asarray(kernel).ravel())[0, 1] > 0.99
+    big = jnp.zeros((4096, 4096), jnp.bfloat16)
+    ratio = nf4.nbytes(jax.eval_shape(nf4.quantize, big)) / (big.size * 2)
+    assert ratio <= 0.3, ratio
+
+
+def test_qlora_base_is_nf4_and_matches_dequantized_lora(gqa_base):
+    model = easytune.load(gqa_base, tokenizer=False, mesh_dim="1,2,4")
+    reference_kernel = np.asarray(model.params["layers"]["mlp"]["down"]["kernel"])
+    model.add_adapter("qlora", rank=4, alpha=8)
+    down = model.params["layers"]["mlp"]["down"]
+    assert "kernel" not in down and down["nf4_codes"].dtype == jnp.uint8
+    assert model.params["embed"]["embedding"].dtype == jnp.float32  # embeddings are not quantized
+    dequantized = np.asarray(nf4.dequantize(down, 96, jnp.float32))
+    # NF4 error is at most half the widest level gap (0.139) times the block maximum
+    assert 0 < np.abs(dequantized - reference_kernel).max() < 0.14 * np.abs(reference_kernel).max()
+    model.adapter.params = jax.tree.map(lambda x: x + 0.01, model.adapter.params)
+    # the QLoRA model equals a LoRA model whose base holds the dequantized kernels
+    plain = adapters.dequantize_all(model.params, model.config)
+    expected = jax.jit(llama.forward, static_argnums=0)(
+        model.config, adapters.apply(plain, model.adapter.params, model.adapter.config, model.config), TOKENS)
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(expected), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_adapter_input_gets_clear_errors(gqa_base, hf_models, tmp_path):
+    import peft
+    model = easytune.load(gqa_base, tokenizer=False)
+    with pytest.raises(ValueError, match="'qproj' matches no linear module .* q_proj"):
+        model.add_adapter("lora", target_modules=("qproj",))
+    with pytest.raises(ValueError, match="LoRA rank must be a positive integer, got 0"):
+        model.add_adapter("lora", rank=0)
+    with pytest.raises(ValueError, match="unknown --peft method 'lorra'"):
+        model.add_adapter("lorra")
+    with pytest.raises(ValueError, match="selects only some layers"):
+        model.add_adapter("lora", target_modules=(r"re:model\.layers\.0\.self_attn\.q_proj",))
+    # an adapter made for another base: hidden 64 -> 48
+    other = tmp_path / "other_base"
+    make_hf_model("llama2", other, hidden_size=48)
+    peft.get_peft_model(hf_model(str(other)), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "other_adapter"))
+    with pytest.raises(ValueError, match=r"lora_A.weight has shape \(4, 48\) but this base model needs \(4, 64\)"):
+        model.load_adapter(str(tmp_path / "other_adapter"))
+    with pytest.raises(FileNotFoundError, match="not a peft adapter directory"):
+        model.load_adapter(str(tmp_path))
