@@ -81,7 +81,11 @@ def _generate(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, p
     batch, prompt_len = tokens.shape
     sample = functools.partial(sample_tokens, top_k=top_k, greedy=greedy, use_top_p=use_top_p)
 
-    cache = family.init_cache(config, batch, prompt_len + max_new)
+    # a prompt-learning adapter's virtual tokens go into the cache first; the prompt follows them
+    num_virtual = family.num_virtual_tokens(params)
+    cache = family.init_cache(config, batch, num_virtual + prompt_len + max_new)
+    cache, params = family.prime_cache(config, params, cache)
+    positions = positions + num_virtual
     hidden, cache = family.hidden_states(config, params, tokens, positions, segment_ids, cache)
     logits = family.logits_from_hidden(config, params, hidden[:, -1:])[:, 0]
     next_positions = positions[:, -1] + 1

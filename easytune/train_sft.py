@@ -187,9 +187,6 @@ def run(cfg) -> dict:
     trainer.metrics_logger = metrics_logger
     if adapter is not None:
         summary.update({"peft": adapter.config.method, "trainable_params": adapters.count(adapter.params)})
-    if prompt_learning and heldout is not None:
-        logger.info("held-out accuracy needs generation, which prompt-learning adapters do not support yet; skipped.")
-        heldout = None
     if heldout is not None and trainer.step == 0:
         summary["heldout_accuracy_before"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
         if is_main:

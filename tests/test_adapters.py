@@ -1,7 +1,5 @@
 """PEFT: LoRA, DoRA, QLoRA (NF4), prompt tuning, P-tuning and prefix tuning against the `peft`
 library on the same weights, and their training behaviour in the one loop."""
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +185,15 @@ def test_prompt_learning_matches_peft(gqa_base, tmp_path, method, encoder_type):
     np.testing.assert_allclose(theirs if method == "prefix" else theirs[:, n:], expected, atol=1e-4)
     back = easytune.load(gqa_base, adapter=str(tmp_path / "ours"), tokenizer=False)
     np.testing.assert_allclose(np.asarray(back(TOKENS)), expected, atol=1e-4)
+
+    # greedy generation with the virtual tokens in the KV cache equals peft's generate
+    import torch
+    for prompt in (TOKENS[0, :7], TOKENS[1]):
+        with torch.no_grad():
+            theirs = reloaded.generate(input_ids=torch.tensor(prompt[None]), attention_mask=torch.ones(1, len(prompt)),
+                                       max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ours = model.generate([prompt.tolist()], max_new_tokens=6, temperature=0.0)[0]
+        assert ours == theirs[0, len(prompt):].tolist()
 
 
 # ----------------------------------------------------------------------------- NF4 / QLoRA

@@ -61,6 +61,18 @@ def test_lora_starts_at_base_trains_only_adapter_and_exports(tiny_chat_model, ta
     moments = [x for x in jax.tree.leaves(trainer.opt_state) if x.ndim > 0]
     assert sum(x.size for x in moments) == 2 * adapters.count(probe.adapter.params)
 
+    # the export CLI merges an adapter run too, to the same tensors, and writes its peft adapter
+    from easytune import export_hf
+    from safetensors.numpy import load_file
+    export_hf.main(["--checkpoint", str(out), "--output_dir", str(tmp_path / "cli"),
+                    "--peft_output_dir", str(tmp_path / "cli_adapter")])
+    for name in ("model.safetensors",):
+        a, b = load_file(str(tmp_path / "cli" / name)), load_file(str(tmp_path / "merged" / name))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    a = load_file(str(tmp_path / "cli_adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
     # merged HF export and peft adapter both reproduce the trained model in transformers
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)

@@ -252,8 +252,7 @@ def hidden_states(config: LlamaConfig, params: dict, tokens, positions=None, seg
     # tokens attend to the n virtual ones (rows hold one example: no packing).
     num_virtual = 0
     if cache is not None and ("virtual_tokens" in params or "prefix" in params):
-        raise ValueError("decoding with a KV cache does not support prompt, P-tuning or prefix adapters yet; "
-                         "use a LoRA adapter, or export the adapter with --export_peft and generate with peft.")
+        raise ValueError("with a KV cache, put the adapter's virtual tokens in the cache first (prime_cache).")
     row_segment = jnp.max(segment_ids, axis=1, keepdims=True)
     if "virtual_tokens" in params:
         num_virtual = params["virtual_tokens"].shape[0]
@@ -345,6 +344,42 @@ def _decode_with_cache(c: LlamaConfig, inv_freq, params, h, positions, segment_i
     new_cache = {"k": cache_k, "v": cache_v, "positions": kv_positions, "segment_ids": kv_segments,
                  "index": cache["index"] + seq}
     return h, new_cache
+
+
+def num_virtual_tokens(params: dict) -> int:
+    """Virtual tokens a prompt-learning adapter puts before every row (0 without one)."""
+    if "virtual_tokens" in params:
+        return params["virtual_tokens"].shape[0]
+    if "prefix" in params:
+        return params["prefix"]["k"].shape[1]
+    return 0
+
+
+def prime_cache(config: LlamaConfig, params: dict, cache: dict) -> tuple[dict, dict]:
+    """Put a prompt-learning adapter's virtual tokens into an empty `cache` (positions 0..n-1,
+    visible to every row); returns the cache and the params without the adapter's entries, to
+    decode on with positions moved n on."""
+    c = config
+    n = num_virtual_tokens(params)
+    rest = {k: v for k, v in params.items() if k not in ("virtual_tokens", "prefix")}
+    if n == 0:
+        return cache, rest
+    batch = cache["positions"].shape[0]
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+    segment_ids = jnp.ones((batch, n), jnp.int32)
+    if "prefix" in params:
+        def put(buffer, values):  # [layers, batch, slots, ...] <- [layers, n, ...] for every row
+            values = jnp.broadcast_to(values[:, None].astype(buffer.dtype), (values.shape[0], batch, *values.shape[1:]))
+            return jax.lax.dynamic_update_slice_in_dim(buffer, values, 0, axis=2)
+        cache = {**cache, "k": put(cache["k"], params["prefix"]["k"]), "v": put(cache["v"], params["prefix"]["v"]),
+                 "positions": jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, 0, axis=1),
+                 "segment_ids": jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, 0, axis=1),
+                 "index": cache["index"] + n}
+        return cache, rest
+    inv_freq = layers.rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
+    h = jnp.broadcast_to(params["virtual_tokens"].astype(c.compute_dtype), (batch, n, c.hidden_size))
+    _, cache = _decode_with_cache(c, inv_freq, params, h, positions, segment_ids, cache)
+    return cache, rest
 
 
 def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
