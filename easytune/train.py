@@ -257,6 +257,14 @@ class Trainer:
         loss = total / max(tokens, 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on a global batch (see `global_batch`); returns the step's metrics
+        (device arrays). Call inside `jax.set_mesh(self.mesh)`."""
+        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
+                                                          np.int32(self.step))
+        self.step += 1
+        return metrics
+
     def train(self, train_batches, eval_batches: Callable[[], Iterator[dict]] | None = None,
               progress=None, flops_per_token: float | None = None, peak_flops: float | None = None) -> list[dict]:
         """Run until `total_steps`. `train_batches` yields host rows `[batch_size, seq]` and has
@@ -269,9 +277,7 @@ class Trainer:
                 rows = next(train_batches)
                 batch = global_batch(self.mesh, rows, cfg.grad_accum_steps)
                 step_start = time.perf_counter()
-                self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.frozen, batch,
-                                                                  np.int32(self.step))
-                self.step += 1
+                metrics = self.train_step(batch)
                 window_steps += 1
                 window_tokens += int((rows["segment_ids"] > 0).sum())
                 log_now = self.step % cfg.log_steps == 0 or self.step == self.total_steps

@@ -47,7 +47,7 @@ def main():
     def ours():
         start = time.perf_counter()
         with jax.set_mesh(model.mesh):
-            trainer.params, trainer.opt_state, metrics = trainer._step(trainer.params, trainer.opt_state, batch)
+            metrics = trainer.train_step(batch)
             jax.block_until_ready(metrics)
         return time.perf_counter() - start
 

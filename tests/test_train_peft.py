@@ -145,3 +145,24 @@ def test_prompt_learning_trains_through_train_sft(tiny_chat_model, task_file, tm
     np.testing.assert_allclose(theirs if method == "prefix" else theirs[:, 4:], logits, atol=1e-4)
     with pytest.raises(ValueError, match="cannot be; use --export_peft"):
         run(make_cfg(tiny_chat_model, task_file, tmp_path / "x", peft=method, export_hf=str(tmp_path / "hf")))
+
+
+def test_bench_peft_script_reports_memory_and_kl(tiny_chat_model, tmp_path):
+    """scripts/bench_peft.py at a tiny size: every method trains, adapters need a fraction of full
+    fine-tuning's train state, NF4 block kernels are <= 0.3x their bf16 size, and the KL is small."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_peft.py")
+    spec = importlib.util.spec_from_file_location("bench_peft", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--model", tiny_chat_model, "--batch", "2", "--seq", "16", "--steps", "1", "--rank", "4",
+                          "--methods", "full,lora,qlora"])
+    assert results["lora"]["trainable_params"] == results["qlora"]["trainable_params"] < \
+        results["full"]["trainable_params"] / 100
+    # AdamW's two moments of the adapter, plus step counters
+    assert 0 <= results["lora"]["optimizer_bytes"] - 2 * results["lora"]["trained_bytes"] < 64
+    assert results["qlora"]["block_linear_bytes_vs_bf16"] <= 0.3
+    assert results["qlora"]["train_state_bytes"] < results["lora"]["train_state_bytes"] < \
+        results["full"]["train_state_bytes"]
+    assert 0 < results["nf4_kl"]["kl_mean"] < 0.05 and results["nf4_kl"]["top1_agreement"] > 0.9
