@@ -32,7 +32,7 @@ setup(
     extras_require={
         # Reference implementations the tests compare against. Pin torch: an unpinned torch pulls
         # several GB of CUDA wheels.
-        "test": ["torch==2.13.0", "accelerate", "peft", "trl", "pytest", "pytest-xdist", "tensorboard"],
+        "test": ["torch==2.13.0", "accelerate", "peft", "trl", "bitsandbytes==0.50.2", "pytest", "pytest-xdist", "tensorboard"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
     },

@@ -147,6 +147,9 @@ class Model:
         import jax
 
         from easytune import adapters
+        if self.adapter is not None:
+            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
+                             f"model again to attach another.")
         config = adapters.make_config(self.config, method, **options)
         if config.quantize_base:
             self.params = adapters.quantize_base(self.params, self.config, self.mesh)
@@ -164,6 +167,9 @@ class Model:
     def load_adapter(self, directory: str):
         """Attach a peft adapter directory (see `easytune.adapters.peft_format`)."""
         from easytune.adapters import peft_format
+        if self.adapter is not None:
+            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
+                             f"model again to attach another.")
         self.adapter = peft_format.load(directory, self.config, self.params, self.mesh)
         self._forward = None
         return self.adapter

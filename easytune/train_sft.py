@@ -140,7 +140,7 @@ def run(cfg) -> dict:
                          f"cannot be; use --export_peft.")
     pack = cfg.pack and not prompt_learning  # virtual tokens belong to one example per row
     if adapter is not None:
-        info = adapters.summary(adapter.config, adapter.params, model.params)
+        info = adapters.summary(adapter.config, adapter.params, model.config)
         logger.info("peft %s: %d trainable parameters (%.3f%% of %d)", info["method"], info["trainable_params"],
                     100 * info["trainable_fraction"], info["base_params"])
 

@@ -474,10 +474,12 @@ def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def summary(config: AdapterConfig, adapter_params: dict, base: dict) -> dict[str, Any]:
-    trainable, frozen = count(adapter_params), count(base)
+def summary(config: AdapterConfig, adapter_params: dict, model_config) -> dict[str, Any]:
+    from easytune import models
+    trainable = count(adapter_params)
+    frozen = count(models.family(model_config.model_type).param_shapes(model_config))
     return {"method": config.method, "trainable_params": trainable, "base_params": frozen,
-            "trainable_fraction": trainable / max(frozen, 1), "base_bytes": nbytes(base)}
+            "trainable_fraction": trainable / max(frozen, 1)}
 
 
 # ----------------------------------------------------------------------------- entry-point flags
@@ -517,6 +519,11 @@ def attach_from_flags(model, cfg, seed: int = 0):
         if cfg.peft != "none":
             AdapterConfig(method=cfg.peft)  # an unknown method gets its clear error
         adapter = model.load_adapter(cfg.peft_adapter)
+        family = {"qlora": "lora", "dora": "lora"}
+        if cfg.peft != "none" and family.get(cfg.peft, cfg.peft) != family.get(adapter.config.method,
+                                                                                  adapter.config.method):
+            raise ValueError(f"--peft={cfg.peft} but --peft_adapter {cfg.peft_adapter} holds a "
+                             f"{adapter.config.method} adapter; drop --peft or make them agree.")
         if cfg.peft == "qlora":  # continue a LoRA adapter on an NF4 base
             model.params = quantize_base(model.params, model.config, model.mesh)
             adapter.config = dataclasses.replace(adapter.config, method="qlora")

@@ -154,6 +154,8 @@ def _load_lora(cfg: dict, tensors: dict, model_config, base: dict, directory: st
         for layer, name in enumerate(names):
             by_name[PREFIX + name] = (module, layer if module.stacked else None)
     params: dict = {}
+    for key in [k for k in tensors if k.endswith(".base_layer.weight")]:
+        _check_saved_base_weight(key, tensors.pop(key), model_config, base, directory)
     for key in tensors:
         for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
             if key.endswith(suffix):
@@ -210,6 +212,23 @@ def _load_lora(cfg: dict, tensors: dict, model_config, base: dict, directory: st
                               target_modules=tuple(sorted({m.rsplit("/", 1)[-1] for m in chosen})),
                               use_rslora=bool(cfg.get("use_rslora")), modules=tuple(chosen))
     return ad.Adapter(config, params)
+
+
+def _check_saved_base_weight(key: str, saved: np.ndarray, model_config, base: dict, directory: str) -> None:
+    """peft saves the base weight of an adapted embedding or output head (in case the vocabulary
+    was resized); it must be the base's own, since easytune trains adapters, not base weights."""
+    from easytune import hf
+    name = key[len(PREFIX):].replace(".base_layer.weight", ".weight")
+    for entry in hf.weight_map(model_config):
+        if not entry.stacked and entry.hf_name == name:
+            ours = np.asarray(jax.device_get(ad._get(base, entry.path)), np.float32)
+            ours = ours.T if entry.transpose else ours
+            if ours.shape == saved.shape and np.allclose(ours, saved.astype(np.float32), rtol=1e-3, atol=1e-3):
+                return
+            raise ValueError(f"{directory}: the adapter carries its own {name} (shape {tuple(saved.shape)}), which "
+                             f"differs from this base model's (shape {ours.shape}): a resized vocabulary or another "
+                             f"base model; easytune does not load trained base weights from adapters.")
+    raise ValueError(f"{directory}: the adapter carries a base weight {key} easytune cannot place.")
 
 
 def _load_prompt(cfg: dict, tensors: dict, model_config, directory: str) -> ad.Adapter:

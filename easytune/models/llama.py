@@ -386,6 +386,8 @@ def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
     """`[batch, seq, vocab]` float32 logits from final hidden states."""
     if config.tie_word_embeddings:
         kernel = params["embed"]["embedding"].T
+    elif set(params["lm_head"]) != {"kernel"}:  # an adapted or quantized head: the one linear
+        return layers.linear(hidden, params["lm_head"]).astype(jnp.float32)
     else:
         kernel = params["lm_head"]["kernel"]
     kernel = kernel.astype(config.compute_dtype)
