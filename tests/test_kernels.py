@@ -145,6 +145,29 @@ def test_score_matrix_is_never_materialized():
     assert max(largest) < seq, max(largest)
 
 
+@pytest.mark.parametrize("head_dim,dtype,window,packed", [
+    (64, jnp.bfloat16, None, False), (128, jnp.bfloat16, 100, True), (256, jnp.bfloat16, None, True),
+    (128, jnp.float32, None, False)])
+def test_kernels_lower_to_triton_for_gpu(head_dim, dtype, window, packed):
+    """Without a GPU: the forward and both backward kernels lower through Pallas' Triton path (an
+    export for CUDA), so every primitive they use has a Triton lowering (PTX is compiled on a GPU)."""
+    q = jax.ShapeDtypeStruct((2, 509, 4, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((2, 509, 2, head_dim), dtype)
+    segments = jax.ShapeDtypeStruct((2, 509), jnp.int32) if packed else None
+
+    def forward_and_backward(q, k, v, segments):
+        out, pullback = jax.vjp(lambda q, k, v: flash_attention(q, k, v, segment_ids=segments, sliding_window=window,
+                                                                 interpret=False), q, k, v)
+        return out, pullback(out)
+
+    exported = jax.export.export(
+        jax.jit(forward_and_backward), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, kv, kv, segments)
+    module = exported.mlir_module()
+    for name in ("easytune_flash_forward", "easytune_flash_backward_dkdv", "easytune_flash_backward_dq"):
+        assert f'name = "{name}"' in module, name
+
+
 def test_invalid_inputs_are_clear_errors():
     q = jnp.zeros((1, 16, 4, 64))
     with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of .* key/value heads \(3\)"):

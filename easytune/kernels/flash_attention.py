@@ -7,8 +7,9 @@ a prefill into an empty cache), so causality and the window are judged on the in
 sequence. That equals easytune's position rule (`layers.attention_mask`) whenever positions rise by
 one per token inside each segment, as packing and left-padded prompts make them.
 
-How it runs (FlashAttention-2): the grid is (batch, heads, query blocks); each program keeps its
-query block on chip and walks the key blocks it can see, with an online softmax in float32 (base
+How it runs (FlashAttention-2): the grid is (query blocks, batch, heads), query blocks first so
+that programs launched together share K/V in L2; each program keeps its query block on chip and
+walks the key blocks it can see, with an online softmax in float32 (base
 2: the log2(e) factor is folded into the softmax scale). Key blocks wholly above the diagonal,
 wholly outside the window, or (with segment ids) holding no segment of the query block are never
 visited; blocks wholly inside the visible region skip the mask arithmetic. The backward pass is
@@ -173,7 +174,8 @@ def _q_block_range(k_start, *, block_q, block_k, num_q_blocks, causal, window, s
         hi = jnp.minimum(hi, lax.div(k_last + window - 1, block_q) + 1)  # queries < k_last + window
         full_hi = lax.div(k_start + window, block_q)                      # the whole block < k_start + window
     if seq_len % block_k:  # a key block reaching into the padding is masked everywhere
-        full_hi = jnp.where(k_last >= seq_len, 0, full_hi)
+        # (arithmetic, not jnp.where: Pallas-Triton gives a scalar where's weak literal the predicate's i1 type)
+        full_hi = full_hi * (k_last < seq_len).astype(jnp.int32)
     full_lo = jnp.minimum(jnp.maximum(full_lo, lo), hi)
     full_hi = jnp.minimum(jnp.maximum(full_hi, full_lo), hi)
     return lo, hi, full_lo, full_hi
@@ -197,7 +199,7 @@ def _forward_kernel(*refs, st: _Static, scale: float, has_segments: bool):
     else:
         (q_ref, k_ref, v_ref, o_ref, lse_ref), seg_ref = refs, None
     block_q, block_k = st.blocks.block_q, st.blocks.block_k
-    i = pl.program_id(2)
+    i = pl.program_id(0)
     q_start = i * block_q
     q = q_ref[...]
     q_index = q_start + jnp.arange(block_q)
@@ -243,7 +245,7 @@ def _dkdv_kernel(*refs, st: _Static, scale: float, sm_scale: float, groups: int,
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), seg_ref = refs, None
     block_q, block_k = st.blocks.block_q_dkv, st.blocks.block_k_dkv
-    j = pl.program_id(2)
+    j = pl.program_id(0)
     k_start = j * block_k
     k, v = k_ref[...], v_ref[...]
     kv_index = k_start + jnp.arange(block_k)
@@ -290,7 +292,7 @@ def _dq_kernel(*refs, st: _Static, scale: float, sm_scale: float, has_segments: 
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), seg_ref = refs, None
     block_q, block_k = st.blocks.block_q_dq, st.blocks.block_k_dq
-    i = pl.program_id(2)
+    i = pl.program_id(0)
     q_start = i * block_q
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_index = q_start + jnp.arange(block_q)
@@ -358,25 +360,25 @@ def _forward(q, k, v, segment_ids, st: _Static):
     block_q, block_k = st.blocks.block_q, st.blocks.block_k
     has_segments = segment_ids is not None
     in_specs = [
-        pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-        pl.BlockSpec((None, seq, None, head_dim), lambda b, h, i: (b, 0, lax.div(h, groups), 0)),
-        pl.BlockSpec((None, seq, None, head_dim), lambda b, h, i: (b, 0, lax.div(h, groups), 0)),
+        pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, lax.div(h, groups), 0)),
+        pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, lax.div(h, groups), 0)),
     ]
     args = [q, k, v]
     if has_segments:
         lo, hi = _segment_block_ranges(segment_ids, block_q, block_k)
         num_q_blocks = seq // block_q
-        in_specs += [pl.BlockSpec((None, seq), lambda b, h, i: (b, 0)),
-                     pl.BlockSpec((None, num_q_blocks), lambda b, h, i: (b, 0)),
-                     pl.BlockSpec((None, num_q_blocks), lambda b, h, i: (b, 0))]
+        in_specs += [pl.BlockSpec((None, seq), lambda i, b, h: (b, 0)),
+                     pl.BlockSpec((None, num_q_blocks), lambda i, b, h: (b, 0)),
+                     pl.BlockSpec((None, num_q_blocks), lambda i, b, h: (b, 0))]
         args += [segment_ids, lo, hi]
     scale = LOG2_E / math.sqrt(head_dim)
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, st=st, scale=scale, has_segments=has_segments),
-        grid=(batch, heads, seq // block_q),
+        grid=(seq // block_q, batch, heads),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-                   pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
+        out_specs=[pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
         compiler_params=_compiler_params(st, head_dim),
@@ -398,26 +400,26 @@ def _backward(q, k, v, segment_ids, out, lse, do, st: _Static):
 
     bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
     in_specs = [
-        pl.BlockSpec((None, seq, groups, head_dim), lambda b, g, j: (b, 0, g, 0)),  # the group's query heads
-        pl.BlockSpec((None, bk, None, head_dim), lambda b, g, j: (b, j, g, 0)),
-        pl.BlockSpec((None, bk, None, head_dim), lambda b, g, j: (b, j, g, 0)),
+        pl.BlockSpec((None, seq, groups, head_dim), lambda j, b, g: (b, 0, g, 0)),  # the group's query heads
+        pl.BlockSpec((None, bk, None, head_dim), lambda j, b, g: (b, j, g, 0)),
+        pl.BlockSpec((None, bk, None, head_dim), lambda j, b, g: (b, j, g, 0)),
     ]
     args = [q, k, v]
     if has_segments:
         lo, hi = _segment_block_ranges(segment_ids, bk, bq)
-        in_specs += [pl.BlockSpec((None, seq), lambda b, g, j: (b, 0)),
-                     pl.BlockSpec((None, seq // bk), lambda b, g, j: (b, 0)),
-                     pl.BlockSpec((None, seq // bk), lambda b, g, j: (b, 0))]
+        in_specs += [pl.BlockSpec((None, seq), lambda j, b, g: (b, 0)),
+                     pl.BlockSpec((None, seq // bk), lambda j, b, g: (b, 0)),
+                     pl.BlockSpec((None, seq // bk), lambda j, b, g: (b, 0))]
         args += [segment_ids, lo, hi]
-    in_specs += [pl.BlockSpec((None, seq, groups, head_dim), lambda b, g, j: (b, 0, g, 0)),
-                 pl.BlockSpec((None, groups, seq), lambda b, g, j: (b, g, 0)),
-                 pl.BlockSpec((None, groups, seq), lambda b, g, j: (b, g, 0))]
+    in_specs += [pl.BlockSpec((None, seq, groups, head_dim), lambda j, b, g: (b, 0, g, 0)),
+                 pl.BlockSpec((None, groups, seq), lambda j, b, g: (b, g, 0)),
+                 pl.BlockSpec((None, groups, seq), lambda j, b, g: (b, g, 0))]
     args += [do, lse, delta]
-    kv_spec = pl.BlockSpec((None, bk, None, head_dim), lambda b, g, j: (b, j, g, 0))
+    kv_spec = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, g: (b, j, g, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st, scale=scale, sm_scale=sm_scale, groups=groups,
                           has_segments=has_segments),
-        grid=(batch, kv_heads, seq // bk),
+        grid=(seq // bk, batch, kv_heads),
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -427,23 +429,23 @@ def _backward(q, k, v, segment_ids, out, lse, do, st: _Static):
     )(*args)
 
     bq, bk = st.blocks.block_q_dq, st.blocks.block_k_dq
-    q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+    q_spec = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     in_specs = [q_spec,
-                pl.BlockSpec((None, seq, None, head_dim), lambda b, h, i: (b, 0, lax.div(h, groups), 0)),
-                pl.BlockSpec((None, seq, None, head_dim), lambda b, h, i: (b, 0, lax.div(h, groups), 0))]
+                pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, lax.div(h, groups), 0)),
+                pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, lax.div(h, groups), 0))]
     args = [q, k, v]
     if has_segments:
         lo, hi = _segment_block_ranges(segment_ids, bq, bk)
-        in_specs += [pl.BlockSpec((None, seq), lambda b, h, i: (b, 0)),
-                     pl.BlockSpec((None, seq // bq), lambda b, h, i: (b, 0)),
-                     pl.BlockSpec((None, seq // bq), lambda b, h, i: (b, 0))]
+        in_specs += [pl.BlockSpec((None, seq), lambda i, b, h: (b, 0)),
+                     pl.BlockSpec((None, seq // bq), lambda i, b, h: (b, 0)),
+                     pl.BlockSpec((None, seq // bq), lambda i, b, h: (b, 0))]
         args += [segment_ids, lo, hi]
     in_specs += [q_spec, row_spec, row_spec]
     args += [do, lse, delta]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, scale=scale, sm_scale=sm_scale, has_segments=has_segments),
-        grid=(batch, heads, seq // bq),
+        grid=(seq // bq, batch, heads),
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
