@@ -147,8 +147,9 @@ def _xla(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, c
 
 
 def _pallas(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
-    """easytune's fused kernel for self-attention; attention over a KV cache (decode steps, chunked
-    prefill) falls back to xla: one query row per step leaves a flash kernel nothing to tile."""
+    """easytune's fused kernel (`easytune.kernels.flash_attention`) for self-attention. Attention
+    over a KV cache falls back to xla: a decode step has one query row, nothing for a flash kernel
+    to tile, and chunked prefill into a used cache is rare."""
     if kv_positions is not None:
         return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
                     kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
