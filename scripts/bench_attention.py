@@ -89,6 +89,8 @@ def bench_kernels(args, backend: str, dtype) -> None:
     print(f"attention: causal, {jnp.dtype(dtype).name}, {args.tokens} tokens per call (batch = tokens / seq), "
           f"heads = {args.hidden} / head_dim, kv_heads = {args.kv_heads or 'heads'}; "
           f"median of {args.repeats} after {args.warmup} warm-up")
+    print("TFLOP/s count the causal half of the work: 2 * b * h * s^2 * d forward, 3.5x that forward+backward; "
+          "MiB: XLA's compiled temporaries + outputs")
     header = (f"{'seq':>6} {'d':>4}  {'implementation':<16} {'fwd ms':>9} {'TFLOP/s':>8} {'ratio':>6}  "
               f"{'fwd+bwd ms':>10} {'TFLOP/s':>8} {'ratio':>6}  {'MiB fwd+bwd':>11}  note")
     print(header)
