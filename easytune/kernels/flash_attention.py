@@ -9,8 +9,8 @@ one per token inside each segment, as packing and left-padded prompts make them.
 
 How it runs (FlashAttention-2): the grid is (query blocks, batch, heads), query blocks first so
 that programs launched together share K/V in L2; each program keeps its query block on chip and
-walks the key blocks it can see, with an online softmax in float32 (base
-2: the log2(e) factor is folded into the softmax scale). Key blocks wholly above the diagonal,
+walks the key blocks it can see, with an online softmax in float32 (base 2: the log2(e) factor is
+folded into the softmax scale). Key blocks wholly above the diagonal,
 wholly outside the window, or (with segment ids) holding no segment of the query block are never
 visited; blocks wholly inside the visible region skip the mask arithmetic. The backward pass is
 two kernels: dK/dV over key blocks (each program loops over the query heads of its KV head, so K
@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ def check_supported(q_shape, k_shape, v_shape, dtypes=(), segment_shape=None, sl
         raise ValueError(f"q, k and v must share one dtype; got {[jnp.dtype(d).name for d in dtypes]}.")
     if segment_shape is not None and tuple(segment_shape) != (batch, seq):
         raise ValueError(f"segment_ids must be [batch, seq] = {(batch, seq)}, got {tuple(segment_shape)}.")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    if sliding_window is not None and (not isinstance(sliding_window, numbers.Integral) or sliding_window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}.")
 
 
@@ -492,7 +493,8 @@ def _local_flash_attention(q, k, v, segment_ids, *, causal, sliding_window, bloc
     seq, head_dim = q.shape[1], q.shape[3]
     blocks = _fit_blocks(block_sizes or BlockSizes.for_head_dim(head_dim), seq)
     padded = -(-seq // max(blocks.all_blocks())) * max(blocks.all_blocks())
-    st = _Static(causal=bool(causal), window=sliding_window, seq_len=seq, blocks=blocks, interpret=interpret)
+    window = None if sliding_window is None else int(sliding_window)
+    st = _Static(causal=bool(causal), window=window, seq_len=seq, blocks=blocks, interpret=interpret)
     if padded != seq:
         pad = [(0, 0), (0, padded - seq), (0, 0), (0, 0)]
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
