@@ -67,7 +67,8 @@ DOCS = {
     "dtype": "compute dtype (float32, bfloat16)",
     "param_dtype": "stored (master) weight dtype",
     "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
-    "attention": "attention implementation",
+    "attention": "attention implementation: xla (reference), pallas (easytune's fused kernel; interpret mode "
+                 "on CPU), cudnn (NVIDIA GPUs) or auto (pallas on GPU, xla elsewhere)",
     "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
     "pack": "pack several samples per row (best fit; attention never crosses samples)",
     "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "

@@ -165,16 +165,110 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-ATTENTION_IMPLEMENTATIONS = {"xla": xla_attention}
+def _xla(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+    """The reference: a boolean mask from positions and segment ids, then `xla_attention`."""
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones(q_positions.shape, jnp.int32)
+    if kv_positions is None:
+        kv_positions, kv_segment_ids = q_positions, q_segment_ids
+    elif kv_segment_ids is None:
+        kv_segment_ids = jnp.ones(kv_positions.shape, jnp.int32)
+    mask = attention_mask(q_positions, q_segment_ids, kv_positions, kv_segment_ids,
+                          causal=causal, sliding_window=sliding_window)
+    return xla_attention(q, k, v, mask)
 
 
-def attention(q, k, v, mask, implementation: str = "xla"):
-    """Dispatch point for every attention in every model (`--attention`)."""
-    try:
-        fn = ATTENTION_IMPLEMENTATIONS[implementation]
-    except KeyError:
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; "
-            f"choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}."
-        ) from None
-    return fn(q, k, v, mask)
+def _pallas(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+    """easytune's fused kernel (`easytune.kernels.flash_attention`) for self-attention. Attention
+    over a KV cache falls back to xla: a decode step has one query row, nothing for a flash kernel
+    to tile, and chunked prefill into a used cache is rare."""
+    if kv_positions is not None:
+        return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
+                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
+    from easytune import kernels
+    return kernels.flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids, sliding_window=sliding_window)
+
+
+def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+    """cuDNN's fused attention through `jax.nn.dot_product_attention` for self-attention (KV-cache
+    attention falls back to xla). That API has no segment-id input, so packed or padded batches pass
+    the segment part of the mask densely (`[batch, 1, seq, seq]` booleans, applied as a bias);
+    causality and the window stay cuDNN's own, so it still skips the masked-out blocks."""
+    if kv_positions is not None:
+        return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
+                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU with cuDNN, but the backend is "
+                         f"{jax.default_backend()}; use attention='xla' or 'auto'.")
+    mask = None
+    if q_segment_ids is not None:
+        mask = attention_mask(q_positions, q_segment_ids, q_positions, q_segment_ids, causal=False)[:, None]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, local_window_size=window,
+                                        implementation="cudnn")
+
+
+def check_attention(implementation: str, head_dim: int | None = None) -> None:
+    """Raise a one-sentence ValueError for an unknown implementation, or for 'pallas' with a
+    head_dim the kernel does not support (checked when a model config is made)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.")
+    if implementation == "pallas" and head_dim is not None:
+        from easytune import kernels
+        if head_dim not in kernels.SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"attention='pallas' supports head_dim {kernels.SUPPORTED_HEAD_DIMS}, not {head_dim}; "
+                             f"use attention='xla' (or 'auto', which falls back to it).")
+
+
+def resolve_attention(implementation: str, head_dim: int | None = None) -> str:
+    """The implementation `attention()` runs for `implementation` on this backend: 'auto' is the
+    Pallas kernel on GPU (when it supports `head_dim`) and xla elsewhere (the kernel has no TPU
+    lowering, and interpret mode on CPU is for tests, not speed). Unknown names raise."""
+    check_attention(implementation)
+    if implementation != "auto":
+        return implementation
+    from easytune import kernels
+    if jax.default_backend() == "gpu" and (head_dim is None or head_dim in kernels.SUPPORTED_HEAD_DIMS):
+        return "pallas"
+    return "xla"
+
+
+def _auto(q, k, v, **kwargs):
+    return ATTENTION_IMPLEMENTATIONS[resolve_attention("auto", q.shape[-1])](q, k, v, **kwargs)
+
+
+ATTENTION_IMPLEMENTATIONS = {"xla": _xla, "pallas": _pallas, "cudnn": _cudnn, "auto": _auto}
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Dispatch point for every attention in every model (`--attention=xla|pallas|cudnn|auto`).
+
+    q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]` -> like q.
+    Positions and segment ids are `[batch, len]` ints (segment 0 = padding; None = all ones). With
+    `kv_positions=None` the keys are the queries' own tokens (self-attention: training, eval, a
+    prefill into an empty cache), which pallas and cudnn serve; otherwise the keys come from a KV
+    cache and every implementation computes the xla reference. The masking rule is
+    `attention_mask`'s; pallas and cudnn apply causality and the window by index in the sequence,
+    the same thing whenever positions rise by one per token within a segment (packing and
+    left-padded prompts do).
+    """
+    check_attention(implementation)
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"the number of query heads ({q.shape[2]}) must be a multiple of the number of "
+                         f"key/value heads ({k.shape[2]}).")
+    return ATTENTION_IMPLEMENTATIONS[implementation](
+        q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
+        kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)

@@ -14,6 +14,7 @@ Kernels are `[in, out]`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -56,7 +57,7 @@ class LlamaConfig:
     dtype: str = "float32"          # activations and matmuls
     param_dtype: str = "float32"    # stored weights (master weights when training)
     remat: str = "none"             # one of REMAT_POLICIES
-    attention: str = "xla"          # layers.attention implementation
+    attention: str = "xla"          # layers.attention implementation: xla, pallas, cudnn or auto
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -67,6 +68,7 @@ class LlamaConfig:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
         parse_dtype(self.dtype)
         parse_dtype(self.param_dtype)
+        layers.check_attention(self.attention, self.head_dim)
         layers.rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling_dict)
 
     @property
@@ -204,14 +206,32 @@ def _qkv(config: LlamaConfig, inv_freq, h, p, positions):
     return layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq), v
 
 
-def _finish_block(config: LlamaConfig, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments):
-    """Attention over (keys, values) plus the output projection and the MLP; returns the new h."""
+def _self_attention(config: LlamaConfig, q, k, v, positions, segment_ids):
+    """Attention of the tokens over themselves (training, eval, prefill into an empty cache)."""
+    return layers.attention(q, k, v, q_positions=positions, q_segment_ids=segment_ids, causal=True,
+                            sliding_window=config.sliding_window, implementation=config.attention)
+
+
+def _cache_attention(config: LlamaConfig, q, k, v, positions, segment_ids, keys, values, kv_positions, kv_segments,
+                     cache_is_empty):
+    """Attention of the new tokens over a KV cache (`keys`, `values` hold them too).
+
+    A multi-token call into an empty cache (the prefill of `generate`) attends exactly as
+    self-attention over the new tokens, so there, chosen at run time, it takes the configured
+    kernel; decode steps and chunked prefill attend over the cache with the xla reference."""
+    over_cache = functools.partial(
+        layers.attention, q, keys, values, q_positions=positions, q_segment_ids=segment_ids,
+        kv_positions=kv_positions, kv_segment_ids=kv_segments, causal=True, sliding_window=config.sliding_window,
+        implementation=config.attention)
+    if q.shape[1] == 1 or layers.resolve_attention(config.attention, config.head_dim) == "xla":
+        return over_cache()
+    return jax.lax.cond(cache_is_empty, lambda: _self_attention(config, q, k, v, positions, segment_ids), over_cache)
+
+
+def _finish_block(config: LlamaConfig, h, p, attn):
+    """Output projection of the attention `attn [b, s, heads, d]` and the MLP; returns the new h."""
     c = config
     batch, seq, _ = h.shape
-    mask = layers.attention_mask(
-        positions, segment_ids, kv_positions, kv_segments, causal=True, sliding_window=c.sliding_window
-    )
-    attn = layers.attention(q, keys, values, mask, implementation=c.attention)
     h = h + layers.linear(attn.reshape(batch, seq, c.num_heads * c.head_dim), p["attn"]["o"])
     h = layers.constrain(h, P(layers.BATCH_AXES, None, None))
     x = layers.rms_norm(h, p["mlp_norm"]["scale"], c.rms_norm_eps)
@@ -238,6 +258,7 @@ def hidden_states(config: LlamaConfig, params: dict, tokens, positions=None, seg
     batch, seq = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    attention_segments = segment_ids  # None lets a kernel skip segment masking altogether
     if segment_ids is None:
         segment_ids = jnp.ones((batch, seq), jnp.int32)
     inv_freq = layers.rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling_dict)
@@ -278,14 +299,18 @@ def hidden_states(config: LlamaConfig, params: dict, tokens, positions=None, seg
             expand = lambda x: jnp.broadcast_to(x.astype(k.dtype), (batch, *x.shape))  # noqa: E731
             keys = jnp.concatenate([expand(prefix_k), k], axis=1)
             values = jnp.concatenate([expand(prefix_v), v], axis=1)
-            return _finish_block(c, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments), None
+            # keys beyond the tokens themselves: the reference attention serves it (as for a KV cache)
+            attn = layers.attention(q, keys, values, q_positions=positions, q_segment_ids=segment_ids,
+                                    kv_positions=kv_positions, kv_segment_ids=kv_segments, causal=True,
+                                    sliding_window=c.sliding_window, implementation=c.attention)
+            return _finish_block(c, h, p, attn), None
 
         h, _ = _scan_layers(c, body, h, (params["layers"], params["prefix"]["k"], params["prefix"]["v"]))
         new_cache = None
     elif cache is None:
         def body(h, p):
             q, k, v = _qkv(c, inv_freq, h, p, positions)
-            return _finish_block(c, h, p, q, positions, segment_ids, k, v, positions, segment_ids), None
+            return _finish_block(c, h, p, _self_attention(c, q, k, v, positions, attention_segments)), None
 
         h, _ = _scan_layers(c, body, h, params["layers"])
         new_cache = None
@@ -300,6 +325,7 @@ def hidden_states(config: LlamaConfig, params: dict, tokens, positions=None, seg
 def _decode_with_cache(c: LlamaConfig, inv_freq, params, h, positions, segment_ids, cache):
     seq = h.shape[1]
     num_slots = cache["positions"].shape[1]
+    cache_is_empty = cache["index"] == 0
     ring = c.sliding_window is not None and num_slots >= c.sliding_window
     if seq == 1 or not ring:
         # The hot path (every decode step): write the new tokens into the cache in place, then
@@ -318,8 +344,9 @@ def _decode_with_cache(c: LlamaConfig, inv_freq, params, h, positions, segment_i
             cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, start, 0, 0))
             keys = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False).astype(q.dtype)
             values = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False).astype(q.dtype)
-            h = _finish_block(c, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments)
-            return (h, cache_k, cache_v), None
+            attn = _cache_attention(c, q, k, v, positions, segment_ids, keys, values, kv_positions, kv_segments,
+                                    cache_is_empty)
+            return (_finish_block(c, h, p, attn), cache_k, cache_v), None
 
         layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
         (h, cache_k, cache_v), _ = _scan_layers(c, body, (h, cache["k"], cache["v"]), (params["layers"], layer_ids))
@@ -335,7 +362,9 @@ def _decode_with_cache(c: LlamaConfig, inv_freq, params, h, positions, segment_i
             q, k, v = _qkv(c, inv_freq, h, p, positions)
             keys = jnp.concatenate([layer_k.astype(k.dtype), k], axis=1)
             values = jnp.concatenate([layer_v.astype(v.dtype), v], axis=1)
-            h = _finish_block(c, h, p, q, positions, segment_ids, keys, values, kv_positions, kv_segments)
+            attn = _cache_attention(c, q, k, v, positions, segment_ids, keys, values, kv_positions, kv_segments,
+                                    cache_is_empty)
+            h = _finish_block(c, h, p, attn)
             return h, (_ring_write(layer_k, k, slots, kept), _ring_write(layer_v, v, slots, kept))
 
         h, (cache_k, cache_v) = _scan_layers(c, body, h, (params["layers"], cache["k"], cache["v"]))
