@@ -277,7 +277,7 @@ def test_model_forward_and_train_step_match_xla(mistral_dir):
         with jax.set_mesh(model.mesh):
             logits = forward(model.config, model.params, batch["input_ids"], batch["positions"], batch["segment_ids"])
             params, _, metrics = jax.jit(step, compiler_options=FAST_COMPILE)(
-                model.params, optimizer.init(model.params), {k: v[None] for k, v in batch.items()})
+                model.params, optimizer.init(model.params), None, {k: v[None] for k, v in batch.items()}, 0)
         results.append((np.asarray(logits), params, metrics))
     (logits_x, params_x, metrics_x), (logits_p, params_p, metrics_p) = results
     real = rows["segment_ids"] != 0
