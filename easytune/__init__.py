@@ -196,7 +196,9 @@ class Model:
         tokenizer's chat template); a list of token ids; or a list (or array) of any of these.
         Returns a list of decoded strings, or of token-id lists for token-id prompts or with
         `return_tokens=True`. kwargs: `max_new_tokens`, `temperature`, `top_k`, `top_p` when
-        `sampling` (a `generate.SamplingConfig`) is not given.
+        `sampling` (a `generate.SamplingConfig`) is not given. For an encoder-decoder (T5) the
+        prompts are the encoder's input (text or ids, no chat template) and the result is what the
+        decoder generates from `decoder_start_token_id`.
         """
         from easytune.generate import SamplingConfig, generate_tokens
         sampling = sampling or SamplingConfig(**kwargs)
@@ -233,6 +235,9 @@ class Model:
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
+        if self.is_encoder_decoder:
+            raise ValueError(f"{self.config.model_type} takes plain text (or token-id) prompts, not conversations; "
+                             f"it has no chat template.")
         ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -242,8 +247,8 @@ class Model:
 
     def save_pretrained(self, directory: str, dtype: str | None = None, max_shard_size: int = 5 * 1024**3) -> None:
         """Write a Hugging Face directory (config.json, safetensors, tokenizer with its chat template)
-        that `transformers.AutoModelForCausalLM.from_pretrained` loads. dtype: on-disk dtype
-        (default: the parameters' dtype)."""
+        that `transformers.AutoModelForCausalLM.from_pretrained` loads (`AutoModelForSeq2SeqLM` for
+        T5). dtype: on-disk dtype (default: the parameters' dtype)."""
         import json
 
         import jax
