@@ -255,7 +255,7 @@ def main(argv=None):
     model = easytune.load(args.model, dtype=args.dtype, mesh_dim=args.mesh_dim)
     prompts = args.prompt or ["What is the capital of France?", "Write a haiku about the sea."]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    if args.raw:
+    if args.raw or model.is_encoder_decoder:  # T5 reads plain text; it has no chat template
         outputs = model.generate(prompts, sampling=sampling, seed=args.seed)
     else:
         outputs = model.generate([[{"role": "user", "content": p}] for p in prompts],

@@ -1,5 +1,8 @@
 """Hugging Face <-> easytune: config mapping, weight maps, streaming load and export.
 
+Each family (LLaMA/Mistral, T5) has its section: config_from_hf, config_to_hf and weight_map,
+registered in HF_MAPPINGS by model_type; the public functions of the same names dispatch on it.
+
 Loading builds each parameter with `jax.make_array_from_callback`: every device's shard is read
 straight from the memory-mapped safetensors, so no process ever holds a full copy of a sharded
 parameter. Export streams one (per-layer) tensor at a time.
@@ -25,13 +28,10 @@ from easytune.safetensors_io import SafetensorsCheckpoint, write_safetensors
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
 COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention")
 
 
-# ----------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------- config and weight entries
 
 def read_json(path: str) -> dict:
     with open(path) as f:
@@ -39,6 +39,33 @@ def read_json(path: str) -> dict:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+
+
+def _set_torch_dtype(hf: dict, torch_dtype: str | None) -> dict:
+    if torch_dtype is not None:  # transformers 5 reads "dtype", 4 reads "torch_dtype"
+        for key in [k for k in ("dtype", "torch_dtype") if k in hf] or ["torch_dtype"]:
+            hf[key] = torch_dtype
+    return hf
+
+
+def checkpoint_dtype(hf: dict) -> str:
+    """The dtype the HF checkpoint declares (float32 if it declares none)."""
+    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return dtype_name(name) if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightEntry:
+    path: tuple[str, ...]   # our parameter path
+    hf_name: str            # HF tensor name; '{layer}' filled in for stacked parameters
+    stacked: bool           # has a leading [num_layers] axis
+    transpose: bool         # HF stores [out, in]; we store [in, out]
+
+
+# ----------------------------------------------------------------------------- LLaMA / Mistral
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
@@ -132,29 +159,6 @@ def llama_config_to_hf(config: LlamaConfig, base: dict | None = None, torch_dtyp
         if key in hf or key not in implied or implied[key] != value:
             hf[key] = value
     return _set_torch_dtype(hf, torch_dtype)
-
-
-def _set_torch_dtype(hf: dict, torch_dtype: str | None) -> dict:
-    if torch_dtype is not None:  # transformers 5 reads "dtype", 4 reads "torch_dtype"
-        for key in [k for k in ("dtype", "torch_dtype") if k in hf] or ["torch_dtype"]:
-            hf[key] = torch_dtype
-    return hf
-
-
-def checkpoint_dtype(hf: dict) -> str:
-    """The dtype the HF checkpoint declares (float32 if it declares none)."""
-    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    return dtype_name(name) if name in ("float32", "bfloat16", "float16") else "float32"
-
-
-# ----------------------------------------------------------------------------- weight map
-
-@dataclasses.dataclass(frozen=True)
-class WeightEntry:
-    path: tuple[str, ...]   # our parameter path
-    hf_name: str            # HF tensor name; '{layer}' filled in for stacked parameters
-    stacked: bool           # has a leading [num_layers] axis
-    transpose: bool         # HF stores [out, in]; we store [in, out]
 
 
 def llama_weight_map(config: LlamaConfig) -> list[WeightEntry]:

@@ -208,20 +208,24 @@ def test_round_trip_is_exact(t5_models, variant, tmp_path):
     assert_same_tensors(directory, tmp_path)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_transformers_v4_config_layout(t5_models, variant, tmp_path):
-    """Configs as on the Hub (t5-small: no tie/scale keys; flan-t5: tie_word_embeddings false):
-    the same model and an unchanged config.json after a round trip."""
+@pytest.mark.parametrize("variant,layout", [("v1_0", "hub"), ("v1_1", "hub"), ("v1_1", "tied_flag_with_lm_head")])
+def test_other_config_layouts(t5_models, variant, layout, tmp_path):
+    """Configs as on the Hub (t5-small: no tie/scale keys; flan-t5: tie_word_embeddings false), and
+    one that says tied but whose checkpoint has its own lm_head.weight (transformers 5 then unties
+    by content): the same model, and an unchanged config.json after a round trip."""
     directory, torch_model = t5_models[variant]
     src = tmp_path / "src"
     src.mkdir()
     config = {k: v for k, v in read_config(directory).items()
               if k not in ("scale_decoder_outputs", "dense_act_fn", "is_gated_act", "tie_word_embeddings")}
-    if variant == "v1_1":
+    if layout == "tied_flag_with_lm_head":
+        config.update(tie_word_embeddings=True, scale_decoder_outputs=False)
+    elif variant == "v1_1":
         config["tie_word_embeddings"] = False
     (src / "config.json").write_text(json.dumps(config))
     os.link(os.path.join(directory, "model.safetensors"), src / "model.safetensors")
     model = easytune.load(str(src), **SINGLE)
+    assert model.config.tie_word_embeddings == (variant == "v1_0")
     ids, mask, dec, dec_mask = padded_batch(seed=6)
     ours = np.asarray(model(ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask))
     ref = hf_logits(torch_model, ids, mask, dec, dec_mask)
