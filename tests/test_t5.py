@@ -345,6 +345,8 @@ def test_packed_and_unpacked_give_the_same_per_example_losses(t5_models, qa_file
     packed = data.make_seq2seq_rows(examples, 128, 32, 0, pack=True)
     unpacked = data.make_seq2seq_rows(examples, 128, 32, 0, pack=False)
     assert len(packed["input_ids"]) < len(unpacked["input_ids"]) // 2 and packed["segment_ids"].max() <= 8
+    shifted = t5.shift_right(jnp.asarray(packed["target_ids"]), 0, jnp.asarray(packed["decoder_segment_ids"]))
+    np.testing.assert_array_equal(np.where(packed["decoder_segment_ids"] > 0, shifted, 0), packed["decoder_input_ids"])
 
     losses = jax.jit(seq2seq.per_segment_losses, static_argnums=(0, 3))
 
