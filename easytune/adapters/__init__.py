@@ -166,6 +166,10 @@ def resolve_targets(model_config, target_modules) -> tuple[str, ...]:
 def make_config(model_config, method: str, **options) -> AdapterConfig:
     """An AdapterConfig with LoRA targets resolved against `model_config`."""
     config = AdapterConfig(method=method, **options)
+    from easytune import models
+    if not config.is_lora and models.is_encoder_decoder(model_config.model_type):
+        raise ValueError(f"{method} adapters are implemented for decoder-only models; for "
+                         f"{model_config.model_type} use lora, qlora or dora.")
     if config.is_lora:
         config = dataclasses.replace(config, modules=resolve_targets(model_config, config.target_modules))
     return config
