@@ -380,3 +380,48 @@ def test_bad_seq2seq_records_are_one_clear_error(t5_models, tmp_path, content, m
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         run(make_cfg(t5_models["v1_0"][0], str(path), tmp_path / "out"))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_on_t5_matches_peft_both_ways(t5_models, tmp_path, use_dora):
+    import peft
+    directory, _ = t5_models["v1_1"]
+    torch.manual_seed(4)
+    base = transformers_t5(directory)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "o", "wo"], init_lora_weights=False,
+                             use_dora=use_dora)
+    reference = peft.get_peft_model(base, config).eval()
+    reference.save_pretrained(str(tmp_path / "theirs"))
+    ids, mask, dec, dec_mask = padded_batch(seed=5)
+    expected = hf_logits(reference, ids, mask, dec, dec_mask)
+    real = dec_mask.astype(bool)
+    assert np.abs(expected - hf_logits(transformers_t5(directory), ids, mask, dec, dec_mask))[real].max() > 1e-3
+    model = easytune.load(directory, adapter=str(tmp_path / "theirs"), tokenizer=False, mesh_dim="1,2,4")
+    assert model.adapter.config.modules  # encoder and decoder self/cross attention and the MLP output
+    ours = np.asarray(model(ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask))
+    assert np.abs(ours - expected)[real].max() <= 1e-4
+    model.save_peft(str(tmp_path / "ours"))
+    reloaded = peft.PeftModel.from_pretrained(transformers_t5(directory), str(tmp_path / "ours")).eval()
+    assert np.abs(hf_logits(reloaded, ids, mask, dec, dec_mask) - expected)[real].max() <= 1e-5
+
+
+def transformers_t5(directory):
+    from transformers import AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM.from_pretrained(directory).eval()
+
+
+def test_seq2seq_lora_sft_trains_only_the_adapter(t5_models, qa_file, tmp_path):
+    directory, _ = t5_models["v1_0"]
+    cfg = make_cfg(directory, qa_file, tmp_path / "out", total_steps=6, peft="lora")
+    cfg.lora.update(rank=4, target_modules="q,v")
+    cfg.seq2seq.update(input_field="question", target_field="answer", target_length=16)
+    cfg.optimizer.lr = 1e-2
+    summary = run(cfg)
+    assert summary["last_loss"] < summary["first_loss"]
+    trained = easytune.load(str(tmp_path / "out"), **SINGLE)
+    base = easytune.load(directory, **SINGLE)
+    base_count = sum(x.size for x in jax.tree.leaves(base.params))
+    assert trained.adapter.config.method == "lora" and summary["trainable_params"] < base_count / 5
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trained.params), jax.device_get(base.params))
+    with pytest.raises(ValueError, match="prompt adapters are implemented for decoder-only models"):
+        base.add_adapter("prompt")

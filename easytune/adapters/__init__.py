@@ -118,8 +118,12 @@ def linear_modules(model_config) -> list[LinearModule]:
     return out
 
 
-def _module_names(module: LinearModule, num_layers: int) -> list[str]:
+def module_names(model_config, module: LinearModule) -> list[str]:
+    """The HF module name of every layer of `module` (one name for an unstacked one)."""
     if module.stacked:
+        from easytune import models
+        shapes = models.family(model_config.model_type).param_shapes(model_config)
+        num_layers = _get(shapes, module.path)["kernel"].shape[0]  # T5's decoder depth may differ
         return [module.hf_module.format(layer=i) for i in range(num_layers)]
     return [module.hf_module]
 
@@ -141,7 +145,7 @@ def resolve_targets(model_config, target_modules) -> tuple[str, ...]:
     for pattern in target_modules:
         matched = []
         for module in modules:
-            names = _module_names(module, model_config.num_layers)
+            names = module_names(model_config, module)
             ours = "/".join(module.path)
             if pattern == ALL_LINEAR:
                 hit = [module.path[0] != "lm_head"] * len(names)
