@@ -66,9 +66,11 @@ def test_lora_starts_at_base_trains_only_adapter_and_exports(tiny_chat_model, ta
     from safetensors.numpy import load_file
     export_hf.main(["--checkpoint", str(out), "--output_dir", str(tmp_path / "cli"),
                     "--peft_output_dir", str(tmp_path / "cli_adapter")])
-    for name in ("model.safetensors",):
-        a, b = load_file(str(tmp_path / "cli" / name)), load_file(str(tmp_path / "merged" / name))
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # (merged on another mesh: the fp32 merge matmul may round differently, so not bit-equal)
+    a, b = load_file(str(tmp_path / "cli" / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
     a = load_file(str(tmp_path / "cli_adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -87,7 +89,7 @@ def test_sharded_lora_training_matches_unsharded(tiny_chat_model, task_file, tmp
     of a run whose parameters are not sharded (8,1,1 replicates them)."""
     results = {}
     for mesh in ("8,1,1", "1,2,4"):
-        cfg = make_cfg(tiny_chat_model, task_file, tmp_path / mesh, peft="dora", total_steps=3, mesh_dim=mesh,
+        cfg = make_cfg(tiny_chat_model, task_file, tmp_path / mesh, peft="dora", total_steps=2, mesh_dim=mesh,
                        **{"lora.rank": 4, "lora.dropout": 0.1})
         run(cfg)
         model = easytune.load(str(tmp_path / mesh), tokenizer=False, mesh_dim=mesh)
@@ -177,7 +179,7 @@ def test_lora_two_processes_and_resume_match_one_uninterrupted_run(tiny_chat_mod
 
     from safetensors.numpy import load_file
     from test_train_resume import ENV, free_port, losses, run_to_end, train_command
-    flags = ("--peft=qlora", "--lora.rank=4", "--lora.dropout=0.1", "--mesh_dim=1,2,1")
+    flags = ("--peft=qlora", "--lora.rank=4", "--lora.dropout=0.1", "--mesh_dim=1,2,1", "--seq_length=64")
     one = tmp_path / "one"
     run_to_end(train_command(tiny_chat_model, task_file, one, "--total_steps=4", *flags,
                              f"--export_peft={one}/adapter"))
