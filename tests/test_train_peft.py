@@ -159,14 +159,12 @@ def test_bench_peft_script_reports_memory_and_kl(tiny_chat_model, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     results = bench.main(["--model", tiny_chat_model, "--batch", "2", "--seq", "16", "--steps", "1", "--rank", "4",
-                          "--methods", "full,lora,qlora"])
-    assert results["lora"]["trainable_params"] == results["qlora"]["trainable_params"] < \
-        results["full"]["trainable_params"] / 100
+                          "--methods", "full,qlora"])
+    assert results["qlora"]["trainable_params"] < results["full"]["trainable_params"] / 100
     # AdamW's two moments of the adapter, plus step counters
-    assert 0 <= results["lora"]["optimizer_bytes"] - 2 * results["lora"]["trained_bytes"] < 64
+    assert 0 <= results["qlora"]["optimizer_bytes"] - 2 * results["qlora"]["trained_bytes"] < 64
     assert results["qlora"]["block_linear_bytes_vs_bf16"] <= 0.3
-    assert results["qlora"]["train_state_bytes"] < results["lora"]["train_state_bytes"] < \
-        results["full"]["train_state_bytes"]
+    assert results["qlora"]["train_state_bytes"] < results["full"]["train_state_bytes"] / 2
     assert 0 < results["nf4_kl"]["kl_mean"] < 0.05 and results["nf4_kl"]["top1_agreement"] > 0.9
 
 
