@@ -140,25 +140,6 @@ flags.adopt_module_key_flags(config_lib)  # so that --help (not only --helpfull)
 logger = logging.getLogger("easytune")
 
 
-def preference_rows(model, template, records, locations, source: str, seq_length: int):
-    """`(rows, stats)`: tokenized, truncated pairs laid out as `chosen_*`/`rejected_*` rows."""
-    from easytune import data
-    pairs, stats = data.tokenize_pairs(records, model.tokenizer, template, seq_length, source, locations)
-    return data.make_pair_rows(pairs, seq_length), stats
-
-
-def task_preference_records(model, records, cfg) -> list[dict]:
-    """Default job: preference records from task records; rejected = the model's own greedy answer
-    when wrong (--tasks.rejected=model), else a perturbed answer."""
-    from easytune import data
-    generations = None
-    if cfg.tasks.rejected == "model":
-        generations = model.generate([r["messages"][:-1] for r in records], max_new_tokens=cfg.tasks.max_new_tokens)
-    elif cfg.tasks.rejected != "perturb":
-        raise ValueError(f"unknown --tasks.rejected {cfg.tasks.rejected!r}; use model or perturb.")
-    return data.task_pairs(records, seed=cfg.seed, generations=generations)
-
-
 def cached_reference_logps(path: str, rows: dict, compute) -> dict:
     """Reference log-probs for `rows` from `path` if it holds them for these very rows, else
     `compute()` (saved to `path`)."""
@@ -219,7 +200,8 @@ def run(cfg) -> dict:
     heldout = None
     if default_job:
         task_records, heldout = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout, seed=cfg.seed)
-        train_records = task_preference_records(model, task_records, cfg)
+        train_records = data.task_pairs_from_model(model, task_records, cfg.tasks.rejected,
+                                                   cfg.tasks.max_new_tokens, cfg.seed)
         source = f"generated task pairs ({len(train_records)} train, {len(heldout)} held out)"
         locations = None
         if is_main:
@@ -228,7 +210,7 @@ def run(cfg) -> dict:
     else:
         source = cfg.train_data
         train_records, locations = data.load_pairs(source)
-    rows, stats = preference_rows(model, template, train_records, locations, source, cfg.seq_length)
+    rows, stats = data.pair_rows(train_records, model.tokenizer, template, cfg.seq_length, source, locations)
     logger.info("train data %s: %s; rows of %d tokens", source, stats.summary(), rows["chosen_input_ids"].shape[1])
     if stats.num_dropped and is_main:
         print(f"dropped {stats.num_dropped} of {stats.num_records} pairs whose chosen ({stats.num_dropped_chosen}) "
@@ -237,7 +219,8 @@ def run(cfg) -> dict:
     eval_rows = None
     if cfg.eval_data:
         eval_records, eval_locations = data.load_pairs(cfg.eval_data)
-        eval_rows, _ = preference_rows(model, template, eval_records, eval_locations, cfg.eval_data, cfg.seq_length)
+        eval_rows, _ = data.pair_rows(eval_records, model.tokenizer, template, cfg.seq_length, cfg.eval_data,
+                                      eval_locations)
 
     micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
     precomputed = cfg.precompute_reference and options.uses_reference

@@ -6,13 +6,14 @@
     rows = make_rows(examples, seq_length=2048, pack=True)     # int32 [num_rows, 2048] arrays
     for batch in BatchIterator(rows, batch_size=8, seed=0): ...
 
-Preference pairs (DPO, reward models) go through `preference`: load_pairs -> tokenize_pairs -> make_pair_rows.
+Preference pairs (DPO, reward models) go through `preference`: load_pairs -> pair_rows (tokenize_pairs,
+make_pair_rows); task_pairs builds pairs from the verifiable tasks.
 """
 from easytune.data.batching import BatchIterator
 from easytune.data.formats import FORMATS, detect_format, load_records, to_messages
 from easytune.data.packing import ROW_KEYS, make_rows
-from easytune.data.preference import (PreferenceStats, TokenizedPair, load_pairs, make_pair_rows, task_pairs,
-                                      tokenize_pairs)
+from easytune.data.preference import (PreferenceStats, TokenizedPair, load_pairs, make_pair_rows, pair_rows,
+                                      task_pairs, task_pairs_from_model, tokenize_pairs)
 from easytune.data.tasks import TASKS, accuracy, exact_match, make_task_records, train_and_heldout
 from easytune.data.templates import BUILTIN_TEMPLATES, resolve_chat_template
 from easytune.data.tokenize import DataStats, Example, tokenize_conversation, tokenize_records, tokenize_text
@@ -21,5 +22,6 @@ __all__ = [
     "BatchIterator", "FORMATS", "detect_format", "load_records", "to_messages", "ROW_KEYS", "make_rows",
     "TASKS", "accuracy", "exact_match", "make_task_records", "train_and_heldout", "BUILTIN_TEMPLATES",
     "resolve_chat_template", "DataStats", "Example", "tokenize_conversation", "tokenize_records", "tokenize_text",
-    "PreferenceStats", "TokenizedPair", "load_pairs", "make_pair_rows", "task_pairs", "tokenize_pairs",
+    "PreferenceStats", "TokenizedPair", "load_pairs", "make_pair_rows", "pair_rows", "task_pairs",
+    "task_pairs_from_model", "tokenize_pairs",
 ]

@@ -235,6 +235,13 @@ def tokenize_pairs(records: Sequence[dict], tokenizer, chat_template: str | None
     return pairs, stats
 
 
+def pair_rows(records: Sequence[dict], tokenizer, chat_template: str | None, seq_length: int, source_name: str,
+              locations: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], PreferenceStats]:
+    """`(rows, stats)`: `tokenize_pairs` then `make_pair_rows`."""
+    pairs, stats = tokenize_pairs(records, tokenizer, chat_template, seq_length, source_name, locations)
+    return make_pair_rows(pairs, seq_length), stats
+
+
 def make_pair_rows(pairs: Sequence[TokenizedPair], seq_length: int) -> dict[str, np.ndarray]:
     """`[num_pairs, length]` int32 rows per side, keyed `chosen_<key>` and `rejected_<key>` for
     every key of `packing.make_rows` (one sequence per row, never packed), plus `margin`
@@ -295,3 +302,15 @@ def task_pairs(records: Sequence[dict], seed: int, generations: Sequence[str] | 
         out.append({"prompt": question, "chosen": answer, "rejected": rejected, "task": record["task"],
                     "rejected_source": source})
     return out
+
+
+def task_pairs_from_model(model, records: Sequence[dict], rejected: str, max_new_tokens: int, seed: int) -> list[dict]:
+    """`task_pairs` with rejected = the model's own greedy answer where it is wrong
+    (rejected="model"; `model.generate` answers every question once), or always a perturbed
+    answer (rejected="perturb")."""
+    if rejected not in ("model", "perturb"):
+        raise ValueError(f"unknown rejected-answer source {rejected!r}; use model or perturb.")
+    generations = None
+    if rejected == "model":
+        generations = model.generate([r["messages"][:-1] for r in records], max_new_tokens=max_new_tokens)
+    return task_pairs(records, seed=seed, generations=generations)
