@@ -4,6 +4,7 @@
     logits = model(tokens)                       # [batch, seq] -> [batch, seq, vocab]
     model.generate([[{"role": "user", "content": "Hi"}]])
     model.save_pretrained("out_dir")             # a Hugging Face directory
+    easytune.load("reward_run").score(conversations)   # reward models: a score per sequence
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ DEFAULTS = {
     "loss_reduction": "mean",
     "center_rewards_coefficient": 0.0,
     "optimizer": {
-        "lr": 2e-5, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
+        "lr": 5e-5, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
         "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad_norm": 1.0,
     },
     "seed": 0,
@@ -55,7 +55,7 @@ DEFAULTS = {
     "resume": False,
     "export_hf": None,
     "logger": "tensorboard",
-    "tasks": {"num_train": 256, "num_heldout": 100, "max_new_tokens": 16, "rejected": "model"},
+    "tasks": {"num_train": 128, "num_heldout": 100, "max_new_tokens": 16, "rejected": "model"},
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
 }
 

@@ -278,8 +278,8 @@ def test_reference_copy_and_precomputed_reference_train_alike(tiny_chat_model, p
     results = {}
     for mode in ("copy", "precomputed"):
         out = tmp_path / mode
-        summary = run(make_cfg(tiny_chat_model, pair_file, out, total_steps=2, mesh_dim="2,2,2",
-                               precompute_reference=mode == "precomputed"))
+        summary = run(make_cfg(tiny_chat_model, pair_file, out, total_steps=2, mesh_dim="2,2,2", eval_data=pair_file,
+                               batch_size=4, precompute_reference=mode == "precomputed"))
         results[mode] = (summary, logged(out))
     (copy, copy_log), (pre, pre_log) = results["copy"], results["precomputed"]
     assert copy["reference"] == "copy" and pre["reference"] == "precomputed"
@@ -289,6 +289,9 @@ def test_reference_copy_and_precomputed_reference_train_alike(tiny_chat_model, p
     assert os.path.exists(tmp_path / "precomputed" / "reference_logps_train.npz")
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen"):
         np.testing.assert_allclose([r[key] for r in pre_log], [r[key] for r in copy_log], rtol=1e-5, atol=1e-6)
+    for key in ("eval_loss", "eval_rewards/margin", "eval_rewards/accuracy"):  # eval (2 batches of 4 pairs) too
+        np.testing.assert_allclose(pre[key], copy[key], rtol=1e-5, atol=1e-6)
+    assert "eval_perplexity" not in copy
     assert copy_log[-1]["rewards/margin"] != 0  # the policy moved away from the reference
 
 
