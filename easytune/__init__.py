@@ -1,7 +1,8 @@
-"""easytune: fine-tune LLaMA/Mistral-family models in JAX, from a laptop CPU to a TPU pod.
+"""easytune: fine-tune LLaMA/Mistral-family and T5 models in JAX, from a laptop CPU to a TPU pod.
 
     model = easytune.load("path/to/hf_dir", dtype="bfloat16", mesh_dim="1,-1,1")
     logits = model(tokens)                       # [batch, seq] -> [batch, seq, vocab]
+    logits = t5(input_ids, decoder_input_ids=d)  # encoder-decoders: [batch, dec_seq, vocab]
     model.generate([[{"role": "user", "content": "Hi"}]])
     model.save_pretrained("out_dir")             # a Hugging Face directory
     easytune.load("reward_run").score(conversations)   # reward models: a score per sequence
@@ -98,7 +99,7 @@ def load(
         gen_path = os.path.join(directory, hf.GENERATION_CONFIG_FILE)
         generation_config = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
         param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
-        config = hf.config_from_hf(hf_config, dtype=dtype_name(dtype or param_dtype),
+        config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype),
                                    param_dtype=param_dtype, remat=remat, attention=attention)
         params = hf.load_params(directory, config, mesh)
     model = Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
@@ -208,23 +209,64 @@ class Model:
         from easytune import models
         return models.family(self.config.model_type)
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    @property
+    def is_encoder_decoder(self) -> bool:
+        from easytune import models
+        return models.is_encoder_decoder(self.config.model_type)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, *, decoder_input_ids=None,
+                 decoder_positions=None, decoder_segment_ids=None, attention_mask=None,
+                 decoder_attention_mask=None):
         """Logits `[batch, seq, vocab]` (float32) for token ids `[batch, seq]`.
 
         positions default to 0..seq-1 per row and segment_ids to ones (0 marks padding); pass both
-        for left-padded or packed batches."""
+        for left-padded or packed batches. An HF-style `attention_mask` (1 = token, 0 = padding)
+        may stand in for segment_ids.
+
+        Encoder-decoders (T5): `model(input_ids, decoder_input_ids=...)` gives the decoder's logits
+        `[batch, dec_seq, vocab]`; `decoder_segment_ids` (or `decoder_attention_mask`) and
+        `decoder_positions` describe the decoder side as the others do the encoder's.
+        """
         import jax
         import jax.numpy as jnp
 
         from easytune import sharding
+        if attention_mask is not None:
+            if segment_ids is not None:
+                raise ValueError("pass segment_ids or attention_mask, not both.")
+            segment_ids = attention_mask
+        if decoder_attention_mask is not None:
+            if decoder_segment_ids is not None:
+                raise ValueError("pass decoder_segment_ids or decoder_attention_mask, not both.")
+            decoder_segment_ids = decoder_attention_mask
+        decoder_args = (decoder_input_ids, decoder_positions, decoder_segment_ids)
+        if not self.is_encoder_decoder and any(a is not None for a in decoder_args):
+            raise ValueError(f"{self.config.model_type} is a decoder-only model; it takes no decoder_* inputs.")
+        if self.is_encoder_decoder and decoder_input_ids is None:
+            raise ValueError(f"{self.config.model_type} is an encoder-decoder: call it as model(input_ids, "
+                             f"decoder_input_ids=...), the decoder inputs starting with decoder_start_token_id "
+                             f"({self.config.decoder_start_token_id}).")
         if self._forward is None:
             self._forward = jax.jit(self.family.forward, static_argnums=0)
-        tokens = jnp.asarray(tokens, jnp.int32)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
-        tokens = jax.device_put(tokens, sharding.input_sharding(self.mesh, tokens.shape[0]))
+
+        def place(x, name):
+            if x is None:
+                return None
+            x = jnp.asarray(x, jnp.int32)
+            if x.ndim != 2:
+                raise ValueError(f"{name} must be [batch, seq], got shape {x.shape}.")
+            return jax.device_put(x, sharding.input_sharding(self.mesh, x.shape[0]))
+
+        tokens, positions, segment_ids = (place(x, n) for x, n in ((tokens, "tokens"), (positions, "positions"),
+                                                                   (segment_ids, "segment_ids")))
         with jax.set_mesh(self.mesh):
-            return self._forward(self.config, self.forward_params, tokens, positions, segment_ids)
+            if not self.is_encoder_decoder:
+                return self._forward(self.config, self.forward_params, tokens, positions, segment_ids)
+            decoder_input_ids, decoder_positions, decoder_segment_ids = (
+                place(x, n) for x, n in zip(decoder_args, ("decoder_input_ids", "decoder_positions",
+                                                           "decoder_segment_ids")))
+            return self._forward(self.config, self.forward_params, tokens, decoder_input_ids, segment_ids,
+                                 decoder_segment_ids, positions, decoder_positions)
 
     # ------------------------------------------------------------------ generation
 
@@ -251,7 +293,9 @@ class Model:
         tokenizer's chat template); a list of token ids; or a list (or array) of any of these.
         Returns a list of decoded strings, or of token-id lists for token-id prompts or with
         `return_tokens=True`. kwargs: `max_new_tokens`, `temperature`, `top_k`, `top_p` when
-        `sampling` (a `generate.SamplingConfig`) is not given.
+        `sampling` (a `generate.SamplingConfig`) is not given. For an encoder-decoder (T5) the
+        prompts are the encoder's input (text or ids, no chat template) and the result is what the
+        decoder generates from `decoder_start_token_id`.
         """
         from easytune.generate import SamplingConfig, generate_tokens
         sampling = sampling or SamplingConfig(**kwargs)
@@ -277,7 +321,7 @@ class Model:
 
         from easytune import sharding
         from easytune.algos import reward
-        if not self.config.num_labels:
+        if not getattr(self.config, "num_labels", 0):
             raise ValueError("this model has no score head; load a reward model (a train_reward run or an HF "
                              "*ForSequenceClassification directory).")
         single = isinstance(sequences, str) or (isinstance(sequences, list) and sequences
@@ -331,6 +375,9 @@ class Model:
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
+        if self.is_encoder_decoder:
+            raise ValueError(f"{self.config.model_type} takes plain text (or token-id) prompts, not conversations; "
+                             f"it has no chat template.")
         ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -340,8 +387,8 @@ class Model:
 
     def save_pretrained(self, directory: str, dtype: str | None = None, max_shard_size: int = 5 * 1024**3) -> None:
         """Write a Hugging Face directory (config.json, safetensors, tokenizer with its chat template)
-        that `transformers.AutoModelForCausalLM.from_pretrained` loads. dtype: on-disk dtype
-        (default: the parameters' dtype)."""
+        that `transformers.AutoModelForCausalLM.from_pretrained` loads (`AutoModelForSeq2SeqLM` for
+        T5). dtype: on-disk dtype (default: the parameters' dtype)."""
         import json
 
         import jax

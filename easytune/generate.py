@@ -3,6 +3,9 @@
 Nothing returns to the host between tokens, and prompt lengths are bucketed so prompts of new
 lengths reuse the compiled program. Prompts of different lengths are left-padded; each row keeps
 its own positions (0 at its first real token) and padding is segment 0, never attended.
+Encoder-decoders (T5) run the encoder once on right-padded prompts, precompute every decoder
+layer's cross-attention keys and values, and decode from `decoder_start_token_id` with a
+self-attention KV cache, in the same kind of loop.
 Also the command line: `python -m easytune.generate --model=... --prompt=...`.
 """
 from __future__ import annotations
@@ -114,6 +117,41 @@ def _generate(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, p
     return state[5]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _generate_seq2seq(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, params, input_ids,
+                      segment_ids, eos_ids, pad_id, key, temperature, top_p):
+    """Encode `input_ids [batch, enc_seq]` once, then decode up to `max_new` tokens from
+    `decoder_start_token_id`. Returns `[batch, max_new]` token ids, `pad_id` after a row's EOS."""
+    family = models.family(config.model_type)
+    batch = input_ids.shape[0]
+    sample = functools.partial(sample_tokens, top_k=top_k, greedy=greedy, use_top_p=use_top_p)
+    encoder_hidden = family.encode(config, params, input_ids, segment_ids)
+    decode = functools.partial(family.decode, config, params, encoder_segment_ids=segment_ids,
+                               cross_kv=family.cross_attention_kv(config, params, encoder_hidden),
+                               segment_ids=jnp.ones((batch, 1), jnp.int32))
+    cache = family.init_cache(config, batch, max_new + 1)  # the start token + every generated token
+    start = jnp.full((batch, 1), config.decoder_start_token_id, jnp.int32)
+    logits, cache = decode(start, positions=jnp.zeros((batch, 1), jnp.int32), cache=cache)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, done, out, key = state
+        key, step_key = jax.random.split(key)
+        token = sample(logits[:, 0], step_key, temperature, top_p=top_p)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, eos_ids)
+        logits, cache = decode(token[:, None], positions=jnp.full((batch, 1), step + 1, jnp.int32), cache=cache)
+        return step + 1, cache, logits, done, out, key
+
+    out = jnp.full((batch, max_new), pad_id, jnp.int32)
+    state = (jnp.int32(0), cache, logits, jnp.zeros((batch,), bool), out, key)
+    return jax.lax.while_loop(cond, body, state)[4]
+
+
 def bucket_length(length: int, minimum: int = 16) -> int:
     """Round a prompt length up to a power of two (at least `minimum`) to bound recompilation."""
     return max(minimum, 1 << (max(length, 1) - 1).bit_length())
@@ -139,6 +177,15 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None):
     return tokens, positions, segment_ids
 
 
+def right_pad(prompts: Sequence[Sequence[int]], length: int | None = None):
+    """Encoder inputs: token lists right-padded to `[batch, length]` (bucketed), tokens and
+    segment ids (0 = padding)."""
+    tokens, _, segment_ids = left_pad(prompts, length)
+    for row, prompt in enumerate(prompts):  # move each row's tokens to the front
+        tokens[row], segment_ids[row] = np.roll(tokens[row], len(prompt)), np.roll(segment_ids[row], len(prompt))
+    return tokens, segment_ids
+
+
 def generate_tokens(
     config,
     params,
@@ -150,22 +197,27 @@ def generate_tokens(
     mesh=None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts; each result stops after (and includes) its EOS.
+    For encoder-decoders the prompts are the encoder inputs and the results the decoder's tokens.
 
     With a `mesh`, prompts are split over its batch axes (when the batch divides them) and the
     call works in multi-process runs: every process passes the same prompts and gets all results.
     """
-    tokens, positions, segment_ids = left_pad(prompts)
-    if tokens.shape[1] + sampling.max_new_tokens > config.max_position_embeddings:
-        logger.warning("prompt (%d, bucketed) + max_new_tokens (%d) exceeds max_position_embeddings (%d); "
-                       "quality may degrade past it.", tokens.shape[1], sampling.max_new_tokens,
-                       config.max_position_embeddings)
-    inputs = [tokens, positions, segment_ids]
+    seq2seq = models.is_encoder_decoder(config.model_type)
+    if seq2seq:
+        inputs = list(right_pad(prompts))
+    else:
+        tokens, positions, segment_ids = left_pad(prompts)
+        if tokens.shape[1] + sampling.max_new_tokens > config.max_position_embeddings:
+            logger.warning("prompt (%d, bucketed) + max_new_tokens (%d) exceeds max_position_embeddings (%d); "
+                           "quality may degrade past it.", tokens.shape[1], sampling.max_new_tokens,
+                           config.max_position_embeddings)
+        inputs = [tokens, positions, segment_ids]
     if mesh is not None:
         from easytune import sharding
         spec = sharding.input_sharding(mesh, len(prompts))
         inputs = [jax.device_put(x, spec) for x in inputs]
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    out = _generate(
+    out = (_generate_seq2seq if seq2seq else _generate)(
         config, sampling.max_new_tokens, sampling.top_k, sampling.temperature == 0.0, sampling.top_p < 1.0,
         params, *inputs, eos, jnp.int32(pad_id), jax.random.key(seed),
         jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
@@ -207,7 +259,7 @@ def main(argv=None):
     model = easytune.load(args.model, dtype=args.dtype, mesh_dim=args.mesh_dim)
     prompts = args.prompt or ["What is the capital of France?", "Write a haiku about the sea."]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    if args.raw:
+    if args.raw or model.is_encoder_decoder:  # T5 reads plain text; it has no chat template
         outputs = model.generate(prompts, sampling=sampling, seed=args.seed)
     else:
         outputs = model.generate([[{"role": "user", "content": p}] for p in prompts],

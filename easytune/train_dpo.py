@@ -185,6 +185,9 @@ def run(cfg) -> dict:
                           remat=cfg.remat, attention=cfg.attention)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer; preference training needs one to format the pairs.")
+    if model.is_encoder_decoder or getattr(model.config, "num_labels", 0):
+        raise ValueError(f"preference optimization trains a decoder-only causal LM (LLaMA/Mistral); {cfg.model} is "
+                         f"{'an encoder-decoder' if model.is_encoder_decoder else 'a reward model'}.")
     template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
     adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
     prompt_learning = adapter is not None and not adapter.config.is_lora

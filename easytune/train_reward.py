@@ -136,12 +136,14 @@ def run(cfg) -> dict:
                           remat=cfg.remat, attention=cfg.attention)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer; reward training needs one to format the pairs.")
+    if model.is_encoder_decoder:
+        raise ValueError(f"reward models here are decoder-only (LLaMA/Mistral); {cfg.model} is an encoder-decoder.")
     template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
 
     default_job = cfg.train_data is None
     eval_rows = None
     if default_job:  # pairs from the causal LM's own answers, before it becomes a reward model
-        if model.config.num_labels:
+        if getattr(model.config, "num_labels", 0):
             raise ValueError("the default job builds its pairs from a causal LM's answers; give --train_data to "
                              "continue training a reward model.")
         task_records, heldout_tasks = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout,

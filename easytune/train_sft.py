@@ -3,6 +3,10 @@
 With no flags it runs the embedded default: SmolLM2-135M-Instruct (bundled) fine-tuned on
 verifiable tasks easytune generates, with held-out exact-match accuracy before and after, and an
 HF export. Every flag: `python -m easytune.train_sft --help`.
+
+Encoder-decoder models (T5) train on `{"input": ..., "target": ...}` records (`--seq2seq.*` names
+the fields) with the seq2seq loss: `--seq_length` is the encoder's row length and
+`--seq2seq.target_length` the decoder's.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ DEFAULTS = {
     "export_hf": None,
     "logger": "tensorboard",
     "tasks": {"num_train": 640, "num_heldout": 100, "max_new_tokens": 16},
+    "seq2seq": {"input_field": "input", "target_field": "target", "target_length": 0},
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
     **PEFT_DEFAULTS,
 }
@@ -95,6 +100,9 @@ DOCS = {
     "tasks.num_train": "default job: generated training tasks",
     "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
     "tasks.max_new_tokens": "default job: generation budget per held-out answer",
+    "seq2seq.input_field": "encoder-decoder models (T5): the record field holding the encoder's input text",
+    "seq2seq.target_field": "encoder-decoder models (T5): the record field holding the target text (trained, plus eos)",
+    "seq2seq.target_length": "encoder-decoder models (T5): decoder tokens per row (0 = seq_length, the encoder's)",
     "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
     "jax_distributed.num_processes": "number of processes (0 = auto)",
     "jax_distributed.process_id": "this process's index (-1 = auto)",
@@ -107,11 +115,38 @@ logger = logging.getLogger("easytune")
 
 
 def heldout_accuracy(model, records, max_new_tokens: int) -> float:
-    """Greedy exact-match accuracy on verifiable-task records (prompt = all but the last turn)."""
+    """Greedy exact-match accuracy on verifiable-task records (prompt = all but the last turn; for
+    an encoder-decoder, the question's text)."""
     from easytune import data
-    prompts = [r["messages"][:-1] for r in records]
+    if model.is_encoder_decoder:
+        prompts = [r["messages"][-2]["content"] for r in records]
+    else:
+        prompts = [r["messages"][:-1] for r in records]
     predictions = model.generate(prompts, max_new_tokens=max_new_tokens)
     return data.accuracy(predictions, records)
+
+
+def training_rows(cfg, model, template, source: str, records=None, pack: bool | None = None):
+    """`(rows, stats)` of the data at `source` (or of `records`, named `source`), laid out for the
+    model: chat/text SFT rows, or paired encoder/decoder rows for an encoder-decoder."""
+    from easytune import data
+    pack = cfg.pack if pack is None else pack
+    if not model.is_encoder_decoder:
+        records = data.load_records(source) if records is None else records
+        examples, stats = data.tokenize_records(records, model.tokenizer, template, cfg.seq_length, source)
+        return data.make_rows(examples, cfg.seq_length, pack=pack), stats
+    fields = cfg.seq2seq
+    if records is None:
+        located = data.load_located_records(source)
+    else:  # generated tasks: a single question and its answer
+        located = [({fields.input_field: r["messages"][-2]["content"], fields.target_field: r["messages"][-1]["content"]},
+                    f"{source} record {i}") for i, r in enumerate(records, start=1)]
+    target_length = fields.target_length or cfg.seq_length
+    examples, stats = data.tokenize_seq2seq_records(located, model.tokenizer, fields.input_field, fields.target_field,
+                                                    cfg.seq_length, target_length)
+    rows = data.make_seq2seq_rows(examples, cfg.seq_length, target_length, model.config.decoder_start_token_id,
+                                  pack=pack)
+    return rows, stats
 
 
 def run(cfg) -> dict:
@@ -124,7 +159,7 @@ def run(cfg) -> dict:
 
     import easytune
     from easytune import adapters, data, logging_utils, train
-    from easytune.algos import sft
+    from easytune.algos import seq2seq, sft
 
     start = time.time()
     is_main = jax.process_index() == 0
@@ -133,7 +168,7 @@ def run(cfg) -> dict:
                           remat=cfg.remat, attention=cfg.attention)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer; SFT needs one to format and tokenize the data.")
-    template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
+    template = None if model.is_encoder_decoder else data.resolve_chat_template(model.tokenizer, cfg.chat_template)
     adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
     prompt_learning = adapter is not None and not adapter.config.is_lora
     if prompt_learning and cfg.export_hf:
@@ -150,10 +185,10 @@ def run(cfg) -> dict:
     if default_job:
         train_records, heldout = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout, seed=cfg.seed)
         source = f"generated tasks ({len(train_records)} train, {len(heldout)} held out)"
+        rows, stats = training_rows(cfg, model, template, source, train_records, pack=pack)
     else:
-        train_records, source = data.load_records(cfg.train_data), cfg.train_data
-    examples, stats = data.tokenize_records(train_records, model.tokenizer, template, cfg.seq_length, source)
-    rows = data.make_rows(examples, cfg.seq_length, pack=pack)
+        source = cfg.train_data
+        rows, stats = training_rows(cfg, model, template, source, pack=pack)
     batches = data.BatchIterator(rows, cfg.batch_size, seed=cfg.seed)
     logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), len(rows["input_ids"]), cfg.seq_length)
     if stats.num_dropped_no_trainable_tokens and is_main:
@@ -162,9 +197,7 @@ def run(cfg) -> dict:
 
     eval_batches = None
     if cfg.eval_data:
-        eval_examples, _ = data.tokenize_records(data.load_records(cfg.eval_data), model.tokenizer, template,
-                                                 cfg.seq_length, cfg.eval_data)
-        eval_rows = data.make_rows(eval_examples, cfg.seq_length, pack=pack)
+        eval_rows, _ = training_rows(cfg, model, template, cfg.eval_data, pack=pack)
         # micro-batches: eval logits must fit wherever training's do
         eval_batches = lambda: train.eval_batches(eval_rows, cfg.batch_size // cfg.grad_accum_steps)  # noqa: E731
 
@@ -176,7 +209,8 @@ def run(cfg) -> dict:
         model.tokenizer.save_pretrained(cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-    trainer = train.Trainer(cfg, model, sft.loss_sums, total_steps)
+    loss_fn = seq2seq.loss_sums if model.is_encoder_decoder else sft.loss_sums
+    trainer = train.Trainer(cfg, model, loss_fn, total_steps)
     summary = {"train_samples": stats.num_records, "train_samples_dropped": stats.num_dropped_no_trainable_tokens,
                "total_steps": total_steps}
     if cfg.resume:
@@ -195,8 +229,10 @@ def run(cfg) -> dict:
 
     progress = logging_utils.ProgressBar(total_steps, initial=trainer.step)
     train_start = time.time()
-    history = trainer.train(batches, eval_batches, progress=progress,
-                            flops_per_token=logging_utils.llama_flops_per_token(model.config, cfg.seq_length),
+    # (no MFU for encoder-decoders yet: their FLOPs per token depend on the input/target split)
+    flops_per_token = None if model.is_encoder_decoder else logging_utils.llama_flops_per_token(model.config,
+                                                                                                cfg.seq_length)
+    history = trainer.train(batches, eval_batches, progress=progress, flops_per_token=flops_per_token,
                             peak_flops=logging_utils.peak_flops_per_device())
     progress.close()
     summary["train_seconds"] = time.time() - train_start

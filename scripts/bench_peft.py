@@ -1,6 +1,6 @@
 """Full fine-tuning vs LoRA vs QLoRA (vs DoRA) on one model: trainable parameters, train-state
 memory (trained weights + optimizer state + frozen base, counted from the live arrays) and step
-time on this machine, side by side; plus the NF4 model's logits KL against the unquantized one.
+time on this machine, side by side (timed steps interleaved); plus the NF4 model's logits KL against the unquantized one.
 
     python scripts/bench_peft.py [--model DIR] [--batch 4] [--seq 128] [--steps 3]
                                  [--methods full,lora,qlora,dora] [--base_dtype bfloat16]
@@ -75,7 +75,7 @@ def main(argv=None):
     directory = args.model or assets.smollm2_hf_dir()
     devices = jax.devices()[:1]
     rng = np.random.RandomState(0)
-    results = {}
+    results, trainers, batches = {}, {}, {}
     for method in args.methods.split(","):
         full = method == "full"
         model = easytune.load(directory, dtype="float32", param_dtype="float32" if full else args.base_dtype,
@@ -93,14 +93,9 @@ def main(argv=None):
                 "loss_mask": np.ones((args.batch, args.seq), np.int32),
                 "segment_ids": np.ones((args.batch, args.seq), np.int32),
                 "positions": np.tile(np.arange(args.seq, dtype=np.int32), (args.batch, 1))}
-        batch = train.global_batch(model.mesh, rows, 1)
-        times = []
+        batches[method] = train.global_batch(model.mesh, rows, 1)
         with jax.set_mesh(model.mesh):
-            for step in range(args.steps + 1):
-                start = time.perf_counter()
-                jax.block_until_ready(trainer.train_step(batch))
-                if step:
-                    times.append(time.perf_counter() - start)
+            jax.block_until_ready(trainer.train_step(batches[method]))  # compile
         frozen = trainer.frozen if trainer.frozen is not None else {}
         linear_bytes = (sum(nbytes(adapters._get(frozen, m.path)) - nbytes(adapters._get(frozen, m.path).get("bias", {}))
                             for m in adapters.linear_modules(model.config) if m.stacked) if not full else None)
@@ -111,9 +106,19 @@ def main(argv=None):
             "train_state_bytes": nbytes(trainer.params) + nbytes(trainer.opt_state) + nbytes(frozen),
             "block_linear_bytes_vs_bf16": None if linear_bytes is None else linear_bytes / linear_bf16_bytes,
             "frozen_vs_bf16": None if full else nbytes(frozen) / base_bf16_bytes,
-            "step_seconds": statistics.median(times),
+            "step_seconds": [],
         }
-        del trainer, model
+        trainers[method] = trainer
+    # timed steps interleaved across methods, so load drift on a shared machine hits all alike
+    for _ in range(args.steps):
+        for method, trainer in trainers.items():
+            with jax.set_mesh(trainer.mesh):
+                start = time.perf_counter()
+                jax.block_until_ready(trainer.train_step(batches[method]))
+                results[method]["step_seconds"].append(time.perf_counter() - start)
+    for method in trainers:
+        results[method]["step_seconds"] = statistics.median(results[method]["step_seconds"])
+    del trainers
     reference = results.get("full")
     print(f"{'method':<8}{'trainable':>14}{'train state MB':>16}{'x full':>8}{'frozen/bf16':>13}"
           f"{'linears/bf16':>14}{'step s':>9}{'x full':>8}")

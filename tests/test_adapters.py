@@ -180,6 +180,13 @@ def test_prompt_learning_matches_peft(gqa_base, tmp_path, method, encoder_type):
     assert jax.tree.structure(ours) == jax.tree.structure(model.adapter.params)
     model.adapter.params = jax.tree.map(jnp.asarray, ours)
     np.testing.assert_allclose(np.asarray(model(TOKENS)), expected, atol=1e-4)
+    # with explicit positions and segment ids (as training passes them), and a right-padded row
+    positions = np.broadcast_to(np.arange(TOKENS.shape[1]), TOKENS.shape)
+    segments = np.ones_like(TOKENS)
+    segments[1, 9:] = 0
+    with_padding = np.asarray(model(TOKENS, positions, segments))
+    np.testing.assert_allclose(with_padding[0], expected[0], atol=1e-4)
+    np.testing.assert_allclose(with_padding[1, :9], expected[1, :9], atol=1e-4)
 
     # export for inference (peft keeps the encoder's output) -> peft and back
     model.save_peft(str(tmp_path / "ours"))

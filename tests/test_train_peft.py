@@ -66,9 +66,11 @@ def test_lora_starts_at_base_trains_only_adapter_and_exports(tiny_chat_model, ta
     from safetensors.numpy import load_file
     export_hf.main(["--checkpoint", str(out), "--output_dir", str(tmp_path / "cli"),
                     "--peft_output_dir", str(tmp_path / "cli_adapter")])
-    for name in ("model.safetensors",):
-        a, b = load_file(str(tmp_path / "cli" / name)), load_file(str(tmp_path / "merged" / name))
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # (merged on another mesh: the fp32 merge matmul may round differently, so not bit-equal)
+    a, b = load_file(str(tmp_path / "cli" / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
     a = load_file(str(tmp_path / "cli_adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -87,7 +89,7 @@ def test_sharded_lora_training_matches_unsharded(tiny_chat_model, task_file, tmp
     of a run whose parameters are not sharded (8,1,1 replicates them)."""
     results = {}
     for mesh in ("8,1,1", "1,2,4"):
-        cfg = make_cfg(tiny_chat_model, task_file, tmp_path / mesh, peft="dora", total_steps=3, mesh_dim=mesh,
+        cfg = make_cfg(tiny_chat_model, task_file, tmp_path / mesh, peft="dora", total_steps=2, mesh_dim=mesh,
                        **{"lora.rank": 4, "lora.dropout": 0.1})
         run(cfg)
         model = easytune.load(str(tmp_path / mesh), tokenizer=False, mesh_dim=mesh)
@@ -166,3 +168,43 @@ def test_bench_peft_script_reports_memory_and_kl(tiny_chat_model, tmp_path):
     assert results["qlora"]["train_state_bytes"] < results["lora"]["train_state_bytes"] < \
         results["full"]["train_state_bytes"]
     assert 0 < results["nf4_kl"]["kl_mean"] < 0.05 and results["nf4_kl"]["top1_agreement"] > 0.9
+
+
+def test_lora_two_processes_and_resume_match_one_uninterrupted_run(tiny_chat_model, task_file, tmp_path):
+    """A QLoRA run over 2 real processes (jax.distributed, mesh 1,2,1 across them) and a run stopped
+    at step 2 then resumed both give the losses of one uninterrupted single-process run, and the
+    multi-process adapter export equals the single-process one."""
+    import shutil
+    import subprocess
+
+    from safetensors.numpy import load_file
+    from test_train_resume import ENV, free_port, losses, run_to_end, train_command
+    flags = ("--peft=qlora", "--lora.rank=4", "--lora.dropout=0.1", "--mesh_dim=1,2,1", "--seq_length=64")
+    one = tmp_path / "one"
+    run_to_end(train_command(tiny_chat_model, task_file, one, "--total_steps=4", *flags,
+                             f"--export_peft={one}/adapter"))
+    reference = losses(one)
+
+    # as if killed after the step-2 checkpoint: resuming redoes steps 3 and 4 exactly
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    run_to_end(train_command(tiny_chat_model, task_file, resumed, "--total_steps=4", "--resume", *flags))
+    assert losses(resumed) == reference  # same data order, adapter, optimizer state and dropout keys
+
+    two = tmp_path / "two"
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(train_command(tiny_chat_model, task_file, two, "--total_steps=4", *flags,
+                                            f"--export_peft={two}/adapter",
+                                            f"--jax_distributed.coordinator_address={address}",
+                                            "--jax_distributed.num_processes=2", f"--jax_distributed.process_id={i}"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    for step, loss in losses(two).items():
+        assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step])
+    ours, theirs = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (two, one))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-6)

@@ -118,8 +118,12 @@ def linear_modules(model_config) -> list[LinearModule]:
     return out
 
 
-def _module_names(module: LinearModule, num_layers: int) -> list[str]:
+def module_names(model_config, module: LinearModule) -> list[str]:
+    """The HF module name of every layer of `module` (one name for an unstacked one)."""
     if module.stacked:
+        from easytune import models
+        shapes = models.family(model_config.model_type).param_shapes(model_config)
+        num_layers = _get(shapes, module.path)["kernel"].shape[0]  # T5's decoder depth may differ
         return [module.hf_module.format(layer=i) for i in range(num_layers)]
     return [module.hf_module]
 
@@ -141,7 +145,7 @@ def resolve_targets(model_config, target_modules) -> tuple[str, ...]:
     for pattern in target_modules:
         matched = []
         for module in modules:
-            names = _module_names(module, model_config.num_layers)
+            names = module_names(model_config, module)
             ours = "/".join(module.path)
             if pattern == ALL_LINEAR:
                 hit = [module.path[0] != "lm_head"] * len(names)
@@ -166,6 +170,10 @@ def resolve_targets(model_config, target_modules) -> tuple[str, ...]:
 def make_config(model_config, method: str, **options) -> AdapterConfig:
     """An AdapterConfig with LoRA targets resolved against `model_config`."""
     config = AdapterConfig(method=method, **options)
+    from easytune import models
+    if not config.is_lora and models.is_encoder_decoder(model_config.model_type):
+        raise ValueError(f"{method} adapters are implemented for decoder-only models; for "
+                         f"{model_config.model_type} use lora, qlora or dora.")
     if config.is_lora:
         config = dataclasses.replace(config, modules=resolve_targets(model_config, config.target_modules))
     return config

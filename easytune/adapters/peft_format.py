@@ -81,7 +81,7 @@ def save(directory: str, adapter: ad.Adapter, model_config, base_model: str | No
             module = modules[module_path]
             node = ad._get(adapter.params, tuple(module_path.split("/")))
             host = {k: _host(v).astype(np.float32) for k, v in node.items()}
-            layers = range(model_config.num_layers) if module.stacked else [None]
+            layers = range(len(ad.module_names(model_config, module))) if module.stacked else [None]
             for layer in layers:
                 name = PREFIX + module.hf_module.format(layer=layer)
                 pick = (lambda x: x[layer]) if layer is not None else (lambda x: x)
@@ -150,7 +150,7 @@ def _load_lora(cfg: dict, tensors: dict, model_config, base: dict, directory: st
     modules = ad.linear_modules(model_config)
     by_name = {}
     for module in modules:
-        names = ad._module_names(module, model_config.num_layers)
+        names = ad.module_names(model_config, module)
         for layer, name in enumerate(names):
             by_name[PREFIX + name] = (module, layer if module.stacked else None)
     params: dict = {}
@@ -170,7 +170,7 @@ def _load_lora(cfg: dict, tensors: dict, model_config, base: dict, directory: st
     rank = int(cfg["r"])
     chosen = []
     for module in modules:
-        names = [PREFIX + n for n in ad._module_names(module, model_config.num_layers)]
+        names = [PREFIX + n for n in ad.module_names(model_config, module)]
         present = [n in found for n in names]
         if not any(present):
             continue

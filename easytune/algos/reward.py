@@ -35,6 +35,9 @@ def to_reward_model(model, seed: int = 0):
     `score.kernel [hidden, 1]` ~ N(0, 0.02²) (as `AutoModelForSequenceClassification` initializes
     it), the LM head dropped. A model that already has a score head is left as it is."""
     from easytune import sharding
+    if model.is_encoder_decoder:
+        raise ValueError(f"reward models here are decoder-only (LLaMA/Mistral); {model.config.model_type} is an "
+                         f"encoder-decoder.")
     if model.config.num_labels:
         if model.config.num_labels != 1:
             raise ValueError(f"this model has a {model.config.num_labels}-label score head; a reward model has one.")

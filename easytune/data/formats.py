@@ -27,6 +27,12 @@ _LAYOUTS = ('{"messages": [{"role", "content"}, ...]} (or "conversations"), '
 def load_records(source: str, split: str = "train") -> list[dict]:
     """The records of `source`: a local .jsonl, .json (a list of objects or {"data": [...]}) or
     .parquet file, or else a Hugging Face `datasets` name loaded with `load_dataset(source, split=split)`."""
+    return [record for record, _ in load_located_records(source, split)]
+
+
+def load_located_records(source: str, split: str = "train") -> list[tuple[dict, str]]:
+    """`(record, where)` pairs of `source` (as `load_records`), where naming the record's place for
+    error messages: "train.jsonl line 3", "train.json item 2", "train.parquet row 5", "name record 4"."""
     source = os.path.expanduser(source)
     if os.path.isfile(source):
         if source.endswith(".jsonl"):
@@ -34,16 +40,16 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         if source.endswith(".json"):
             return _read_json(source)
         if source.endswith(".parquet"):
-            return _read_parquet(source)
+            return [(record, f"{source} row {i}") for i, record in enumerate(_read_parquet(source), start=1)]
         raise ValueError(f"{source}: unsupported file type; use one of {', '.join(LOCAL_EXTENSIONS)}.")
     if os.path.isdir(source):
         raise ValueError(f"{source} is a directory; pass a {', '.join(LOCAL_EXTENSIONS)} file or a dataset name.")
     if source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"data file {source!r} does not exist.")
-    return _load_hub_dataset(source, split)
+    return [(record, f"{source} record {i}") for i, record in enumerate(_load_hub_dataset(source, split), start=1)]
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str) -> list[tuple[dict, str]]:
     records = []
     with open(path, encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, start=1):
@@ -53,11 +59,12 @@ def _read_jsonl(path: str) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {line_number}: not valid JSON ({e.msg} at column {e.colno}).") from None
-            records.append(_check_object(record, f"{path} line {line_number}"))
+            where = f"{path} line {line_number}"
+            records.append((_check_object(record, where), where))
     return records
 
 
-def _read_json(path: str) -> list[dict]:
+def _read_json(path: str) -> list[tuple[dict, str]]:
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     if not text.strip():
@@ -71,7 +78,7 @@ def _read_json(path: str) -> list[dict]:
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records or an object {{\"data\": [...]}}, "
                          f"got {_json_type(data)}.")
-    return [_check_object(record, f"{path} item {i}") for i, record in enumerate(data, start=1)]
+    return [(_check_object(record, f"{path} item {i}"), f"{path} item {i}") for i, record in enumerate(data, start=1)]
 
 
 def _read_parquet(path: str) -> list[dict]:

@@ -23,13 +23,12 @@ token left is dropped and counted. Every error names the file and line (or recor
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from collections.abc import Sequence
 
 import numpy as np
 
-from easytune.data.formats import _json_type, _message, load_records
+from easytune.data.formats import _json_type, _message, load_located_records
 from easytune.data.packing import make_rows
 from easytune.data.tasks import exact_match
 from easytune.data.tokenize import Example, _render_ids, tokenize_conversation
@@ -77,22 +76,11 @@ class PreferenceStats:
 
 # ----------------------------------------------------------------------------- reading
 
-def record_locations(source: str, num_records: int) -> list[str]:
-    """How errors name each record: `<file> line <n>` for a .jsonl file (blank lines skipped, as
-    `load_records` skips them), `<source> record <n>` otherwise."""
-    path = os.path.expanduser(source)
-    if path.endswith(".jsonl") and os.path.isfile(path):
-        with open(path, encoding="utf-8-sig") as f:
-            lines = [number for number, line in enumerate(f, start=1) if line.strip()]
-        if len(lines) == num_records:
-            return [f"{source} line {n}" for n in lines]
-    return [f"{source} record {n}" for n in range(1, num_records + 1)]
-
-
 def load_pairs(source: str) -> tuple[list[dict], list[str]]:
-    """The records of a preference file or dataset and where each one is (for errors)."""
-    records = load_records(source)
-    return records, record_locations(source, len(records))
+    """The records of a preference file or dataset and where each one is, for errors ("pairs.jsonl
+    line 3", "pairs.json item 2", ...)."""
+    located = load_located_records(source)
+    return [record for record, _ in located], [where for _, where in located]
 
 
 def _messages(value, where: str, key: str) -> list[dict]:

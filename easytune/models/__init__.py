@@ -1,14 +1,21 @@
 """Model families, looked up by Hugging Face `model_type`."""
 from __future__ import annotations
 
-from easytune.models import llama
+from easytune.models import llama, t5
 
 # model_type -> module providing: Config (frozen dataclass), param_shapes, init_params,
-# SHARDING_RULES, forward (logits), hidden_states + logits_from_hidden, and init_cache.
+# SHARDING_RULES, forward (logits) and init_cache. Decoder-only families (llama) also provide
+# hidden_states + logits_from_hidden; encoder-decoders (t5, IS_ENCODER_DECODER = True) provide
+# encode, cross_attention_kv and decode, and their forward takes decoder_input_ids.
 FAMILIES = {
     "llama": llama,
     "mistral": llama,
+    "t5": t5,
 }
+
+
+def is_encoder_decoder(model_type: str) -> bool:
+    return getattr(family(model_type), "IS_ENCODER_DECODER", False)
 
 
 def family(model_type: str):

@@ -293,6 +293,8 @@ def hidden_states(config: LlamaConfig, params: dict, tokens, positions=None, seg
         if "virtual_tokens" in params:
             positions = jnp.concatenate([virtual_positions, positions], axis=1)
             segment_ids = jnp.concatenate([virtual_segments, segment_ids], axis=1)
+            if attention_segments is not None:
+                attention_segments = segment_ids
 
     if cache is None and "prefix" in params:
         kv_positions = jnp.concatenate([virtual_positions, positions], axis=1)
