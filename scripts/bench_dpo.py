@@ -4,10 +4,11 @@ LoRA (the reference is the base with the adapter off). Prints the live train-sta
 (trained weights + optimizer state + frozen inputs, counted from the arrays), the precompute
 pass's time, and step times, with ratios to the reference copy.
 
-    python scripts/bench_dpo.py [--model DIR] [--pairs 8] [--steps 2] [--modes copy,precomputed,lora]
+    python scripts/bench_dpo.py [--model DIR] [--pairs 8] [--steps 3] [--modes copy,precomputed,lora]
 
 Pairs come from the verifiable tasks (rejected = a perturbed answer), batch --pairs, float32 on
-one device. Step times are medians after one compiling step (also reported).
+one device. All modes are built first, then their steps run interleaved (a loaded machine slows
+them alike); step times are medians after one compiling step (also reported).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF directory (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--pairs", type=int, default=8, help="batch size in preference pairs")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one compiling step)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one compiling step)")
     parser.add_argument("--modes", default="copy,precomputed,lora")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -37,7 +38,7 @@ def main(argv=None):
 
     devices = jax.devices()[:1]
     options = dpo.PreferenceConfig()
-    results = {}
+    runs, results = {}, {}
     for mode in args.modes.split(","):
         model = easytune.load(args.model, dtype="float32", param_dtype="float32", mesh_dim="1,1,1", devices=devices)
         records = data.task_pairs(data.make_task_records(args.pairs, seed=0), seed=0)
@@ -53,18 +54,18 @@ def main(argv=None):
         cfg.batch_size, cfg.output_dir = args.pairs, f"/tmp/easytune_bench_dpo_{mode}"
         trainer = train.Trainer(cfg, model, dpo.make_loss(options), total_steps=10**6,
                                 reference=mode != "precomputed", count_name="pairs")
-        batch = train.global_batch(model.mesh, rows, 1)
-        times = []
-        with jax.set_mesh(model.mesh):
-            for _ in range(args.steps + 1):
+        runs[mode] = (trainer, train.global_batch(model.mesh, rows, 1), [])
+        state = trainer.state_bytes()
+        results[mode] = {**{f"{k}_bytes": v for k, v in state.items()}, "train_state_bytes": sum(state.values()),
+                         "precompute_seconds": precompute_seconds, "seq_length": int(rows["chosen_input_ids"].shape[1])}
+    for _ in range(args.steps + 1):
+        for mode, (trainer, batch, times) in runs.items():
+            with jax.set_mesh(trainer.mesh):
                 start = time.perf_counter()
                 jax.block_until_ready(trainer.train_step(batch))
                 times.append(time.perf_counter() - start)
-        state = trainer.state_bytes()
-        results[mode] = {**{f"{k}_bytes": v for k, v in state.items()}, "train_state_bytes": sum(state.values()),
-                         "first_step_seconds": times[0], "step_seconds": statistics.median(times[1:]),
-                         "precompute_seconds": precompute_seconds, "seq_length": int(rows["chosen_input_ids"].shape[1])}
-        del trainer, model
+    for mode, (_, _, times) in runs.items():
+        results[mode].update(first_step_seconds=times[0], step_seconds=statistics.median(times[1:]))
     baseline = results.get("copy")
     print(f"{'mode':<12}{'params MB':>11}{'optimizer MB':>14}{'frozen MB':>11}{'state MB':>10}{'x copy':>8}"
           f"{'step s':>8}{'x copy':>8}{'1st step s':>12}{'precompute s':>14}")
