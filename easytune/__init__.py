@@ -5,6 +5,7 @@
     logits = t5(input_ids, decoder_input_ids=d)  # encoder-decoders: [batch, dec_seq, vocab]
     model.generate([[{"role": "user", "content": "Hi"}]])
     model.save_pretrained("out_dir")             # a Hugging Face directory
+    easytune.load("reward_run").score(conversations)   # reward models: a score per sequence
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ class Model:
         self.adapter = None   # an easytune.adapters.Adapter, when one is attached
         self.source = None    # the directory the weights came from (recorded by adapter runs)
         self._forward = None
+        self._score = None
 
     # ------------------------------------------------------------------ adapters
 
@@ -306,6 +308,49 @@ class Model:
         if as_tokens or return_tokens:
             return outputs
         return [self.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+
+    def score(self, sequences):
+        """Reward-model scores (a model with a score head: a reward run, or an HF
+        `*ForSequenceClassification` directory) of one sequence or a batch, read at each sequence's
+        last token. A sequence is token ids, a string (tokenized as is), or a whole conversation
+        with the response (rendered with the chat template, no generation prompt). Returns a float
+        per sequence (a list of num_labels floats when num_labels > 1), or one value for one
+        sequence."""
+        import jax
+        import numpy as np
+
+        from easytune import sharding
+        from easytune.algos import reward
+        if not getattr(self.config, "num_labels", 0):
+            raise ValueError("this model has no score head; load a reward model (a train_reward run or an HF "
+                             "*ForSequenceClassification directory).")
+        single = isinstance(sequences, str) or (isinstance(sequences, list) and sequences
+                                                and (isinstance(sequences[0], dict)
+                                                     or isinstance(sequences[0], (int, np.integer))))
+        batch, as_tokens = self._prompt_batch(sequences)
+        if not as_tokens and self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead of text.")
+        token_lists = batch if as_tokens else [self._encode_whole(s) for s in batch]
+        length = max(8, 1 << (max(len(t) for t in token_lists) - 1).bit_length())  # reuse compiles
+        tokens = np.zeros((len(token_lists), length), np.int32)
+        segments = np.zeros_like(tokens)
+        for row, ids in enumerate(token_lists):
+            tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+        if self._score is None:
+            self._score = jax.jit(reward.sequence_scores, static_argnums=0)
+        put = lambda x: jax.device_put(x, sharding.input_sharding(self.mesh, x.shape[0]))  # noqa: E731
+        with jax.set_mesh(self.mesh):
+            scores = np.asarray(self._score(self.config, self.forward_params, put(tokens), None, put(segments)))
+        values = scores[:, 0].tolist() if self.config.num_labels == 1 else scores.tolist()
+        return values[0] if single else values
+
+    def _encode_whole(self, sequence) -> list[int]:
+        if isinstance(sequence, str):
+            return self.tokenizer(sequence)["input_ids"]
+        ids = self.tokenizer.apply_chat_template(sequence, add_generation_prompt=False, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
 
     @staticmethod
     def _prompt_batch(prompts) -> tuple[list, bool]:

@@ -27,13 +27,20 @@ def define_flags(defaults: Mapping, docs: Mapping[str, str], flag_values=flags.F
     """Register one absl flag per leaf of `defaults` (dotted names for nested fields).
 
     A leaf whose default is None becomes a string flag where '' means None.
+
+    A flag another entry point already defined in this process (tests import several) is kept:
+    `read_config` takes every value that is not on the command line from its own `defaults`, so
+    only that flag's --help text would differ.
     """
-    flags.DEFINE_string("config", None, "preset file (python, get_config() -> overrides); "
-                        "command-line flags override it", flag_values=flag_values)
+    if "config" not in flag_values:
+        flags.DEFINE_string("config", None, "preset file (python, get_config() -> overrides); "
+                            "command-line flags override it", flag_values=flag_values)
     for name, value in _leaves(defaults):
         doc = docs.get(name, "")
         if name not in docs:
             raise ValueError(f"flag {name!r} has no documentation; add it to the docs table.")
+        if name in flag_values:
+            continue
         if isinstance(value, bool):
             flags.DEFINE_boolean(name, value, doc, flag_values=flag_values)
         elif isinstance(value, int):

@@ -65,6 +65,8 @@ class WeightEntry:
 # ----------------------------------------------------------------------------- LLaMA / Mistral
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# models with a score head (num_labels > 0), e.g. reward models
+CLASSIFIER_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification"}
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -102,6 +104,9 @@ def llama_config_from_hf(hf: dict, directory: str | None = None, **compute: Any)
     if hf.get("use_sliding_window") is False:
         sliding_window = None
     compute = {k: v for k, v in compute.items() if v is not None}
+    num_labels = 0
+    if any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)  # transformers' default: 2
     return LlamaConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -119,6 +124,7 @@ def llama_config_from_hf(hf: dict, directory: str | None = None, **compute: Any)
         mlp_bias=bool(hf.get("mlp_bias", False)),
         sliding_window=sliding_window,
         model_type=model_type,
+        num_labels=num_labels,
         **compute,
     )
 
@@ -129,7 +135,7 @@ def llama_config_to_hf(config: LlamaConfig, base: dict | None = None, torch_dtyp
     c = config
     hf = dict(base or {})
     fields = {
-        "architectures": [ARCHITECTURES[c.model_type]],
+        "architectures": [(CLASSIFIER_ARCHITECTURES if c.num_labels else ARCHITECTURES)[c.model_type]],
         "model_type": c.model_type,
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
@@ -158,6 +164,10 @@ def llama_config_to_hf(config: LlamaConfig, base: dict | None = None, torch_dtyp
     for key, value in fields.items():
         if key in hf or key not in implied or implied[key] != value:
             hf[key] = value
+    if c.num_labels:  # transformers derives num_labels from id2label
+        hf.pop("num_labels", None)
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(c.num_labels)}
     return _set_torch_dtype(hf, torch_dtype)
 
 
@@ -176,7 +186,9 @@ def llama_weight_map(config: LlamaConfig) -> list[WeightEntry]:
         if config.mlp_bias:
             entries.append(WeightEntry(("layers", "mlp", ours, "bias"), prefix + f"mlp.{theirs}.bias", True, False))
     entries.append(WeightEntry(("final_norm", "scale"), "model.norm.weight", False, False))
-    if not config.tie_word_embeddings:
+    if config.num_labels:  # *ForSequenceClassification: score [num_labels, hidden], no LM head
+        entries.append(WeightEntry(("score", "kernel"), "score.weight", False, True))
+    elif not config.tie_word_embeddings:
         entries.append(WeightEntry(("lm_head", "kernel"), "lm_head.weight", False, True))
     return entries
 

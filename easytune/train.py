@@ -1,7 +1,15 @@
 """The one training loop. An algorithm supplies a loss over `(model_config, params, batch)` that
-returns `(sum of per-token losses, number of tokens)`; this module owns everything else: the
-sharded train state, the jitted step (gradient accumulation, clipping, AdamW, donation),
-evaluation, logging, orbax checkpoints and exact resume.
+returns `(sum of per-unit losses, number of units)` (units: trained tokens for SFT, preference
+pairs for DPO), optionally with a dict of further per-unit sums to log as means (`rewards/chosen`,
+`accuracy`, ...); this module owns everything else: the sharded train state, the jitted step
+(gradient accumulation, clipping, AdamW, donation), evaluation, logging, orbax checkpoints and
+exact resume.
+
+A loss that compares against a reference policy (DPO) is built with `Trainer(..., reference=True)`
+and called as `loss_fn(model_config, params, batch, reference_params)`. The reference is the
+frozen input of the jitted step: with an adapter it is the base model itself (adapters off, no
+copy); without one it is a copy of the initial parameters, sharded like them, without optimizer
+state.
 
 Checkpoint layout: `<output_dir>/checkpoints/<step>/` with orbax items `params`, `opt_state`,
 `data` (the data iterator's position) and `model` (config, HF config, generation config), so any
@@ -26,7 +34,7 @@ from easytune import adapters, checkpoint, sharding
 
 logger = logging.getLogger("easytune")
 
-LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+LossFn = Callable[..., tuple]  # -> (loss_sum, count) or (loss_sum, count, {name: per-unit sum})
 # Batches are [grad_accum_steps, micro_batch, seq]: micro-batch rows over the data-parallel axes.
 BATCH_SPEC = P(None, ("dp", "fsdp"), None)
 
@@ -73,14 +81,26 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
 
 # ----------------------------------------------------------------------------- the step
 
+def split_loss_output(output) -> tuple[jax.Array, jax.Array, dict]:
+    """`(loss_sum, count, extra sums)` from a loss's `(loss_sum, count[, extra])`."""
+    if len(output) == 3:
+        return output[0], output[1], dict(output[2])
+    loss_sum, count = output
+    return loss_sum, count, {}
+
+
 def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, grad_accum_steps: int,
-                     combine=None, seed: int = 0):
+                     combine=None, seed: int = 0, reference: bool = False, count_name: str = "trained_tokens"):
     """`step(params, opt_state, frozen, batch, step_index) -> (params, opt_state, metrics)`; batch
-    leaves are `[grad_accum_steps, micro_batch, seq]`.
+    leaves are `[grad_accum_steps, micro_batch, ...]`.
 
     `params` are what is trained (all weights, or an adapter's); `combine(frozen, params, rng)`
     builds the model's parameter tree from them (default: `params` itself). rng is
-    `fold_in(key(seed), step_index)` per micro-batch, for adapter dropout.
+    `fold_in(key(seed), step_index)` per micro-batch, for adapter dropout. With `reference`, the
+    loss also gets `frozen` (the reference policy's parameters) as a fourth argument.
+
+    The loss's extra sums (if any) are logged as means per unit: `sum / count` over the global
+    batch, whatever the reduction. metrics[count_name] is the number of units.
 
     reduction 'mean': every trained token of the global batch weighs the same (sum / tokens).
     reduction 'sum': token losses summed per micro-batch and averaged over accumulation steps
@@ -93,23 +113,35 @@ def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, g
     def step(params, opt_state, frozen, batch, step_index):
         step_key = jax.random.fold_in(jax.random.key(seed), step_index)
 
+        def loss_and_extras(p, micro_batch, rng):
+            model_params = combine(frozen, p, rng)
+            output = (loss_fn(model_config, model_params, micro_batch, frozen) if reference
+                      else loss_fn(model_config, model_params, micro_batch))
+            loss_sum, count, extras = split_loss_output(output)
+            return loss_sum, (count, extras)
+
         def micro(carry, xs):
-            grads_acc, loss_acc, tokens_acc = carry
+            grads_acc, loss_acc, count_acc, extras_acc = carry
             micro_batch, micro_index = xs
             rng = jax.random.fold_in(step_key, micro_index)
-            (loss_sum, tokens), grads = jax.value_and_grad(
-                lambda p: loss_fn(model_config, combine(frozen, p, rng), micro_batch), has_aux=True)(params)
+            (loss_sum, (count, extras)), grads = jax.value_and_grad(loss_and_extras, has_aux=True)(
+                params, micro_batch, rng)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+            extras_acc = jax.tree.map(lambda a, e: a + e.astype(jnp.float32), extras_acc, extras)
+            return (grads_acc, loss_acc + loss_sum, count_acc + count, extras_acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, loss_sum, tokens), _ = jax.lax.scan(
-            micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, jnp.arange(grad_accum_steps)))
-        denominator = jnp.maximum(tokens, 1.0) if reduction == "mean" else float(grad_accum_steps)
+        first_micro = jax.tree.map(lambda x: x[0], batch)
+        _, (_, extra_shapes) = jax.eval_shape(loss_and_extras, params, first_micro, step_key)
+        extra_zeros = jax.tree.map(lambda e: jnp.zeros(e.shape, jnp.float32), extra_shapes)
+        (grads, loss_sum, count, extras), _ = jax.lax.scan(
+            micro, (zeros, jnp.float32(0), jnp.float32(0), extra_zeros), (batch, jnp.arange(grad_accum_steps)))
+        denominator = jnp.maximum(count, 1.0) if reduction == "mean" else float(grad_accum_steps)
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), "trained_tokens": tokens}
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), count_name: count,
+                   **{name: value / jnp.maximum(count, 1.0) for name, value in extras.items()}}
         return params, opt_state, metrics
 
     return step
@@ -120,7 +152,8 @@ def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, g
 def global_batch(mesh, rows: dict[str, np.ndarray], grad_accum_steps: int) -> dict[str, jax.Array]:
     """Host rows `[batch, seq]` (the same on every process) -> global arrays
     `[accum, batch / accum, seq]`, micro-batch rows split over dp x fsdp. Each process transfers
-    only the rows its devices hold."""
+    only the rows its devices hold. (Any `[batch, k]` row works: per-row values such as
+    precomputed reference log-probs are `[batch, 1]`.)"""
     out = {}
     spec = NamedSharding(mesh, BATCH_SPEC)
     for key, value in rows.items():
@@ -148,8 +181,13 @@ class Trainer:
     loss_reduction, save_steps, keep_checkpoints, eval_steps, log_steps, output_dir, resume).
     """
 
-    def __init__(self, cfg, model, loss_fn: LossFn, total_steps: int, metrics_logger=None):
+    def __init__(self, cfg, model, loss_fn: LossFn, total_steps: int, metrics_logger=None, *,
+                 reference: bool = False, count_name: str = "trained_tokens"):
+        """reference: the loss takes the reference policy (see the module doc). count_name: what
+        the loss's count is called in the metrics (`trained_tokens`, `pairs`); eval perplexity is
+        reported only for per-token losses (`trained_tokens`)."""
         self.cfg, self.model, self.loss_fn = cfg, model, loss_fn
+        self.reference, self.count_name = reference, count_name
         self.mesh, self.model_config = model.mesh, model.config
         self.total_steps = total_steps
         if cfg.batch_size % cfg.grad_accum_steps:
@@ -174,21 +212,33 @@ class Trainer:
         else:
             self.frozen, self.params, combine = None, model.params, None
         self.param_shardings = sharding.tree_shardings(self.params, rules, self.mesh)
+        if reference and self.adapter is None:
+            # the reference policy: a copy of the initial weights (training donates and replaces
+            # the originals), in the same shards, never updated and without optimizer state
+            with jax.set_mesh(self.mesh):
+                self.frozen = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_shardings)(
+                    self.params)
         frozen_shardings = None if self.frozen is None else sharding.tree_shardings(self.frozen, rules, self.mesh)
         opt_shapes = jax.eval_shape(self.optimizer.init, self.params)
         self.opt_shardings = sharding.tree_shardings(opt_shapes, rules, self.mesh)
         with jax.set_mesh(self.mesh):
             self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
         step = build_train_step(self.model_config, loss_fn, self.optimizer, cfg.loss_reduction, cfg.grad_accum_steps,
-                                combine, seed=cfg.seed)
+                                combine, seed=cfg.seed, reference=reference, count_name=count_name)
         batch_sharding = NamedSharding(self.mesh, BATCH_SPEC)
         self._step = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, frozen_shardings,
                                                  batch_sharding, None),
                              out_shardings=(self.param_shardings, self.opt_shardings, None),
                              donate_argnums=(0, 1))
         combine = combine or (lambda frozen, params, rng: params)
-        self._eval = jax.jit(lambda params, frozen, batch: loss_fn(self.model_config, combine(frozen, params, None),
-                                                                   batch))
+
+        def evaluate(params, frozen, batch):
+            model_params = combine(frozen, params, None)
+            output = (loss_fn(self.model_config, model_params, batch, frozen) if reference
+                      else loss_fn(self.model_config, model_params, batch))
+            return split_loss_output(output)
+
+        self._eval = jax.jit(evaluate)
         self.step = 0
         self.metrics_logger = metrics_logger
         self.manager = checkpoint_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
@@ -196,6 +246,13 @@ class Trainer:
             raise ValueError(f"{self.manager.directory} already holds checkpoints (steps "
                              f"{list(self.manager.all_steps())}); pass --resume to continue that run, or choose a "
                              f"new --output_dir.")
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of the live train state (global array sizes): trained `params`, `optimizer` state,
+        and `frozen` inputs (an adapter's base model, or a reference copy)."""
+        def nbytes(tree):
+            return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+        return {"params": nbytes(self.params), "optimizer": nbytes(self.opt_state), "frozen": nbytes(self.frozen)}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -247,15 +304,22 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def evaluate(self, batches: Iterator[dict]) -> dict[str, float]:
-        """Mean per-token loss and perplexity over `batches` (host rows `[batch, seq]`)."""
-        total, tokens = 0.0, 0.0
+        """Mean loss per unit over `batches` (host rows `[batch, seq]`), as `eval_loss`, with
+        perplexity for per-token losses and the loss's extra metrics as `eval_<name>` means."""
+        total, count, extras = 0.0, 0.0, {}
         with jax.set_mesh(self.mesh):
             for rows in batches:
                 batch = {k: v[0] for k, v in global_batch(self.mesh, rows, 1).items()}
-                loss_sum, count = self._eval(self.params, self.frozen, batch)
-                total, tokens = total + float(loss_sum), tokens + float(count)
-        loss = total / max(tokens, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+                loss_sum, batch_count, batch_extras = jax.device_get(self._eval(self.params, self.frozen, batch))
+                total, count = total + float(loss_sum), count + float(batch_count)
+                for name, value in batch_extras.items():
+                    extras[name] = extras.get(name, 0.0) + float(value)
+        loss = total / max(count, 1.0)
+        out = {"eval_loss": loss}
+        if self.count_name == "trained_tokens":
+            out["eval_perplexity"] = math.exp(min(loss, 50.0))
+        out.update({f"eval_{name}": value / max(count, 1.0) for name, value in extras.items()})
+        return out
 
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on a global batch (see `global_batch`); returns the step's metrics
@@ -279,7 +343,7 @@ class Trainer:
                 step_start = time.perf_counter()
                 metrics = self.train_step(batch)
                 window_steps += 1
-                window_tokens += int((rows["segment_ids"] > 0).sum())
+                window_tokens += count_tokens(rows)
                 log_now = self.step % cfg.log_steps == 0 or self.step == self.total_steps
                 eval_now = (eval_batches is not None and cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0)
                 if log_now or eval_now:
@@ -316,13 +380,20 @@ class Trainer:
             self.model.params = self.params
 
 
+def count_tokens(rows: dict[str, np.ndarray]) -> int:
+    """Real (non-padding) tokens in host rows: every `segment_ids` array (SFT's, or a preference
+    pair's `chosen_segment_ids` and `rejected_segment_ids`)."""
+    return sum(int((v > 0).sum()) for k, v in rows.items() if k == "segment_ids" or k.endswith("_segment_ids"))
+
+
 def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """All eval rows in order, `batch_size` at a time; the last batch is padded with rows whose
-    loss_mask is 0 (so every device gets a full batch and padding adds nothing)."""
-    num_rows = len(rows["input_ids"])
+    loss_mask is 0 (so every device gets a full batch and padding adds nothing). Rows: any dict of
+    `[num_rows, k]` arrays (SFT's, or preference pairs')."""
+    num_rows = len(next(iter(rows.values())))
     for start in range(0, num_rows, batch_size):
         batch = {k: v[start:start + batch_size] for k, v in rows.items()}
-        missing = batch_size - len(batch["input_ids"])
+        missing = batch_size - len(next(iter(batch.values())))
         if missing:
             batch = {k: np.concatenate([v, np.zeros((missing, v.shape[1]), v.dtype)]) for k, v in batch.items()}
         yield batch

@@ -7,10 +7,14 @@
     for batch in BatchIterator(rows, batch_size=8, seed=0): ...
 
 Encoder-decoders (T5) train on input/target records instead: see `easytune.data.seq2seq`.
+Preference pairs (DPO, reward models) go through `preference`: load_pairs -> pair_rows (tokenize_pairs,
+make_pair_rows); task_pairs builds pairs from the verifiable tasks.
 """
 from easytune.data.batching import BatchIterator
 from easytune.data.formats import FORMATS, detect_format, load_located_records, load_records, to_messages
 from easytune.data.packing import ROW_KEYS, make_rows
+from easytune.data.preference import (PreferenceStats, TokenizedPair, load_pairs, make_pair_rows, pair_rows,
+                                      task_pairs, task_pairs_from_model, tokenize_pairs)
 from easytune.data.seq2seq import SEQ2SEQ_ROW_KEYS, Seq2SeqExample, make_seq2seq_rows, tokenize_seq2seq_records
 from easytune.data.tasks import TASKS, accuracy, exact_match, make_task_records, train_and_heldout
 from easytune.data.templates import BUILTIN_TEMPLATES, resolve_chat_template
@@ -21,4 +25,6 @@ __all__ = [
     "make_rows", "SEQ2SEQ_ROW_KEYS", "Seq2SeqExample", "make_seq2seq_rows", "tokenize_seq2seq_records",
     "TASKS", "accuracy", "exact_match", "make_task_records", "train_and_heldout", "BUILTIN_TEMPLATES",
     "resolve_chat_template", "DataStats", "Example", "tokenize_conversation", "tokenize_records", "tokenize_text",
+    "PreferenceStats", "TokenizedPair", "load_pairs", "make_pair_rows", "pair_rows", "task_pairs",
+    "task_pairs_from_model", "tokenize_pairs",
 ]

@@ -53,6 +53,9 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral; None attends to the whole prefix
     model_type: str = "llama"
+    # > 0: a sequence-classification (reward) model, HF's *ForSequenceClassification: a `score`
+    # head [hidden, num_labels] replaces the LM head and `forward` gives per-token scores.
+    num_labels: int = 0
     # Compute options: not part of the checkpoint.
     dtype: str = "float32"          # activations and matmuls
     param_dtype: str = "float32"    # stored weights (master weights when training)
@@ -131,7 +134,9 @@ def param_shapes(config: LlamaConfig) -> dict:
         },
         "final_norm": {"scale": jax.ShapeDtypeStruct((h,), dt)},
     }
-    if not c.tie_word_embeddings:
+    if c.num_labels:
+        shapes["score"] = {"kernel": jax.ShapeDtypeStruct((h, c.num_labels), dt)}
+    elif not c.tie_word_embeddings:
         shapes["lm_head"] = {"kernel": jax.ShapeDtypeStruct((h, c.vocab_size), dt)}
     return shapes
 
@@ -414,7 +419,11 @@ def prime_cache(config: LlamaConfig, params: dict, cache: dict) -> tuple[dict, d
 
 
 def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
-    """`[batch, seq, vocab]` float32 logits from final hidden states."""
+    """`[batch, seq, vocab]` float32 logits from final hidden states (for a model with
+    `num_labels`: per-token scores `[batch, seq, num_labels]`)."""
+    if config.num_labels:
+        kernel = params["score"]["kernel"].astype(config.compute_dtype)
+        return jnp.einsum("bsh,hl->bsl", hidden, kernel, preferred_element_type=jnp.float32)
     if config.tie_word_embeddings:
         kernel = params["embed"]["embedding"].T
     elif set(params["lm_head"]) != {"kernel"}:  # an adapted or quantized head: the one linear
@@ -426,7 +435,8 @@ def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
 
 
 def forward(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):
-    """Logits `[batch, seq, vocab]` (float32) for `tokens [batch, seq]`."""
+    """Logits `[batch, seq, vocab]` (float32) for `tokens [batch, seq]` (a `num_labels` model:
+    per-token scores `[batch, seq, num_labels]`, which a reward model reads at the last token)."""
     hidden, _ = hidden_states(config, params, tokens, positions, segment_ids)
     return logits_from_hidden(config, params, hidden)
 

@@ -1,0 +1,246 @@
+"""Reward models: `python -m easytune.train_reward --model=... --train_data=pairs.jsonl`.
+
+A scalar `score` head [hidden, 1] replaces the LM head of the starting model (or continues a reward
+model's) and is read at each sequence's last token; the loss is Bradley–Terry on (chosen,
+rejected) pairs, with the data's optional `margin` field subtracted and optional reward centering
+(`--center_rewards_coefficient`), as TRL's RewardTrainer (`easytune.algos.reward`). Pairs use the
+layouts of `train_dpo` (`easytune.data.preference`). Eval reports pairwise accuracy.
+`--export_hf` writes transformers' `LlamaForSequenceClassification` (or Mistral's) with
+`num_labels=1`; `easytune.load` of that directory or of the run gives a model whose `.score(...)`
+returns the rewards.
+
+With no flags it runs the embedded default: SmolLM2-135M-Instruct (bundled) trained on preference
+pairs from verifiable tasks (as train_dpo's default job), with held-out pairwise accuracy before
+and after. Every flag: `python -m easytune.train_reward --help`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from easytune import config as config_lib
+
+DEFAULTS = {
+    "model": None,
+    "train_data": None,
+    "eval_data": None,
+    "output_dir": "outputs/reward",
+    "mesh_dim": "1,-1,1",
+    "total_steps": 0,
+    "num_epochs": 1,
+    "batch_size": 8,
+    "seq_length": 512,
+    "grad_accum_steps": 1,
+    "dtype": "float32",
+    "param_dtype": "float32",
+    "remat": "none",
+    "attention": "xla",
+    "chat_template": None,
+    "loss_reduction": "mean",
+    "center_rewards_coefficient": 0.0,
+    "optimizer": {
+        "lr": 5e-5, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.1, "min_lr_ratio": 0.1,
+        "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad_norm": 1.0,
+    },
+    "seed": 0,
+    "log_steps": 1,
+    "eval_steps": 0,
+    "save_steps": 0,
+    "keep_checkpoints": 2,
+    "resume": False,
+    "export_hf": None,
+    "logger": "tensorboard",
+    "tasks": {"num_train": 128, "num_heldout": 100, "max_new_tokens": 16, "rejected": "model"},
+    "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
+}
+
+DOCS = {
+    "model": "HF directory, hub id, or easytune checkpoint/run directory: a causal LM (its LM head is replaced by "
+             "a new score head) or a reward model to continue (default: bundled SmolLM2-135M-Instruct)",
+    "train_data": "preference pairs (the layouts of train_dpo), optionally with a numeric `margin` field "
+                  "(default: pairs from generated tasks)",
+    "eval_data": "evaluation pairs, same layouts; eval_accuracy is the pairwise accuracy (default job: the "
+                 "held-out task pairs)",
+    "output_dir": "where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go",
+    "mesh_dim": "device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts",
+    "total_steps": "optimizer steps; 0 = num_epochs over the training pairs",
+    "num_epochs": "epochs when total_steps is 0",
+    "batch_size": "global batch in preference pairs (each is a chosen and a rejected sequence)",
+    "seq_length": "maximum tokens per sequence (prompt + response), truncated on the right; rows are as long "
+                  "as the longest pair needs, up to this",
+    "grad_accum_steps": "micro-batches accumulated per optimizer step (batch_size must divide by it)",
+    "dtype": "compute dtype (float32, bfloat16)",
+    "param_dtype": "stored (master) weight dtype",
+    "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
+    "attention": "attention implementation: xla, pallas, cudnn or auto",
+    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
+    "loss_reduction": "mean: per pair over the global batch; sum: per micro-batch pair sum averaged over "
+                      "accumulation steps",
+    "center_rewards_coefficient": "reward centering: adds c * mean((r_chosen + r_rejected)^2) (0 = off; "
+                                  "the paper suggests 0.01)",
+    "optimizer.lr": "peak learning rate (AdamW; all weights and the score head train)",
+    "optimizer.schedule": "cosine, linear or constant after warmup",
+    "optimizer.warmup_steps": "warmup steps (0 = use warmup_ratio)",
+    "optimizer.warmup_ratio": "warmup as a fraction of total_steps",
+    "optimizer.min_lr_ratio": "final learning rate as a fraction of lr",
+    "optimizer.weight_decay": "AdamW weight decay (matrices only)",
+    "optimizer.b1": "AdamW beta1",
+    "optimizer.b2": "AdamW beta2",
+    "optimizer.eps": "AdamW epsilon",
+    "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off)",
+    "seed": "data order and score head init seed",
+    "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
+    "eval_steps": "evaluate on eval_data every N steps (0 = only at the end)",
+    "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
+    "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
+    "resume": "continue from the newest readable checkpoint in output_dir",
+    "export_hf": "write a Hugging Face *ForSequenceClassification directory here at the end (default job: "
+                 "<output_dir>/hf)",
+    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
+    "tasks.num_train": "default job: generated training tasks (one preference pair each)",
+    "tasks.num_heldout": "default job: held-out tasks (pairs) for pairwise accuracy",
+    "tasks.max_new_tokens": "default job: generation budget of the model's own answers",
+    "tasks.rejected": "default job: the rejected answer: model (the model's own greedy answer when wrong, else "
+                      "a perturbed one) or perturb (a nearby number, a mis-sorted list, ...)",
+    "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
+    "jax_distributed.num_processes": "number of processes (0 = auto)",
+    "jax_distributed.process_id": "this process's index (-1 = auto)",
+}
+
+config_lib.define_flags(DEFAULTS, DOCS)
+flags.adopt_module_key_flags(config_lib)  # so that --help (not only --helpfull) lists them
+logger = logging.getLogger("easytune")
+
+
+def run(cfg) -> dict:
+    """Train a reward model as `cfg` says; returns a summary (also <output_dir>/summary.json)."""
+    from easytune import distributed
+    dist = cfg.jax_distributed
+    distributed.initialize(dist.coordinator_address or None, dist.num_processes or None,
+                           dist.process_id if dist.process_id >= 0 else None)
+    import jax
+
+    import easytune
+    from easytune import data, logging_utils, train
+    from easytune.algos import reward
+
+    start = time.time()
+    is_main = jax.process_index() == 0
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
+                          remat=cfg.remat, attention=cfg.attention)
+    if model.tokenizer is None:
+        raise ValueError(f"{cfg.model} has no tokenizer; reward training needs one to format the pairs.")
+    if model.is_encoder_decoder:
+        raise ValueError(f"reward models here are decoder-only (LLaMA/Mistral); {cfg.model} is an encoder-decoder.")
+    template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
+
+    default_job = cfg.train_data is None
+    eval_rows = None
+    if default_job:  # pairs from the causal LM's own answers, before it becomes a reward model
+        if getattr(model.config, "num_labels", 0):
+            raise ValueError("the default job builds its pairs from a causal LM's answers; give --train_data to "
+                             "continue training a reward model.")
+        task_records, heldout_tasks = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout,
+                                                             seed=cfg.seed)
+        train_records, heldout_records = (
+            data.task_pairs_from_model(model, records, cfg.tasks.rejected, cfg.tasks.max_new_tokens, cfg.seed)
+            for records in (task_records, heldout_tasks))
+        source = f"generated task pairs ({len(train_records)} train, {len(heldout_records)} held out)"
+        rows, stats = data.pair_rows(train_records, model.tokenizer, template, cfg.seq_length, source)
+        eval_rows, _ = data.pair_rows(heldout_records, model.tokenizer, template, cfg.seq_length, "held-out task pairs")
+        if is_main:
+            for name, records in (("train", train_records), ("heldout", heldout_records)):
+                with open(os.path.join(cfg.output_dir, f"{name}_pairs.jsonl"), "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+    else:
+        source = cfg.train_data
+        records, locations = data.load_pairs(source)
+        rows, stats = data.pair_rows(records, model.tokenizer, template, cfg.seq_length, source, locations)
+    if cfg.eval_data:
+        eval_records, eval_locations = data.load_pairs(cfg.eval_data)
+        eval_rows, _ = data.pair_rows(eval_records, model.tokenizer, template, cfg.seq_length, cfg.eval_data,
+                                      eval_locations)
+    logger.info("train data %s: %s; rows of %d tokens", source, stats.summary(), rows["chosen_input_ids"].shape[1])
+    if stats.num_dropped and is_main:
+        print(f"dropped {stats.num_dropped} of {stats.num_records} pairs whose chosen ({stats.num_dropped_chosen}) "
+              f"or rejected ({stats.num_dropped_rejected}) response is empty after truncation to "
+              f"seq_length={cfg.seq_length}", file=sys.stderr)
+    reward.to_reward_model(model, seed=cfg.seed)
+
+    batches = data.BatchIterator(rows, cfg.batch_size, seed=cfg.seed)
+    micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
+    eval_batches = None
+    if eval_rows is not None:
+        eval_batches = lambda: train.eval_batches(eval_rows, micro_batch)  # noqa: E731
+    total_steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
+    if total_steps < 1 or cfg.log_steps < 1:
+        raise ValueError(f"nothing to do: total_steps={total_steps} (from --total_steps or --num_epochs) and "
+                         f"--log_steps={cfg.log_steps} must be >= 1.")
+    if is_main:
+        model.tokenizer.save_pretrained(cfg.output_dir)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    trainer = train.Trainer(cfg, model, reward.make_loss(cfg.center_rewards_coefficient), total_steps,
+                            count_name="pairs")
+    summary = {"train_pairs": stats.num_records, "train_pairs_dropped": stats.num_dropped, "total_steps": total_steps,
+               "train_state_bytes": trainer.state_bytes()}
+    if cfg.resume:
+        data_state = trainer.restore_latest()
+        if data_state is not None:
+            batches.restore(data_state)
+    logging_utils.truncate_metrics(cfg.output_dir, trainer.step)
+    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
+    trainer.metrics_logger = metrics_logger
+    if eval_batches is not None and trainer.step == 0:
+        summary["eval_accuracy_before"] = trainer.evaluate(eval_batches())["eval_accuracy"]
+        if is_main:
+            print(f"pairwise accuracy on the eval pairs before: {summary['eval_accuracy_before']:.3f}")
+
+    progress = logging_utils.ProgressBar(total_steps, initial=trainer.step)
+    train_start = time.time()
+    history = trainer.train(batches, eval_batches, progress=progress,
+                            flops_per_token=logging_utils.llama_flops_per_token(model.config, cfg.seq_length),
+                            peak_flops=logging_utils.peak_flops_per_device())
+    progress.close()
+    summary["train_seconds"] = time.time() - train_start
+    if history:
+        summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
+        summary["last_accuracy"] = history[-1]["accuracy"]
+    if cfg.save_steps == 0:
+        trainer.save(batches.state())
+    if eval_batches is not None:
+        if history and "eval_loss" in history[-1]:
+            summary.update({k: v for k, v in history[-1].items() if k.startswith("eval_")})
+        else:
+            summary.update(trainer.evaluate(eval_batches()))
+        if is_main:
+            print(f"pairwise accuracy on the eval pairs after: {summary['eval_accuracy']:.3f}")
+    export_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job else None)
+    if export_dir:
+        model.save_pretrained(export_dir)
+        summary["export_hf"] = export_dir
+    metrics_logger.close()
+    summary["wall_seconds"] = time.time() - start
+    if is_main:
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    run(config_lib.read_config(DEFAULTS))
+
+
+if __name__ == "__main__":
+    app.run(main)
