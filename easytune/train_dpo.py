@@ -23,11 +23,10 @@ import json
 import logging
 import os
 import sys
-import time
 
 from absl import app, flags
 
-from easytune import config as config_lib
+from easytune import config as config_lib, entry
 from easytune.adapters import FLAG_DEFAULTS as PEFT_DEFAULTS, FLAG_DOCS as PEFT_DOCS
 
 DEFAULTS = {
@@ -162,25 +161,17 @@ def cached_reference_logps(path: str, rows: dict, compute) -> dict:
 
 def run(cfg) -> dict:
     """Train on preference pairs as `cfg` says; returns a summary (also <output_dir>/summary.json)."""
-    from easytune import distributed
-    dist = cfg.jax_distributed
-    distributed.initialize(dist.coordinator_address or None, dist.num_processes or None,
-                           dist.process_id if dist.process_id >= 0 else None)
-    import jax
-
     import easytune
-    from easytune import adapters, data, logging_utils, train
+    from easytune import adapters, data, train
     from easytune.algos import dpo
     from easytune.train_sft import heldout_accuracy
 
-    start = time.time()
-    is_main = jax.process_index() == 0
+    start, is_main = entry.start(cfg)
     options = dpo.PreferenceConfig(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                                    reference_free=cfg.reference_free, simpo_gamma=cfg.simpo_gamma)
     if cfg.precompute_reference and not options.uses_reference:
         raise ValueError(f"--precompute_reference has nothing to compute: the {cfg.loss_type} loss"
                          f"{' with --reference_free' if cfg.reference_free else ''} uses no reference policy.")
-    os.makedirs(cfg.output_dir, exist_ok=True)
     model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
                           remat=cfg.remat, attention=cfg.attention)
     if model.tokenizer is None:
@@ -239,14 +230,8 @@ def run(cfg) -> dict:
     if eval_rows is not None:
         eval_batches = lambda: train.eval_batches(eval_rows, micro_batch)  # noqa: E731
 
-    total_steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
-    if total_steps < 1 or cfg.log_steps < 1:
-        raise ValueError(f"nothing to do: total_steps={total_steps} (from --total_steps or --num_epochs) and "
-                         f"--log_steps={cfg.log_steps} must be >= 1.")
-    if is_main:
-        model.tokenizer.save_pretrained(cfg.output_dir)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+    total_steps = entry.total_steps(cfg, batches)
+    entry.write_run_files(cfg, model, is_main)
     trainer = train.Trainer(cfg, model, dpo.make_loss(options), total_steps,
                             reference=options.uses_reference and not precomputed, count_name="pairs")
     summary = {"train_pairs": stats.num_records, "train_pairs_dropped": stats.num_dropped,
@@ -254,13 +239,7 @@ def run(cfg) -> dict:
                "reference": ("none" if not options.uses_reference else "precomputed" if precomputed
                              else "base (adapter off)" if adapter is not None else "copy"),
                "train_state_bytes": trainer.state_bytes()}
-    if cfg.resume:
-        data_state = trainer.restore_latest()
-        if data_state is not None:
-            batches.restore(data_state)
-    logging_utils.truncate_metrics(cfg.output_dir, trainer.step)
-    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
-    trainer.metrics_logger = metrics_logger
+    entry.resume_and_open_metrics(cfg, trainer, batches)
     if adapter is not None:
         summary.update({"peft": adapter.config.method, "trainable_params": adapters.count(adapter.params)})
     if heldout is not None and trainer.step == 0:
@@ -268,49 +247,21 @@ def run(cfg) -> dict:
         if is_main:
             print(f"held-out exact-match accuracy before: {summary['heldout_accuracy_before']:.3f}")
 
-    progress = logging_utils.ProgressBar(total_steps, initial=trainer.step)
-    train_start = time.time()
-    history = trainer.train(batches, eval_batches, progress=progress)
-    progress.close()
-    summary["train_seconds"] = time.time() - train_start
+    history = entry.train(trainer, batches, eval_batches, total_steps, summary)
     if history:
-        summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
         summary.update({k: history[-1][k] for k in history[-1] if k.startswith("rewards/")})
-    if cfg.save_steps == 0:
-        trainer.save(batches.state())
-    if eval_batches is not None:
-        if history and "eval_loss" in history[-1]:
-            summary.update({k: v for k, v in history[-1].items() if k.startswith("eval_")})
-        else:
-            summary.update(trainer.evaluate(eval_batches()))
+    entry.save_and_evaluate(cfg, trainer, batches, eval_batches, history, summary)
     if heldout is not None:
         summary["heldout_accuracy_after"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
         if is_main:
             print(f"held-out exact-match accuracy after: {summary['heldout_accuracy_after']:.3f}")
-    export_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning
-                                   else None)
-    if export_dir:
-        model.save_pretrained(export_dir)
-        summary["export_hf"] = export_dir
-    peft_dir = cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None)
-    if peft_dir:
-        model.save_peft(peft_dir)
-        summary["export_peft"] = peft_dir
-    metrics_logger.close()
-    summary["wall_seconds"] = time.time() - start
-    if is_main:
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(json.dumps(summary, indent=2))
-    return summary
+    entry.export(model, summary,
+                 cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning else None),
+                 cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))
+    return entry.finish(cfg, trainer, summary, start, is_main)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value.")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    run(config_lib.read_config(DEFAULTS))
+main = entry.make_main(DEFAULTS, run)
 
 
 if __name__ == "__main__":

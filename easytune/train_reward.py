@@ -19,11 +19,10 @@ import json
 import logging
 import os
 import sys
-import time
 
 from absl import app, flags
 
-from easytune import config as config_lib
+from easytune import config as config_lib, entry
 
 DEFAULTS = {
     "model": None,
@@ -119,19 +118,11 @@ logger = logging.getLogger("easytune")
 
 def run(cfg) -> dict:
     """Train a reward model as `cfg` says; returns a summary (also <output_dir>/summary.json)."""
-    from easytune import distributed
-    dist = cfg.jax_distributed
-    distributed.initialize(dist.coordinator_address or None, dist.num_processes or None,
-                           dist.process_id if dist.process_id >= 0 else None)
-    import jax
-
     import easytune
     from easytune import data, logging_utils, train
     from easytune.algos import reward
 
-    start = time.time()
-    is_main = jax.process_index() == 0
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    start, is_main = entry.start(cfg)
     model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
                           remat=cfg.remat, attention=cfg.attention)
     if model.tokenizer is None:
@@ -178,68 +169,31 @@ def run(cfg) -> dict:
     eval_batches = None
     if eval_rows is not None:
         eval_batches = lambda: train.eval_batches(eval_rows, micro_batch)  # noqa: E731
-    total_steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
-    if total_steps < 1 or cfg.log_steps < 1:
-        raise ValueError(f"nothing to do: total_steps={total_steps} (from --total_steps or --num_epochs) and "
-                         f"--log_steps={cfg.log_steps} must be >= 1.")
-    if is_main:
-        model.tokenizer.save_pretrained(cfg.output_dir)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+    total_steps = entry.total_steps(cfg, batches)
+    entry.write_run_files(cfg, model, is_main)
     trainer = train.Trainer(cfg, model, reward.make_loss(cfg.center_rewards_coefficient), total_steps,
                             count_name="pairs")
     summary = {"train_pairs": stats.num_records, "train_pairs_dropped": stats.num_dropped, "total_steps": total_steps,
                "train_state_bytes": trainer.state_bytes()}
-    if cfg.resume:
-        data_state = trainer.restore_latest()
-        if data_state is not None:
-            batches.restore(data_state)
-    logging_utils.truncate_metrics(cfg.output_dir, trainer.step)
-    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
-    trainer.metrics_logger = metrics_logger
+    entry.resume_and_open_metrics(cfg, trainer, batches)
     if eval_batches is not None and trainer.step == 0:
         summary["eval_accuracy_before"] = trainer.evaluate(eval_batches())["eval_accuracy"]
         if is_main:
             print(f"pairwise accuracy on the eval pairs before: {summary['eval_accuracy_before']:.3f}")
 
-    progress = logging_utils.ProgressBar(total_steps, initial=trainer.step)
-    train_start = time.time()
-    history = trainer.train(batches, eval_batches, progress=progress,
+    history = entry.train(trainer, batches, eval_batches, total_steps, summary,
                             flops_per_token=logging_utils.llama_flops_per_token(model.config, cfg.seq_length),
                             peak_flops=logging_utils.peak_flops_per_device())
-    progress.close()
-    summary["train_seconds"] = time.time() - train_start
     if history:
-        summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
         summary["last_accuracy"] = history[-1]["accuracy"]
-    if cfg.save_steps == 0:
-        trainer.save(batches.state())
-    if eval_batches is not None:
-        if history and "eval_loss" in history[-1]:
-            summary.update({k: v for k, v in history[-1].items() if k.startswith("eval_")})
-        else:
-            summary.update(trainer.evaluate(eval_batches()))
-        if is_main:
+    entry.save_and_evaluate(cfg, trainer, batches, eval_batches, history, summary)
+    if eval_batches is not None and is_main:
             print(f"pairwise accuracy on the eval pairs after: {summary['eval_accuracy']:.3f}")
-    export_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job else None)
-    if export_dir:
-        model.save_pretrained(export_dir)
-        summary["export_hf"] = export_dir
-    metrics_logger.close()
-    summary["wall_seconds"] = time.time() - start
-    if is_main:
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(json.dumps(summary, indent=2))
-    return summary
+    entry.export(model, summary, cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job else None))
+    return entry.finish(cfg, trainer, summary, start, is_main)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value.")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    run(config_lib.read_config(DEFAULTS))
+main = entry.make_main(DEFAULTS, run)
 
 
 if __name__ == "__main__":

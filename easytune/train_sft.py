@@ -10,15 +10,13 @@ the fields) with the seq2seq loss: `--seq_length` is the encoder's row length an
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import time
 
 from absl import app, flags
 
-from easytune import config as config_lib
+from easytune import config as config_lib, entry
 from easytune.adapters import FLAG_DEFAULTS as PEFT_DEFAULTS, FLAG_DOCS as PEFT_DOCS
 
 DEFAULTS = {
@@ -151,19 +149,11 @@ def training_rows(cfg, model, template, source: str, records=None, pack: bool | 
 
 def run(cfg) -> dict:
     """Fine-tune as `cfg` says; returns a summary (also written to <output_dir>/summary.json)."""
-    from easytune import distributed
-    dist = cfg.jax_distributed
-    distributed.initialize(dist.coordinator_address or None, dist.num_processes or None,
-                           dist.process_id if dist.process_id >= 0 else None)
-    import jax
-
     import easytune
     from easytune import adapters, data, logging_utils, train
     from easytune.algos import seq2seq, sft
 
-    start = time.time()
-    is_main = jax.process_index() == 0
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    start, is_main = entry.start(cfg)
     model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
                           remat=cfg.remat, attention=cfg.attention)
     if model.tokenizer is None:
@@ -201,25 +191,13 @@ def run(cfg) -> dict:
         # micro-batches: eval logits must fit wherever training's do
         eval_batches = lambda: train.eval_batches(eval_rows, cfg.batch_size // cfg.grad_accum_steps)  # noqa: E731
 
-    total_steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
-    if total_steps < 1 or cfg.log_steps < 1:
-        raise ValueError(f"nothing to do: total_steps={total_steps} (from --total_steps or --num_epochs) and "
-                         f"--log_steps={cfg.log_steps} must be >= 1.")
-    if is_main:
-        model.tokenizer.save_pretrained(cfg.output_dir)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+    total_steps = entry.total_steps(cfg, batches)
+    entry.write_run_files(cfg, model, is_main)
     loss_fn = seq2seq.loss_sums if model.is_encoder_decoder else sft.loss_sums
     trainer = train.Trainer(cfg, model, loss_fn, total_steps)
     summary = {"train_samples": stats.num_records, "train_samples_dropped": stats.num_dropped_no_trainable_tokens,
                "total_steps": total_steps}
-    if cfg.resume:
-        data_state = trainer.restore_latest()
-        if data_state is not None:
-            batches.restore(data_state)
-    logging_utils.truncate_metrics(cfg.output_dir, trainer.step)  # before the logger opens the file
-    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
-    trainer.metrics_logger = metrics_logger
+    entry.resume_and_open_metrics(cfg, trainer, batches)
     if adapter is not None:
         summary.update({"peft": adapter.config.method, "trainable_params": adapters.count(adapter.params)})
     if heldout is not None and trainer.step == 0:
@@ -227,52 +205,23 @@ def run(cfg) -> dict:
         if is_main:
             print(f"held-out exact-match accuracy before: {summary['heldout_accuracy_before']:.3f}")
 
-    progress = logging_utils.ProgressBar(total_steps, initial=trainer.step)
-    train_start = time.time()
     # (no MFU for encoder-decoders yet: their FLOPs per token depend on the input/target split)
     flops_per_token = None if model.is_encoder_decoder else logging_utils.llama_flops_per_token(model.config,
                                                                                                 cfg.seq_length)
-    history = trainer.train(batches, eval_batches, progress=progress, flops_per_token=flops_per_token,
+    history = entry.train(trainer, batches, eval_batches, total_steps, summary, flops_per_token=flops_per_token,
                             peak_flops=logging_utils.peak_flops_per_device())
-    progress.close()
-    summary["train_seconds"] = time.time() - train_start
-    if history:
-        summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
-    if cfg.save_steps == 0:
-        trainer.save(batches.state())
-    if eval_batches is not None:
-        if history and "eval_loss" in history[-1]:
-            summary.update({k: history[-1][k] for k in ("eval_loss", "eval_perplexity")})
-        else:
-            summary.update(trainer.evaluate(eval_batches()))
+    entry.save_and_evaluate(cfg, trainer, batches, eval_batches, history, summary)
     if heldout is not None:
         summary["heldout_accuracy_after"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
         if is_main:
             print(f"held-out exact-match accuracy after: {summary['heldout_accuracy_after']:.3f}")
-    export_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning
-                                   else None)
-    if export_dir:
-        model.save_pretrained(export_dir)
-        summary["export_hf"] = export_dir
-    peft_dir = cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None)
-    if peft_dir:
-        model.save_peft(peft_dir)
-        summary["export_peft"] = peft_dir
-    metrics_logger.close()
-    summary["wall_seconds"] = time.time() - start
-    if is_main:
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(json.dumps(summary, indent=2))
-    return summary
+    entry.export(model, summary,
+                 cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning else None),
+                 cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))
+    return entry.finish(cfg, trainer, summary, start, is_main)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value.")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    run(config_lib.read_config(DEFAULTS))
+main = entry.make_main(DEFAULTS, run)
 
 
 if __name__ == "__main__":
