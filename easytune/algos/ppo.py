@@ -1,0 +1,343 @@
+"""RL for language models: PPO, GRPO and RLOO, as pure functions over `[batch, response]` arrays.
+
+Each piece matches TRL's definition on identical tensors (tests/test_ppo_trl.py):
+
+    masked_mean / masked_var / masked_whiten         TRL's (unbiased variance, rsqrt(var + 1e-8))
+    kl_penalty(logprobs, ref_logprobs, estimator)    k1 = log π − log π_ref; k2 = ½(log ratio)²;
+                                                     k3 = exp(log π_ref − log π) − 1 − (log π_ref − log π)
+    token_rewards(scores, kl, end_index, kl_coef)    −β·KL per token, the sequence score added at end_index
+    gae(rewards, values, gamma, lam)                 generalized advantage estimation -> (advantages, returns)
+    group_advantages(rewards, group_size, scale)     GRPO: (r − group mean) / (std + 1e-4)
+    leave_one_out_advantages(rewards, group_size)    RLOO: r − mean of the other completions of the prompt
+    clipped_policy_loss(...)                         max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)) per token
+    clipped_value_loss(...)                          ½·max((v − R)², (clip(v, v_old ± ε_v) − R)²) per token
+    AdaptiveKLController                             Ziegler et al. 2019's proportional controller
+
+and the losses the training loop runs (`policy_loss_fn`, `value_loss_fn`), which read a rollout
+batch: `input_ids`, `positions`, `segment_ids` `[batch, prompt + response]` (prompt left-padded,
+response right-padded) and per-response-token `[batch, response]` arrays: `response_mask` (1 up to
+and including the EOS), `old_logprobs` and `old_values` (recorded at rollout time, before any
+update), `ref_logprobs`, `advantages`, `returns`.
+
+Conventions (where TRL's PPOTrainer is tied to its own padding, ours are stated):
+- A response's tokens run up to and including its first EOS; a response with no EOS runs to
+  max_new_tokens (and may pay --missing_eos_penalty).
+- The score is added to the reward of the response's last token (the EOS), and values are 0 past
+  it, so GAE's bootstrap ends there.
+- Log-probs are of logits / temperature, at rollout and in training alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from easytune import models
+
+ALGOS = ("ppo", "grpo", "rloo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+WHITEN_EPS = 1e-8       # TRL's masked_whiten
+GROUP_STD_EPS = 1e-4    # TRL's GRPO/RLOO advantage scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """What the losses and advantages need; the entry point's flags fill it (see train_ppo --help)."""
+
+    algo: str = "ppo"
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_in: str = "reward"            # reward (PPO, RLOO) or loss (GRPO's k3 term)
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True    # PPO
+    cliprange: float = 0.2
+    cliprange_high: float = 0.0       # 0 = same as cliprange (GRPO/DAPO "clip higher" when larger)
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    scale_rewards: str = "group"      # GRPO: group, batch or none
+    normalize_advantages: bool = False  # RLOO: whiten over the batch after the baseline
+    group_size: int = 1               # completions per prompt
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown --algo {self.algo!r}; use one of {', '.join(ALGOS)}.")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown --kl_estimator {self.kl_estimator!r}; use k1, k2 or k3.")
+        if self.kl_in not in ("reward", "loss"):
+            raise ValueError(f"--kl_in must be reward or loss, got {self.kl_in!r}.")
+        if self.algo == "ppo" and self.kl_in != "reward":
+            raise ValueError("PPO folds the KL penalty into the rewards; --kl_in=loss is for grpo and rloo.")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 for RL rollouts (sampling), got {self.temperature}.")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"--scale_rewards must be group, batch or none, got {self.scale_rewards!r}.")
+        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"{self.algo} compares the completions of a prompt: --rollouts_per_prompt must be >= 2, "
+                             f"got {self.group_size}.")
+        if not 0 < self.cliprange < 1:
+            raise ValueError(f"--cliprange must be in (0, 1), got {self.cliprange}.")
+        if self.kl_coef < 0:
+            raise ValueError(f"--kl_coef must be >= 0, got {self.kl_coef}.")
+
+    @property
+    def clip_high(self) -> float:
+        return self.cliprange_high or self.cliprange
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algo == "ppo"
+
+    @property
+    def sequence_ratio(self) -> bool:
+        """RLOO (as TRL's RLOOTrainer) clips one importance ratio per sequence: exp(Σ log ratio)."""
+        return self.algo == "rloo"
+
+
+# ----------------------------------------------------------------------------- masked statistics
+
+def masked_mean(values, mask, axis=None):
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask, axis=axis) / jnp.sum(mask, axis=axis)
+
+
+def masked_var(values, mask, unbiased: bool = True):
+    """Variance over `mask` (Bessel-corrected when `unbiased`, as TRL)."""
+    centered = values - masked_mean(values, mask)
+    variance = masked_mean(centered ** 2, mask)
+    if unbiased:
+        count = jnp.sum(mask.astype(values.dtype))
+        variance = variance * count / jnp.maximum(count - 1, 1)
+    return variance
+
+
+def masked_whiten(values, mask, shift_mean: bool = True):
+    """(values − mean) / sqrt(var + 1e-8) over `mask`; with shift_mean=False the mean is kept."""
+    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * jax.lax.rsqrt(variance + WHITEN_EPS)
+    return whitened if shift_mean else whitened + mean
+
+
+def explained_variance(values, returns, mask):
+    """1 − Var(returns − values) / Var(returns) over `mask`: how much of the return the critic predicts."""
+    return 1.0 - masked_var(returns - values, mask) / jnp.maximum(masked_var(returns, mask), 1e-12)
+
+
+# ----------------------------------------------------------------------------- KL and rewards
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str = "k1"):
+    """Per-token KL(π || π_ref) estimate from sampled tokens' log-probs `[batch, response]`
+    (Schulman's k1, k2, k3)."""
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return jnp.exp(log_ratio) - 1.0 - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3.")
+
+
+def token_rewards(scores, kl, end_index, kl_coef, mask):
+    """Per-token rewards `[batch, response]`: −kl_coef·kl on the response tokens (`mask`), plus each
+    row's score `[batch]` at `end_index` `[batch]`. Returns `(rewards, non_score_rewards)`."""
+    non_score = jnp.where(mask > 0, -kl_coef * kl, 0.0)
+    one_hot = jax.nn.one_hot(end_index, kl.shape[1], dtype=non_score.dtype)
+    return non_score + one_hot * scores[:, None], non_score
+
+
+def gae(rewards, values, gamma: float, lam: float):
+    """Generalized advantage estimation over the response axis, bootstrapping 0 after the last
+    position: `(advantages, returns = advantages + values)`, each `[batch, response]`. Rewards
+    and values must be 0 past each response's end (then nothing flows back from there)."""
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values - values
+
+    def step(carry, delta):
+        carry = delta + gamma * lam * carry
+        return carry, carry
+
+    _, reversed_advantages = jax.lax.scan(step, jnp.zeros_like(deltas[:, 0]), deltas.T[::-1])
+    advantages = reversed_advantages[::-1].T
+    return advantages, advantages + values
+
+
+def _nanless_std(grouped, axis):
+    """Unbiased standard deviation along `axis` (TRL's nanstd on NaN-free input)."""
+    count = grouped.shape[axis]
+    mean = jnp.mean(grouped, axis=axis, keepdims=True)
+    return jnp.sqrt(jnp.sum((grouped - mean) ** 2, axis=axis) / max(count - 1, 1))
+
+
+def group_advantages(rewards, group_size: int, scale: str = "group"):
+    """GRPO: each completion's reward minus its prompt group's mean, divided by the group's (or
+    the batch's) standard deviation + 1e-4 unless scale='none'. rewards `[batch]` with a prompt's
+    completions consecutive -> `[batch]`."""
+    grouped = rewards.reshape(-1, group_size)
+    advantages = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(-1)
+    if scale == "group":
+        std = jnp.repeat(_nanless_std(grouped, axis=1), group_size)
+    elif scale == "batch":
+        std = _nanless_std(rewards, axis=0)
+    else:
+        return advantages
+    return advantages / (std + GROUP_STD_EPS)
+
+
+def leave_one_out_advantages(rewards, group_size: int, normalize: bool = False):
+    """RLOO: each completion's reward minus the mean reward of the prompt's other completions,
+    optionally standardized over the batch. rewards `[batch]` (a prompt's completions consecutive)."""
+    grouped = rewards.reshape(-1, group_size)
+    baselines = (grouped.sum(axis=1, keepdims=True) - grouped) / (group_size - 1)
+    advantages = (grouped - baselines).reshape(-1)
+    if normalize:
+        advantages = (advantages - advantages.mean()) / (_nanless_std(advantages, axis=0) + GROUP_STD_EPS)
+    return advantages
+
+
+# ----------------------------------------------------------------------------- losses
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+    """PPO's clipped surrogate per element: `(loss, ratio, clipped)`, where clipped marks where the
+    clipped term is the larger loss (TRL's clip fraction). Any matching shapes (per token, or per
+    sequence for a sequence-level ratio)."""
+    ratio = jnp.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return jnp.maximum(unclipped, clipped), ratio, (clipped > unclipped)
+
+
+def clipped_value_loss(values, old_values, returns, cliprange_value: float):
+    """PPO's clipped value loss per token: `(½·max((v − R)², (v_clipped − R)²), clipped)`."""
+    values_clipped = jnp.clip(values, old_values - cliprange_value, old_values + cliprange_value)
+    unclipped, clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    return 0.5 * jnp.maximum(unclipped, clipped), clipped > unclipped
+
+
+def entropy_from_logits(logits):
+    """Entropy of softmax(logits) over the last axis, float32."""
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+
+def response_logits(model_config, params, batch, temperature: float):
+    """The logits that predict each response token, divided by the temperature:
+    `[batch, response, vocab]` float32."""
+    response_length = batch["response_mask"].shape[1]
+    logits = models.family(model_config.model_type).forward(
+        model_config, params, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    logits = logits[:, -response_length - 1:-1].astype(jnp.float32)
+    return logits / temperature
+
+
+def response_logprobs(model_config, params, batch, temperature: float, with_entropy: bool = False):
+    """Log-probs `[batch, response]` of the response tokens under `params` at `temperature`
+    (and the per-token entropy with `with_entropy`)."""
+    from easytune.algos.dpo import token_logps
+    logits = response_logits(model_config, params, batch, temperature)
+    response_length = batch["response_mask"].shape[1]
+    logps = token_logps(logits, batch["input_ids"][:, -response_length:])
+    return (logps, entropy_from_logits(logits)) if with_entropy else logps
+
+
+def response_values(model_config, params, batch):
+    """The critic's value of the state before each response token: `[batch, response]` float32
+    (the score head read at the position that predicts the token)."""
+    response_length = batch["response_mask"].shape[1]
+    values = models.family(model_config.model_type).forward(
+        model_config, params, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    return values[:, -response_length - 1:-1, 0].astype(jnp.float32)
+
+
+def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
+    """The policy's loss for `train.Trainer`: `(sum, count, {metric: sum})`. PPO and GRPO average
+    per-token losses over the minibatch's response tokens (TRL's PPO masked mean; GRPO's
+    token-level "dapo"/"bnpo" normalization); RLOO averages per-sequence losses over sequences (as
+    TRL's RLOOTrainer). GRPO with --kl_in=loss adds kl_coef·k3 per token."""
+
+    def loss_fn(model_config, params, batch, reference=None):
+        del reference  # reference log-probs were recorded at rollout time
+        mask = batch["response_mask"].astype(jnp.float32)
+        logps, entropy = response_logprobs(model_config, params, batch, options.temperature, with_entropy=True)
+        old = batch["old_logprobs"]
+        advantages = batch["advantages"]
+        log_ratio = logps - old
+        if options.sequence_ratio:
+            sequence_logps, sequence_old = jnp.sum(logps * mask, -1), jnp.sum(old * mask, -1)
+            losses, ratio, clipped = clipped_policy_loss(sequence_logps, sequence_old, advantages[:, 0],
+                                                         options.cliprange, options.clip_high)
+            valid = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+            total = lambda x: jnp.sum(x * valid)  # noqa: E731
+            units, count = valid, jnp.sum(valid)
+            loss_sum = total(losses)
+            ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
+        else:
+            losses, ratio, clipped = clipped_policy_loss(logps, old, advantages, options.cliprange, options.clip_high)
+            if kl_coef_in_loss:
+                losses = losses + kl_coef_in_loss * kl_penalty(logps, batch["ref_logprobs"], "k3")
+            total = lambda x: jnp.sum(x * mask)  # noqa: E731
+            units, count = mask, jnp.sum(mask)
+            loss_sum = total(losses)
+            ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
+        del units
+        tokens = jnp.maximum(jnp.sum(mask), 1.0)
+        # token-level diagnostics reported per unit: scaled so that sum / count is the token mean
+        per_unit = count / tokens
+        metrics = {
+            "policy/clipfrac": clip_sum,
+            "policy/ratio": ratio_sum,
+            "policy/approxkl": per_unit * jnp.sum(0.5 * log_ratio ** 2 * mask),
+            "policy/entropy": per_unit * jnp.sum(jax.lax.stop_gradient(entropy) * mask),
+            "policy/kl_ref": per_unit * jnp.sum(kl_penalty(jax.lax.stop_gradient(logps), batch["ref_logprobs"],
+                                                           "k3") * mask),
+        }
+        metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
+        return loss_sum, count, metrics
+
+    return loss_fn
+
+
+def value_loss_fn(options: RLConfig):
+    """The critic's loss for `train.Trainer`: vf_coef · clipped value loss, averaged over the
+    minibatch's value positions (`response_mask`)."""
+
+    def loss_fn(model_config, params, batch):
+        mask = batch["response_mask"].astype(jnp.float32)
+        values = response_values(model_config, params, batch)
+        losses, clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], options.cliprange_value)
+        total = lambda x: jnp.sum(x * mask)  # noqa: E731
+        metrics = {"value/loss": jax.lax.stop_gradient(total(losses)),
+                   "value/clipfrac": total(clipped.astype(jnp.float32))}
+        return options.vf_coef * total(losses), jnp.sum(mask), metrics
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- KL coefficient
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        del current_kl, n_steps
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences", §2.2: move the
+    coefficient towards the KL target, proportionally, clipped to ±20% of the target:
+    β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"the adaptive KL controller needs --kl_target > 0 and --kl_horizon > 0, got "
+                             f"{target} and {horizon}.")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
