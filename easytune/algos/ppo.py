@@ -275,6 +275,7 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
             units, count = valid, jnp.sum(valid)
             loss_sum = total(losses)
             ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
+            deviation_sum = total(jnp.abs(ratio - 1.0))
         else:
             losses, ratio, clipped = clipped_policy_loss(logps, old, advantages, options.cliprange, options.clip_high)
             if kl_coef_in_loss:
@@ -283,6 +284,7 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
             units, count = mask, jnp.sum(mask)
             loss_sum = total(losses)
             ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
+            deviation_sum = total(jnp.abs(ratio - 1.0))
         del units
         tokens = jnp.maximum(jnp.sum(mask), 1.0)
         # token-level diagnostics reported per unit: scaled so that sum / count is the token mean
@@ -290,6 +292,7 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
         metrics = {
             "policy/clipfrac": clip_sum,
             "policy/ratio": ratio_sum,
+            "policy/ratio_deviation": deviation_sum,  # mean |ratio - 1|: exactly 0 before the first update
             "policy/approxkl": per_unit * jnp.sum(0.5 * log_ratio ** 2 * mask),
             "policy/entropy": per_unit * jnp.sum(jax.lax.stop_gradient(entropy) * mask),
             "policy/kl_ref": per_unit * jnp.sum(kl_penalty(jax.lax.stop_gradient(logps), batch["ref_logprobs"],

@@ -1,0 +1,306 @@
+"""The RL loop behind `train_ppo`: rollouts, scoring, advantages, and PPO epochs over minibatches.
+
+One iteration:
+1. **generate**: `rollout_batch_size` completions (each prompt `rollouts_per_prompt` times, a
+   prompt's completions consecutive) with the jitted KV-cache generator (`generate._generate`: one
+   prefill and a `lax.while_loop`, inputs sharded over the mesh's batch axes, no host round trip
+   per token), sampling at `temperature` from the current policy;
+2. **record**: in one jitted pass over the rollout batch, in the training step's micro-batch
+   shape, the policy's log-probs and entropy, the reference's log-probs (adapters off, or the
+   frozen copy) and, for PPO, the critic's values. These are the "old" log-probs and values: they
+   are not recomputed after updates, so the first update's ratio is exactly 1 and later ones are not;
+3. **score**: the reward function or reward model on the decoded completions (every process
+   scores the same gathered batch), minus `missing_eos_penalty` for completions without EOS;
+4. **advantages** (`easytune.algos.ppo`): PPO folds the per-token KL into the rewards and runs
+   GAE (and whitening); GRPO and RLOO use group-relative or leave-one-out baselines;
+5. **train**: `ppo_epochs` passes over the batch in `num_minibatches` shuffled minibatches, one
+   optimizer step each for the policy (and the critic) through `train.Trainer`'s jitted step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from easytune import generate, train
+from easytune.algos import ppo
+
+logger = logging.getLogger("easytune")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+class PromptSampler:
+    """Prompt records in a seeded shuffled order, epoch after epoch; `state()`/`restore()` for resume."""
+
+    def __init__(self, records: Sequence[dict], seed: int):
+        if not records:
+            raise ValueError("there are no prompts to train on.")
+        self.records, self.seed = list(records), seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.records))
+
+    def next(self, count: int) -> list[dict]:
+        out = []
+        order = self._order()
+        while len(out) < count:
+            if self.position == len(self.records):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            out.append(self.records[order[self.position]])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ----------------------------------------------------------------------------- rollout rows
+
+def response_rows(prompt_tokens, prompt_positions, prompt_segments, responses, eos_ids) -> dict[str, np.ndarray]:
+    """Rows for scoring and training from left-padded prompts `[batch, prompt]` and generated
+    responses `[batch, response]`: `input_ids`, `positions`, `segment_ids` over prompt + response,
+    `response_mask` (1 up to and including the first EOS), `has_eos` `[batch, 1]`."""
+    responses = np.asarray(responses, np.int32)
+    batch, length = responses.shape
+    is_eos = np.isin(responses, np.asarray(list(eos_ids), np.int32))
+    has_eos = is_eos.any(axis=1)
+    last = np.where(has_eos, is_eos.argmax(axis=1), length - 1)
+    mask = (np.arange(length)[None, :] <= last[:, None]).astype(np.int32)
+    prompt_lengths = prompt_segments.sum(axis=1, keepdims=True)
+    return {
+        "input_ids": np.concatenate([prompt_tokens, np.where(mask > 0, responses, 0)], axis=1).astype(np.int32),
+        "positions": np.concatenate([prompt_positions, prompt_lengths + np.arange(length)[None, :]],
+                                    axis=1).astype(np.int32),
+        "segment_ids": np.concatenate([prompt_segments, mask], axis=1).astype(np.int32),
+        "response_mask": mask,
+        "has_eos": has_eos[:, None].astype(np.int32),
+    }
+
+
+def completion_ids(rows: dict[str, np.ndarray]) -> list[list[int]]:
+    response_length = rows["response_mask"].shape[1]
+    responses = rows["input_ids"][:, -response_length:]
+    return [row[mask > 0].tolist() for row, mask in zip(responses, rows["response_mask"])]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class RLLoop:
+    """Runs iterations of rollouts and updates. `policy` is a `train.Trainer` over the policy model
+    (adapter or all weights; built with `reference=True`, so its `frozen` input is the reference:
+    the base with an adapter, else a copy); `critic` a Trainer over the value model (PPO) or None.
+    `score(prompt_records, completions, completion_ids)` returns float32 scores `[batch]`."""
+
+    def __init__(self, cfg, options: ppo.RLConfig, model, policy: train.Trainer, critic: train.Trainer | None,
+                 score: Callable, prompt_ids: Callable[[dict], list[int]], sampler: PromptSampler,
+                 kl_controller, metrics_logger=None):
+        self.cfg, self.options, self.model = cfg, options, model
+        self.policy, self.critic, self.score = policy, critic, score
+        self.prompt_ids, self.sampler, self.kl = prompt_ids, sampler, kl_controller
+        self.metrics_logger = metrics_logger
+        self.mesh = model.mesh
+        self.iteration = 0
+        self.rollout_batch = cfg.rollout_batch_size
+        self.minibatch = self.rollout_batch // cfg.num_minibatches
+        self.micro = self.minibatch // cfg.grad_accum_steps
+        self.eos_ids = model.eos_token_ids
+        if not self.eos_ids:
+            raise ValueError("the policy has no EOS token id (generation_config / tokenizer); RL needs one to end "
+                             "completions.")
+        self.adapter = model.adapter
+        config, critic_config = model.config, (critic.model_config if critic is not None else None)
+        temperature = options.temperature
+
+        def record(policy_params, frozen, value_params, batch):
+            """Old log-probs, reference log-probs, entropy and values, micro-batch by micro-batch
+            (`batch` leaves `[chunks, micro, ...]`), with the training step's forward."""
+            model_params = self._combine(frozen, policy_params)
+            reference_params = frozen
+
+            def one(micro):
+                logps, entropy = ppo.response_logprobs(config, model_params, micro, temperature, with_entropy=True)
+                reference = ppo.response_logprobs(config, reference_params, micro, temperature)
+                values = (ppo.response_values(critic_config, value_params, micro) if value_params is not None
+                          else jnp.zeros_like(logps))
+                return logps, reference, entropy, values
+
+            return jax.lax.map(one, batch)
+
+        self._record = jax.jit(record)
+
+    def _combine(self, frozen, policy_params):
+        if self.adapter is None:
+            return policy_params
+        from easytune import adapters
+        return adapters.apply(frozen, policy_params, self.adapter.config, self.model.config)
+
+    # ------------------------------------------------------------------ one iteration
+
+    def generate(self, records: list[dict]) -> dict[str, np.ndarray]:
+        """Completions for `records` (each repeated rollouts_per_prompt times) -> rollout rows."""
+        group = self.options.group_size
+        prompts = [self.prompt_ids(r) for r in records for _ in range(group)]
+        tokens, positions, segments = generate.left_pad(prompts)
+        from easytune import sharding
+        spec = sharding.input_sharding(self.mesh, len(prompts))
+        inputs = [jax.device_put(x, spec) for x in (tokens, positions, segments)]
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), self.iteration)
+        with jax.set_mesh(self.mesh):
+            params = self._combine(self.policy.frozen, self.policy.params)
+            responses = generate._generate(
+                self.model.config, self.cfg.max_new_tokens, 0, False, False, params, *inputs,
+                jnp.asarray(self.eos_ids, jnp.int32), jnp.int32(self.model.pad_token_id), key,
+                jnp.float32(self.options.temperature), jnp.float32(1.0))
+        if not responses.is_fully_addressable:
+            responses = multihost_utils.process_allgather(responses, tiled=True)
+        return response_rows(tokens, positions, segments, np.asarray(responses), self.eos_ids)
+
+    def record(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rollout-time log-probs, reference log-probs, entropy and values `[batch, response]`."""
+        chunks = self.rollout_batch // self.micro
+        model_rows = {k: rows[k] for k in ("input_ids", "positions", "segment_ids", "response_mask")}
+        with jax.set_mesh(self.mesh):
+            batch = train.global_batch(self.mesh, model_rows, chunks)
+            outputs = self._record(self.policy.params, self.policy.frozen,
+                                   None if self.critic is None else self.critic.params, batch)
+            outputs = [np.asarray(multihost_utils.process_allgather(x, tiled=True) if not x.is_fully_addressable
+                                  else x).reshape(self.rollout_batch, -1) for x in outputs]
+        return dict(zip(("old_logprobs", "ref_logprobs", "entropy", "old_values"), outputs))
+
+    def advantages(self, rows: dict[str, np.ndarray], scores: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+        """Advantages (and PPO's returns) `[batch, response]` and the iteration's reward metrics."""
+        o = self.options
+        mask = jnp.asarray(rows["response_mask"], jnp.float32)
+        scores = jnp.asarray(scores)
+        kl = ppo.kl_penalty(jnp.asarray(rows["old_logprobs"]), jnp.asarray(rows["ref_logprobs"]),
+                            o.kl_estimator) * mask
+        sequence_kl = jnp.sum(kl, axis=1)
+        kl_coef = self.kl.value
+        metrics = {}
+        if o.algo == "ppo":
+            end_index = jnp.asarray(rows["response_mask"].sum(axis=1) - 1)
+            rewards, non_score = ppo.token_rewards(scores, kl, end_index, kl_coef, mask)
+            if o.whiten_rewards:
+                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False) * mask
+            values = jnp.asarray(rows["old_values"]) * mask
+            advantages, returns = ppo.gae(rewards, values, o.gamma, o.lam)
+            if o.whiten_advantages:
+                advantages = ppo.masked_whiten(advantages, mask)
+            advantages = advantages * mask
+            metrics["objective/non_score_reward"] = float(jnp.mean(jnp.sum(non_score, axis=1)))
+            metrics["value/explained_variance"] = float(ppo.explained_variance(values, returns, mask))
+            metrics["value/mean"] = float(ppo.masked_mean(values, mask))
+            out = {"advantages": np.asarray(advantages, np.float32), "returns": np.asarray(returns * mask, np.float32)}
+        else:
+            sequence_rewards = scores - kl_coef * sequence_kl if o.kl_in == "reward" else scores
+            if o.algo == "grpo":
+                per_sequence = ppo.group_advantages(sequence_rewards, o.group_size, o.scale_rewards)
+            else:
+                per_sequence = ppo.leave_one_out_advantages(sequence_rewards, o.group_size, o.normalize_advantages)
+            advantages = per_sequence[:, None] * mask
+            grouped = scores.reshape(-1, o.group_size)
+            metrics["reward/group_std"] = float(jnp.mean(jnp.std(grouped, axis=1)))
+            metrics["reward/zero_std_groups"] = float(jnp.mean(jnp.std(grouped, axis=1) == 0))
+            out = {"advantages": np.asarray(advantages, np.float32),
+                   "returns": np.zeros_like(rows["old_logprobs"], np.float32)}
+        metrics["objective/kl"] = float(jnp.mean(sequence_kl))
+        metrics["objective/rlhf_reward"] = float(jnp.mean(scores - kl_coef * sequence_kl))
+        metrics["kl_coef"] = kl_coef
+        return out, metrics
+
+    def update(self, rows: dict[str, np.ndarray]) -> list[dict]:
+        """PPO epochs over shuffled minibatches; returns each optimizer step's metrics (host floats)."""
+        train_keys = ("input_ids", "positions", "segment_ids", "response_mask", "old_logprobs", "ref_logprobs",
+                      "advantages", "returns", "old_values")
+        rng = np.random.default_rng([self.cfg.seed, self.iteration])
+        step_metrics = []
+        with jax.set_mesh(self.mesh):
+            for _ in range(self.cfg.ppo_epochs):
+                order = rng.permutation(self.rollout_batch)
+                for start in range(0, self.rollout_batch, self.minibatch):
+                    index = order[start:start + self.minibatch]
+                    batch = train.global_batch(self.mesh, {k: rows[k][index] for k in train_keys},
+                                               self.cfg.grad_accum_steps)
+                    metrics = dict(self.policy.train_step(batch))
+                    if self.critic is not None:
+                        value_metrics = self.critic.train_step(batch)
+                        metrics.update({("value/grad_norm" if k == "grad_norm" else k): v
+                                        for k, v in value_metrics.items() if k not in ("loss", "trained_tokens")})
+                    step_metrics.append(metrics)
+        return [{k: float(v) for k, v in m.items()} for m in jax.device_get(step_metrics)]
+
+    def run_iteration(self) -> dict:
+        """One rollout batch and its updates; returns the iteration's metrics."""
+        timings = {}
+        start = time.perf_counter()
+        records = self.sampler.next(self.rollout_batch // self.options.group_size)
+        rows = self.generate(records)
+        timings["time/generation"] = time.perf_counter() - start
+
+        mark = time.perf_counter()
+        rows.update(self.record(rows))
+        timings["time/rollout_forward"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        expanded = [r for r in records for _ in range(self.options.group_size)]
+        ids = completion_ids(rows)
+        scores = np.asarray(self.score(expanded, ids), np.float32)
+        raw_scores = scores.copy()
+        has_eos = rows["has_eos"][:, 0] > 0
+        if self.cfg.missing_eos_penalty:
+            scores = scores - self.cfg.missing_eos_penalty * (~has_eos)
+        timings["time/reward"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        advantage_rows, metrics = self.advantages(rows, scores)
+        rows.update(advantage_rows)
+        step_metrics = self.update(rows)
+        timings["time/train"] = time.perf_counter() - mark
+
+        mask = rows["response_mask"].astype(np.float32)
+        lengths = mask.sum(axis=1)
+        metrics.update({
+            "reward/mean": float(raw_scores.mean()), "reward/std": float(raw_scores.std()),
+            "reward/penalized_mean": float(scores.mean()),
+            "objective/entropy": float((rows["entropy"] * mask).sum() / mask.sum()),
+            "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+            "response/eos_fraction": float(has_eos.mean()),
+        })
+        for name in step_metrics[0]:
+            metrics[name if "/" in name else f"policy/{name}"] = float(np.mean([m[name] for m in step_metrics]))
+        metrics["policy/ratio_deviation_first_step"] = step_metrics[0]["policy/ratio_deviation"]
+        self.kl.update(metrics["objective/kl"], self.rollout_batch)
+        self.iteration += 1
+        timings["time/iteration"] = time.perf_counter() - start
+        metrics.update(timings)
+        metrics["episodes"] = self.iteration * self.rollout_batch
+        return metrics
+
+    def state(self) -> dict:
+        return {"iteration": self.iteration, "prompts": self.sampler.state(), "kl_coef": self.kl.value}
+
+    def restore(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.sampler.restore(state["prompts"])
+        self.kl.value = float(state["kl_coef"])
+
+    def save(self) -> None:
+        state = self.state()
+        self.policy.save(state)
+        if self.critic is not None:
+            self.critic.save(state)
+
+    def publish(self) -> None:
+        """Hand the trained policy back to the model handle (generation, eval, export)."""
+        self.policy._publish()

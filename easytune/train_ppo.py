@@ -1,0 +1,400 @@
+"""RL fine-tuning: `python -m easytune.train_ppo --algo=ppo|grpo|rloo --reward_fn=module:function ...`.
+
+- **ppo**: a policy, a frozen reference, a critic (the value model: `--value_model`, else the reward
+  model, else the policy's initial weights with a fresh value head), the per-token KL penalty
+  folded into the rewards (`--kl_estimator=k1|k3`, fixed or `--adaptive_kl`), GAE(γ, λ), whitened
+  advantages, clipped policy and value losses, `--ppo_epochs` over `--num_minibatches`.
+- **grpo**: no critic; each prompt's `--rollouts_per_prompt` completions are compared with their
+  group's mean (divided by the std, `--scale_rewards`); KL as k3 in the loss (`--kl_in=loss`, the
+  default) or in the reward.
+- **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward.
+
+The reward is a Python function over prompts and completions (`--reward_fn=module:function`, see
+`easytune.rewards`) or an easytune reward model (`--reward_model`: a train_reward run or an HF
+`*ForSequenceClassification` directory, scoring the prompt + completion through the chat template).
+The policy may be an adapter (`--peft=lora`, the default; qlora, dora): the reference is then the
+base with the adapter off, no copy. With `--peft=none` all weights train and the reference is a
+frozen copy.
+
+With no flags it runs the embedded default: SmolLM2-135M-Instruct (bundled) with LoRA, prompts
+from the verifiable tasks, the exact-match reward (`easytune.rewards:exact_match`), and held-out
+exact-match accuracy before and after. Every flag: `python -m easytune.train_ppo --help`.
+
+Outputs in --output_dir: metrics.jsonl (one record per iteration: reward/mean and std, objective/kl,
+objective/entropy, policy/clipfrac, policy/approxkl, value/loss, value/explained_variance,
+response/length_mean, time/generation vs time/train, ...), checkpoints/ (the policy) and
+value/checkpoints/ (the critic), summary.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from absl import app, flags
+
+from easytune import config as config_lib, entry
+from easytune.adapters import FLAG_DEFAULTS as PEFT_DEFAULTS, FLAG_DOCS as PEFT_DOCS
+
+DEFAULTS = {
+    "model": None,
+    "algo": "ppo",
+    "reward_fn": None,
+    "reward_model": None,
+    "value_model": None,
+    "train_data": None,
+    "output_dir": "outputs/ppo",
+    "mesh_dim": "1,-1,1",
+    "iterations": 20,
+    "rollout_batch_size": 32,
+    "rollouts_per_prompt": 4,
+    "max_new_tokens": 16,
+    "temperature": 1.0,
+    "ppo_epochs": 2,
+    "num_minibatches": 2,
+    "grad_accum_steps": 1,
+    "kl_coef": 0.05,
+    "kl_estimator": "k1",
+    "kl_in": None,
+    "adaptive_kl": False,
+    "kl_target": 6.0,
+    "kl_horizon": 10000,
+    "missing_eos_penalty": 0.0,
+    "gamma": 1.0,
+    "lam": 0.95,
+    "whiten_rewards": False,
+    "cliprange": 0.2,
+    "cliprange_high": 0.0,
+    "cliprange_value": 0.2,
+    "vf_coef": 0.1,
+    "value_lr": 0.0,
+    "scale_rewards": "group",
+    "normalize_advantages": False,
+    "dtype": "float32",
+    "param_dtype": "float32",
+    "remat": "none",
+    "attention": "xla",
+    "loss_reduction": "mean",
+    "optimizer": {
+        "lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
+        "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad_norm": 1.0,
+    },
+    "seed": 0,
+    "log_steps": 1,
+    "heldout_steps": 0,
+    "save_steps": 0,
+    "keep_checkpoints": 2,
+    "resume": False,
+    "export_hf": None,
+    "logger": "tensorboard",
+    "tasks": {"num_train": 512, "num_heldout": 100, "names": "add,subtract,multiply,sort,reverse,count"},
+    "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
+    **PEFT_DEFAULTS,
+    "peft": "lora",
+}
+
+DOCS = {
+    "model": "the policy: HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: "
+             "bundled SmolLM2-135M-Instruct)",
+    "algo": "ppo (critic, GAE, KL in the reward), grpo (group-relative baseline) or rloo (leave-one-out baseline)",
+    "reward_fn": "module:function scoring completions, called as fn(prompts=, completions=, completion_ids=, "
+                 "**record fields) -> one number per completion (default job: easytune.rewards:exact_match)",
+    "reward_model": "an easytune reward model (train_reward run) or HF *ForSequenceClassification directory; "
+                    "scores prompt + completion through the chat template",
+    "value_model": "PPO's critic initialization: a reward model or causal LM directory (a fresh value head is "
+                   "added to an LM) (default: --reward_model if given, else the policy's initial weights)",
+    "train_data": "prompt records: .jsonl/.json/.parquet or a `datasets` name; `prompt` (string or chat "
+                  "messages) or `messages` (the last assistant turn, if any, is dropped); every other field is "
+                  "passed to the reward function (default: the verifiable tasks)",
+    "output_dir": "where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go",
+    "mesh_dim": "device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts",
+    "iterations": "rollout batches (each: generate, score, then ppo_epochs x num_minibatches optimizer steps)",
+    "rollout_batch_size": "completions per iteration (prompts x rollouts_per_prompt)",
+    "rollouts_per_prompt": "completions sampled per prompt (grpo/rloo: the group size, >= 2)",
+    "max_new_tokens": "completion length limit",
+    "temperature": "sampling temperature at rollout; training log-probs use the same temperature",
+    "ppo_epochs": "passes over each rollout batch",
+    "num_minibatches": "minibatches (optimizer steps) per pass; rollout_batch_size must divide by it",
+    "grad_accum_steps": "micro-batches accumulated per minibatch",
+    "kl_coef": "KL coefficient beta (initial value with --adaptive_kl; 0 = no KL term)",
+    "kl_estimator": "per-token KL estimator in the reward: k1 (log ratio), k2 or k3 (Schulman)",
+    "kl_in": "reward (fold beta*KL into the rewards) or loss (grpo: beta*k3 per token in the loss) (default: "
+             "loss for grpo, reward otherwise)",
+    "adaptive_kl": "adapt kl_coef towards kl_target (Ziegler et al. 2019)",
+    "kl_target": "adaptive KL: target KL per completion (nats)",
+    "kl_horizon": "adaptive KL: horizon in completions",
+    "missing_eos_penalty": "subtracted from the score of completions that end without EOS (0 = off)",
+    "gamma": "PPO discount",
+    "lam": "PPO GAE lambda",
+    "whiten_rewards": "PPO: whiten the per-token rewards before GAE",
+    "cliprange": "policy ratio clip epsilon",
+    "cliprange_high": "upper clip epsilon (0 = cliprange; larger is DAPO's clip-higher)",
+    "cliprange_value": "PPO value clip range",
+    "vf_coef": "PPO value loss coefficient",
+    "value_lr": "critic learning rate (0 = optimizer.lr)",
+    "scale_rewards": "grpo: divide advantages by the group's std (group), the batch's (batch) or not (none)",
+    "normalize_advantages": "rloo: standardize advantages over the batch",
+    "dtype": "compute dtype (float32, bfloat16)",
+    "param_dtype": "stored (master) weight dtype",
+    "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
+    "attention": "attention implementation: xla, pallas, cudnn or auto",
+    "loss_reduction": "mean: per unit over the minibatch (tokens; sequences for rloo); sum: per micro-batch",
+    "optimizer.lr": "peak learning rate (AdamW)",
+    "optimizer.schedule": "cosine, linear or constant after warmup",
+    "optimizer.warmup_steps": "warmup optimizer steps (0 = use warmup_ratio)",
+    "optimizer.warmup_ratio": "warmup as a fraction of all optimizer steps",
+    "optimizer.min_lr_ratio": "final learning rate as a fraction of lr",
+    "optimizer.weight_decay": "AdamW weight decay (matrices only)",
+    "optimizer.b1": "AdamW beta1",
+    "optimizer.b2": "AdamW beta2",
+    "optimizer.eps": "AdamW epsilon",
+    "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off), policy and critic each",
+    "seed": "prompt order, sampling and adapter init seed",
+    "log_steps": "log every N iterations (progress, metrics.jsonl, TensorBoard)",
+    "heldout_steps": "default job: held-out accuracy every N iterations (0 = before and after only)",
+    "save_steps": "checkpoint every N iterations and at the end (0 = only at the end)",
+    "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
+    "resume": "continue from the newest readable checkpoint in output_dir",
+    "export_hf": "write a Hugging Face directory of the policy here at the end, adapters merged",
+    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
+    "tasks.num_train": "default job: generated training prompts",
+    "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
+    "tasks.names": "default job: comma-separated task kinds (add, subtract, multiply, sort, reverse, count)",
+    "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
+    "jax_distributed.num_processes": "number of processes (0 = auto)",
+    "jax_distributed.process_id": "this process's index (-1 = auto)",
+    **PEFT_DOCS,
+    "peft": "the policy's adapter: lora (default; the reference is the base, no copy), qlora, dora, or none (all "
+            "weights; the reference is a frozen copy)",
+}
+
+config_lib.define_flags(DEFAULTS, DOCS)
+flags.adopt_module_key_flags(config_lib)
+logger = logging.getLogger("easytune")
+
+
+def prompt_of(record: dict, where: str):
+    """A record's prompt: `prompt` (text or messages) or `messages` without a final assistant turn."""
+    if "prompt" in record:
+        prompt = record["prompt"]
+    elif "messages" in record:
+        prompt = record["messages"]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+            prompt = prompt[:-1]
+    else:
+        raise ValueError(f"{where}: a prompt record needs a `prompt` (text or chat messages) or `messages` field; "
+                         f"it has {sorted(record)}.")
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                      and isinstance(m.get("content"), str) for m in prompt)):
+        return prompt
+    raise ValueError(f"{where}: the prompt must be a non-empty string or a list of {{role, content}} messages, got "
+                     f"{json.dumps(prompt)[:80]}.")
+
+
+def load_prompt_records(cfg, is_main: bool):
+    """(prompt records, held-out task records or None, source name)."""
+    from easytune import data
+    if cfg.train_data:
+        located = data.load_located_records(cfg.train_data)
+        records = []
+        for record, where in located:
+            prompt_of(record, where)  # validate every record before the first compile
+            records.append(record)
+        if not records:
+            raise ValueError(f"{cfg.train_data} holds no prompt records.")
+        return records, None, cfg.train_data
+    names = tuple(n.strip() for n in cfg.tasks.names.split(",") if n.strip())
+    records, heldout = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout, seed=cfg.seed, tasks=names)
+    if is_main:
+        with open(os.path.join(cfg.output_dir, "train_prompts.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return records, heldout, f"verifiable tasks {','.join(names)} ({len(records)} train, {len(heldout)} held out)"
+
+
+def make_scorer(cfg, policy_model, reward_model):
+    """score(records, completion_ids) -> float32 scores from the reward function or model."""
+    from easytune import rewards
+    tokenizer = policy_model.tokenizer
+    if cfg.reward_fn:
+        fn = rewards.load_reward_fn(cfg.reward_fn)
+
+        def score(records, ids):
+            completions = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+            prompts = [prompt_of(r, "prompt record") for r in records]
+            columns = {key: [r.get(key) for r in records] for key in records[0] if key not in ("prompt", "messages")}
+            return rewards.call_reward_fn(fn, prompts, completions, ids, columns)
+        return score
+
+    def score(records, ids):
+        sequences = []
+        for record, completion_ids in zip(records, ids):
+            prompt = prompt_of(record, "prompt record")
+            completion = tokenizer.decode(completion_ids, skip_special_tokens=True)
+            sequences.append(prompt + completion if isinstance(prompt, str)
+                             else list(prompt) + [{"role": "assistant", "content": completion}])
+        import numpy as np
+        return np.asarray(reward_model.score(sequences), np.float32)
+    return score
+
+
+def run(cfg) -> dict:
+    """RL-train the policy as `cfg` says; returns a summary (also <output_dir>/summary.json)."""
+    import copy
+    import time
+
+    import easytune
+    from easytune import adapters, logging_utils, rl, train
+    from easytune.algos import ppo, reward as reward_lib
+    from easytune.train_sft import heldout_accuracy
+
+    start, is_main = entry.start(cfg)
+    if bool(cfg.reward_fn) == bool(cfg.reward_model) and (cfg.train_data or cfg.reward_model):
+        raise ValueError("give the reward as exactly one of --reward_fn=module:function or --reward_model=DIR.")
+    if not cfg.train_data and not cfg.reward_fn and not cfg.reward_model:
+        cfg.reward_fn = "easytune.rewards:exact_match"
+    kl_in = cfg.kl_in or ("loss" if cfg.algo == "grpo" else "reward")
+    options = ppo.RLConfig(
+        algo=cfg.algo, temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_in=kl_in,
+        gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards, cliprange=cfg.cliprange,
+        cliprange_high=cfg.cliprange_high, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+        scale_rewards=cfg.scale_rewards, normalize_advantages=cfg.normalize_advantages,
+        group_size=cfg.rollouts_per_prompt)
+    for name in ("rollout_batch_size", "rollouts_per_prompt", "ppo_epochs", "num_minibatches", "iterations",
+                 "max_new_tokens", "grad_accum_steps"):
+        if cfg[name] < 1:
+            raise ValueError(f"--{name} must be >= 1, got {cfg[name]}.")
+    if cfg.rollout_batch_size % cfg.rollouts_per_prompt:
+        raise ValueError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
+                         f"--rollouts_per_prompt ({cfg.rollouts_per_prompt}).")
+    if cfg.rollout_batch_size % cfg.num_minibatches:
+        raise ValueError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must divide into --num_minibatches "
+                         f"({cfg.num_minibatches}).")
+
+    model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
+                          remat=cfg.remat, attention=cfg.attention)
+    if model.tokenizer is None:
+        raise ValueError(f"{cfg.model} has no tokenizer; RL decodes completions for the reward.")
+    if model.is_encoder_decoder or getattr(model.config, "num_labels", 0):
+        raise ValueError(f"RL trains a decoder-only causal LM (LLaMA/Mistral); {cfg.model} is "
+                         f"{'an encoder-decoder' if model.is_encoder_decoder else 'a reward model'}.")
+    adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
+    if adapter is not None:
+        if not adapter.config.is_lora:
+            raise ValueError(f"RL policies here are full or LoRA-family (lora, qlora, dora); {adapter.config.method} "
+                             f"is not supported.")
+        if adapter.config.dropout:
+            raise ValueError(f"--lora.dropout={adapter.config.dropout}: PPO's ratio compares the rollout's log-probs "
+                             f"with the training forward's, which dropout would make differ; use --lora.dropout=0.")
+
+    reward_model = None
+    if cfg.reward_model:
+        reward_model = easytune.load(cfg.reward_model, dtype=cfg.dtype, mesh_dim=cfg.mesh_dim, attention=cfg.attention)
+        if getattr(reward_model.config, "num_labels", 0) != 1:
+            raise ValueError(f"--reward_model {cfg.reward_model} has no one-label score head; train one with "
+                             f"easytune.train_reward or pass an HF *ForSequenceClassification directory.")
+        if reward_model.tokenizer is None:
+            raise ValueError(f"--reward_model {cfg.reward_model} has no tokenizer to read completions with.")
+
+    records, heldout, source = load_prompt_records(cfg, is_main)
+    logger.info("prompts: %s", source)
+    entry.write_run_files(cfg, model, is_main)
+
+    steps_per_iteration = cfg.ppo_epochs * cfg.num_minibatches
+    total_steps = cfg.iterations * steps_per_iteration
+    policy_cfg = copy.deepcopy(cfg)
+    policy_cfg.batch_size = cfg.rollout_batch_size // cfg.num_minibatches
+    policy = train.Trainer(policy_cfg, model, ppo.policy_loss_fn(options, cfg.kl_coef if kl_in == "loss" else 0.0),
+                           total_steps, reference=True,
+                           count_name="sequences" if options.sequence_ratio else "response_tokens")
+    critic, value_source = None, None
+    if options.uses_critic:
+        value_source = cfg.value_model or cfg.reward_model or model.source
+        value_model = easytune.load(value_source, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                    mesh_dim=cfg.mesh_dim, remat=cfg.remat, attention=cfg.attention, tokenizer=False)
+        reward_lib.to_reward_model(value_model, seed=cfg.seed + 1)
+        critic_cfg = copy.deepcopy(policy_cfg)
+        critic_cfg.output_dir = os.path.join(cfg.output_dir, "value")
+        if cfg.value_lr:
+            critic_cfg.optimizer.lr = cfg.value_lr
+        critic = train.Trainer(critic_cfg, value_model, ppo.value_loss_fn(options), total_steps,
+                               count_name="value_tokens")
+
+    controller = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                  else ppo.FixedKLController(cfg.kl_coef))
+    loop = rl.RLLoop(cfg, options, model, policy, critic, make_scorer(cfg, model, reward_model),
+                     lambda record: model._encode(prompt_of(record, "prompt record")),
+                     rl.PromptSampler(records, cfg.seed), controller)
+    if cfg.resume:
+        state = policy.restore_latest()
+        if state is not None:
+            value_state = critic.restore_latest() if critic is not None else state
+            if value_state is None or value_state["iteration"] != state["iteration"]:
+                raise ValueError(f"the policy checkpoint in {cfg.output_dir} is at iteration {state['iteration']} but "
+                                 f"the critic's is at {None if value_state is None else value_state['iteration']}; "
+                                 f"resume needs both from the same save.")
+            loop.restore(state)
+    logging_utils.truncate_metrics(cfg.output_dir, loop.iteration)
+    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
+    policy.metrics_logger = metrics_logger
+
+    summary = {"algo": cfg.algo, "prompts": source, "iterations": cfg.iterations,
+               "rollout_batch_size": cfg.rollout_batch_size, "rollouts_per_prompt": cfg.rollouts_per_prompt,
+               "optimizer_steps": total_steps,
+               "reference": "base (adapter off)" if adapter is not None else "copy",
+               "critic": value_source}
+    if adapter is not None:
+        summary.update({"peft": adapter.config.method, "trainable_params": adapters.count(adapter.params)})
+    heldout_curve = []
+
+    def evaluate_heldout():
+        loop.publish()
+        accuracy = heldout_accuracy(model, heldout, cfg.max_new_tokens)
+        heldout_curve.append({"iteration": loop.iteration, "accuracy": accuracy})
+        if is_main:
+            print(f"held-out exact-match accuracy at iteration {loop.iteration}: {accuracy:.3f}")
+        return accuracy
+
+    if heldout is not None and loop.iteration == 0:
+        summary["heldout_accuracy_before"] = evaluate_heldout()
+    progress = logging_utils.ProgressBar(cfg.iterations, initial=loop.iteration)
+    history = []
+    train_start = time.time()
+    while loop.iteration < cfg.iterations:
+        metrics = loop.run_iteration()
+        if heldout is not None and cfg.heldout_steps and loop.iteration % cfg.heldout_steps == 0 \
+                and loop.iteration < cfg.iterations:
+            metrics["heldout_accuracy"] = evaluate_heldout()
+        history.append({"iteration": loop.iteration, **metrics})
+        if loop.iteration % cfg.log_steps == 0 or loop.iteration == cfg.iterations:
+            metrics_logger.log(loop.iteration, metrics)
+            progress.update(loop.iteration, {"loss": metrics["reward/mean"]})
+        if (cfg.save_steps and loop.iteration % cfg.save_steps == 0) or loop.iteration == cfg.iterations:
+            loop.save()
+    progress.close()
+    summary["train_seconds"] = time.time() - train_start
+    if history:
+        def curve(name):
+            return [h[name] for h in history if name in h]
+        for name in ("reward/mean", "objective/kl", "response/length_mean"):
+            values = curve(name)
+            summary[f"{name}_first"], summary[f"{name}_last"] = values[0], values[-1]
+        for name in ("time/generation", "time/rollout_forward", "time/reward", "time/train"):
+            summary[f"{name}_total"] = float(sum(curve(name)))
+    if heldout is not None:
+        summary["heldout_accuracy_after"] = evaluate_heldout()
+        summary["heldout_curve"] = heldout_curve
+    loop.publish()
+    default_job = cfg.train_data is None
+    entry.export(model, summary,
+                 cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job else None),
+                 cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))
+    return entry.finish(cfg, policy, summary, start, is_main)
+
+
+main = entry.make_main(DEFAULTS, run)
+
+
+if __name__ == "__main__":
+    app.run(main)
