@@ -91,6 +91,7 @@ DEFAULTS = {
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
     **PEFT_DEFAULTS,
     "peft": "lora",
+    "lora": {**PEFT_DEFAULTS["lora"], "dropout": 0.0},  # PPO's ratio needs the rollout's forward in training
 }
 
 DOCS = {
@@ -164,6 +165,7 @@ DOCS = {
     "jax_distributed.num_processes": "number of processes (0 = auto)",
     "jax_distributed.process_id": "this process's index (-1 = auto)",
     **PEFT_DOCS,
+    "lora.dropout": "LoRA dropout; must be 0 here (the rollout log-probs must be the training forward's)",
     "peft": "the policy's adapter: lora (default; the reference is the base, no copy), qlora, dora, or none (all "
             "weights; the reference is a frozen copy)",
 }

@@ -90,3 +90,31 @@ def task_file(tmp_path_factory):
         for record in data.make_task_records(96, seed=1):
             f.write(json.dumps({"messages": record["messages"]}) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def char_chat_model(tmp_path_factory):
+    """A tiny random LLaMA with a character-level tokenizer (54 tokens: digits, letters, a few
+    signs, specials) and a chat template: small enough that RL moves its sampling in a few steps."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = str(tmp_path_factory.mktemp("char_chat"))
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {token: i for i, token in enumerate(specials + list("0123456789abcdefghijklmnopqrstuvwxyz +-*?.,:'"))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", additional_special_tokens=specials[4:])
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory

@@ -262,7 +262,11 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
     def loss_fn(model_config, params, batch, reference=None):
         del reference  # reference log-probs were recorded at rollout time
         mask = batch["response_mask"].astype(jnp.float32)
-        logps, entropy = response_logprobs(model_config, params, batch, options.temperature, with_entropy=True)
+        # Under jax.checkpoint the forward is compiled as a forward of its own (the backward
+        # recomputes it), so it rounds exactly as the rollout's forward-only pass: the first
+        # update's ratio is exactly 1. Fused with the backward, XLA reorders it (~1e-7 apart).
+        logps, entropy = jax.checkpoint(
+            lambda p: response_logprobs(model_config, p, batch, options.temperature, with_entropy=True))(params)
         old = batch["old_logprobs"]
         advantages = batch["advantages"]
         log_ratio = logps - old

@@ -1,0 +1,226 @@
+"""train_ppo end to end on a tiny character-level chat model: GRPO raises a programmatic reward,
+PPO with a LoRA policy records old log-probs that the first update reproduces exactly (ratio 1)
+and resumes exactly from a checkpoint, RLOO scores with a reward model; rollout rows; and bad
+rewards, options and data as clear errors. The losses against TRL's code are in test_ppo_trl.py."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+import easytune
+from easytune import data, rewards, rl
+from easytune.algos import reward as reward_lib
+from easytune.train_ppo import DEFAULTS, DOCS, make_scorer, run
+
+REWARDS_MODULE = '''
+import math
+
+def digit_fraction(prompts, completions, **kwargs):
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+def raises(prompts, completions, **kwargs):
+    raise KeyError("no such column")
+
+def strings(prompts, completions, **kwargs):
+    return ["high" for _ in completions]
+
+def too_few(prompts, completions, **kwargs):
+    return [1.0]
+
+def nan(prompts, completions, **kwargs):
+    return [math.nan for _ in completions]
+
+def sees_columns(prompts, completions, completion_ids, answer, task, **kwargs):
+    assert len(answer) == len(task) == len(completions) == len(completion_ids)
+    return [float(len(ids)) for ids in completion_ids]
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_module(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rewards")
+    (directory / "rl_test_rewards.py").write_text(REWARDS_MODULE)
+    sys.path.insert(0, str(directory))
+    yield "rl_test_rewards"
+    sys.path.remove(str(directory))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    with open(path, "w") as f:
+        for record in data.make_task_records(64, seed=3):
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def make_cfg(model, train_data, output_dir, **overrides):
+    cfg = ConfigDict(DEFAULTS)
+    cfg.update(model=model, train_data=train_data, output_dir=str(output_dir), logger="none", iterations=2,
+               rollout_batch_size=16, rollouts_per_prompt=4, max_new_tokens=16, peft="none")
+    cfg.optimizer.lr = 3e-3
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def logged(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_grpo_raises_a_programmatic_reward(char_chat_model, prompt_file, reward_module, tmp_path):
+    cfg = make_cfg(char_chat_model, prompt_file, tmp_path, algo="grpo", iterations=8,
+                   reward_fn=f"{reward_module}:digit_fraction")
+    summary = run(cfg)
+    history = logged(tmp_path)
+    assert [h["step"] for h in history] == list(range(1, 9))
+    reward = [h["reward/mean"] for h in history]
+    assert np.mean(reward[-2:]) > np.mean(reward[:2]) + 0.1, reward
+    assert summary["reward/mean_first"] == reward[0] and summary["reward/mean_last"] == reward[-1]
+    for h in history:
+        assert h["policy/ratio_deviation_first_step"] == 0.0  # old log-probs are the training forward's
+        assert h["policy/ratio_deviation"] > 0.0              # and later steps move away from them
+        for name in ("reward/std", "objective/kl", "objective/entropy", "policy/clipfrac", "policy/approxkl",
+                     "response/length_mean", "time/generation", "time/train", "kl_coef"):
+            assert math.isfinite(h[name]), name
+    assert history[0]["objective/kl"] == 0.0   # the reference is the initial policy
+    assert history[-1]["objective/kl"] > 0.0
+    assert "value/loss" not in history[0]     # no critic
+
+
+def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_module, tmp_path):
+    """PPO with a LoRA policy (reference = the base, adapter off) and a critic; a run stopped after
+    2 iterations and resumed reproduces iteration 3 of an uninterrupted run."""
+    common = dict(algo="ppo", peft="lora", reward_fn=f"{reward_module}:digit_fraction", save_steps=1, mesh_dim="2,2,2",
+                  **{"lora.rank": 4, "optimizer.lr": 1e-2})
+    straight = tmp_path / "straight"
+    run(make_cfg(char_chat_model, prompt_file, straight, iterations=3, **common))
+    resumed = tmp_path / "resumed"
+    run(make_cfg(char_chat_model, prompt_file, resumed, iterations=2, **common))
+    run(make_cfg(char_chat_model, prompt_file, resumed, iterations=3, resume=True, **common))
+    a, b = logged(straight), logged(resumed)
+    assert [h["step"] for h in b] == [1, 2, 3]
+    for name in ("reward/mean", "objective/kl", "policy/loss", "value/loss", "policy/clipfrac",
+                 "value/explained_variance"):
+        assert b[2][name] == pytest.approx(a[2][name], rel=1e-5, abs=1e-7), name
+    assert a[0]["objective/kl"] == 0.0  # LoRA B starts at 0: the policy is the base
+    assert all(h["policy/ratio_deviation_first_step"] == 0.0 for h in a)
+    assert all(h["value/loss"] > 0 and math.isfinite(h["value/explained_variance"]) for h in a)
+    assert os.path.isdir(straight / "value" / "checkpoints" / "12")  # the critic is saved with the policy
+    policy = easytune.load(str(straight))  # the run loads as base + trained adapter
+    assert policy.adapter is not None and policy.adapter.config.method == "lora"
+
+
+def test_rloo_scores_with_a_reward_model(char_chat_model, prompt_file, tmp_path):
+    reward_model = easytune.load(char_chat_model)
+    reward_lib.to_reward_model(reward_model, seed=3)
+    reward_dir = str(tmp_path / "reward_model")
+    reward_model.save(reward_dir)
+    cfg = make_cfg(char_chat_model, prompt_file, tmp_path / "run", algo="rloo", iterations=1,
+                   reward_model=reward_dir)
+    summary = run(cfg)
+    history = logged(tmp_path / "run")
+    assert len(history) == 1 and history[0]["reward/std"] > 0 and summary["critic"] is None
+
+    # the scorer reads prompt + completion through the chat template, as Model.score does
+    policy = easytune.load(char_chat_model)
+    reloaded = easytune.load(reward_dir)
+    records = data.load_records(prompt_file)[:2]
+    ids = [policy.tokenizer("12")["input_ids"] + [2], policy.tokenizer("ab")["input_ids"]]
+    scores = make_scorer(cfg, policy, reloaded)(records, ids)
+    expected = reloaded.score([records[0]["messages"][:1] + [{"role": "assistant", "content": "12"}],
+                               records[1]["messages"][:1] + [{"role": "assistant", "content": "ab"}]])
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert scores[0] != scores[1]
+
+
+def test_response_rows_mask_through_the_first_eos():
+    tokens, positions, segments = rl.generate.left_pad([[5, 6, 7], [8]], length=4)
+    responses = np.array([[10, 2, 11, 2], [12, 13, 14, 15]])
+    rows = rl.response_rows(tokens, positions, segments, responses, eos_ids=[2])
+    np.testing.assert_array_equal(rows["response_mask"], [[1, 1, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(rows["has_eos"][:, 0], [1, 0])
+    np.testing.assert_array_equal(rows["input_ids"], [[0, 5, 6, 7, 10, 2, 0, 0], [0, 0, 0, 8, 12, 13, 14, 15]])
+    np.testing.assert_array_equal(rows["positions"], [[0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]])
+    assert rl.completion_ids(rows) == [[10, 2], [12, 13, 14, 15]]
+
+
+def test_reward_functions_get_prompts_completions_and_columns(reward_module):
+    fn = rewards.load_reward_fn(f"{reward_module}:sees_columns")
+    scores = rewards.call_reward_fn(fn, ["p", "q"], ["a", "bc"], [[1, 2], [3]], {"answer": ["1", "2"],
+                                                                                  "task": ["add", "add"]})
+    np.testing.assert_array_equal(scores, [2.0, 1.0])
+    assert rewards.exact_match(["p", "q"], [" 95 ", "95."], answer=["95", "96"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("name, error, message", [
+    ("raises", RuntimeError, "raised KeyError: 'no such column'"),
+    ("strings", TypeError, "returned 'high' (str) for completion 0"),
+    ("too_few", ValueError, "returned 1 scores for 2 completions"),
+    ("nan", ValueError, "returned nan for completion 0"),
+])
+def test_bad_reward_functions_are_named(reward_module, name, error, message):
+    fn = rewards.load_reward_fn(f"{reward_module}:{name}")
+    with pytest.raises(error) as info:
+        rewards.call_reward_fn(fn, ["p", "q"], ["a", "b"], [[1], [2]], {})
+    assert f"reward function {reward_module}:{name}" in str(info.value) and message in str(info.value)
+
+
+def test_bad_reward_specs_are_clear_errors(reward_module):
+    with pytest.raises(ValueError, match="must be module:function"):
+        rewards.load_reward_fn("no_colon")
+    with pytest.raises(ValueError, match="cannot import module 'not_a_module_xyz'"):
+        rewards.load_reward_fn("not_a_module_xyz:f")
+    with pytest.raises(ValueError, match=f"module '{reward_module}' has no function 'missing'"):
+        rewards.load_reward_fn(f"{reward_module}:missing")
+
+
+def test_a_failing_reward_function_stops_the_run_with_its_name(char_chat_model, prompt_file, reward_module,
+                                                               tmp_path):
+    cfg = make_cfg(char_chat_model, prompt_file, tmp_path, algo="grpo", iterations=1,
+                   reward_fn=f"{reward_module}:raises")
+    with pytest.raises(RuntimeError, match=f"reward function {reward_module}:raises raised KeyError"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(algo="grpo", rollouts_per_prompt=1), "rollouts_per_prompt must be >= 2"),
+    (dict(algo="ppo", kl_in="loss"), "PPO folds the KL penalty into the rewards"),
+    (dict(algo="dpo"), "unknown --algo 'dpo'"),
+    (dict(rollout_batch_size=18), "must be a multiple of --rollouts_per_prompt"),
+    (dict(num_minibatches=3), "must divide into --num_minibatches"),
+    (dict(peft="lora", **{"lora.dropout": 0.1}), "use --lora.dropout=0"),
+    (dict(reward_model="/nonexistent"), "exactly one of --reward_fn"),
+    (dict(reward_fn=None), "exactly one of --reward_fn"),
+    (dict(temperature=0.0), "--temperature must be > 0"),
+])
+def test_bad_options_are_clear_errors(char_chat_model, prompt_file, reward_module, tmp_path, overrides, message):
+    settings = {"reward_fn": f"{reward_module}:digit_fraction", **overrides}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(make_cfg(char_chat_model, prompt_file, tmp_path, **settings))
+
+
+def test_bad_prompt_records_name_the_line(char_chat_model, reward_module, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    cfg = make_cfg(char_chat_model, str(path), tmp_path / "run", reward_fn=f"{reward_module}:digit_fraction")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: a prompt record needs a `prompt`"):
+        run(cfg)
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, "-m", "easytune.train_ppo", "--help"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    for name in DOCS:
+        assert f"--{name}:" in result.stdout or f"--[no]{name}:" in result.stdout, name
