@@ -48,7 +48,7 @@ DEFAULTS = {
     "iterations": 20,
     "rollout_batch_size": 32,
     "rollouts_per_prompt": 4,
-    "max_new_tokens": 16,
+    "max_new_tokens": 8,
     "temperature": 1.0,
     "ppo_epochs": 2,
     "num_minibatches": 2,
@@ -87,7 +87,7 @@ DEFAULTS = {
     "resume": False,
     "export_hf": None,
     "logger": "tensorboard",
-    "tasks": {"num_train": 512, "num_heldout": 100, "names": "add,subtract,multiply,sort,reverse,count"},
+    "tasks": {"num_train": 512, "num_heldout": 90, "names": "count,subtract,add", "shots": 2},
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
     **PEFT_DEFAULTS,
     "peft": "lora",
@@ -160,7 +160,10 @@ DOCS = {
     "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
     "tasks.num_train": "default job: generated training prompts",
     "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
-    "tasks.names": "default job: comma-separated task kinds (add, subtract, multiply, sort, reverse, count)",
+    "tasks.names": "default job: comma-separated task kinds (add, subtract, multiply, sort, reverse, count); the "
+                   "default ones are those the bundled model sometimes answers exactly, so a reward exists to learn from",
+    "tasks.shots": "default job: solved examples of the task before each question (few-shot prompts; the base "
+                   "model answers in sentences without them, and exact match then never rewards anything)",
     "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
     "jax_distributed.num_processes": "number of processes (0 = auto)",
     "jax_distributed.process_id": "this process's index (-1 = auto)",
@@ -209,6 +212,9 @@ def load_prompt_records(cfg, is_main: bool):
         return records, None, cfg.train_data
     names = tuple(n.strip() for n in cfg.tasks.names.split(",") if n.strip())
     records, heldout = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout, seed=cfg.seed, tasks=names)
+    # the solved examples are drawn with their own seed, the same ones for training and held-out prompts
+    records = data.with_examples(records, cfg.tasks.shots, seed=10_000 + cfg.seed)
+    heldout = data.with_examples(heldout, cfg.tasks.shots, seed=10_000 + cfg.seed)
     if is_main:
         with open(os.path.join(cfg.output_dir, "train_prompts.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)

@@ -121,16 +121,21 @@ def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_mo
     assert policy.adapter is not None and policy.adapter.config.method == "lora"
 
 
-def test_rloo_scores_with_a_reward_model(char_chat_model, prompt_file, tmp_path):
+def test_rloo_qlora_policy_scores_with_a_reward_model(char_chat_model, prompt_file, tmp_path):
     reward_model = easytune.load(char_chat_model)
     reward_lib.to_reward_model(reward_model, seed=3)
     reward_dir = str(tmp_path / "reward_model")
     reward_model.save(reward_dir)
-    cfg = make_cfg(char_chat_model, prompt_file, tmp_path / "run", algo="rloo", iterations=1,
-                   reward_model=reward_dir)
+    cfg = make_cfg(char_chat_model, prompt_file, tmp_path / "run", algo="rloo", iterations=1, peft="qlora",
+                   reward_model=reward_dir, **{"lora.rank": 4})
     summary = run(cfg)
     history = logged(tmp_path / "run")
     assert len(history) == 1 and history[0]["reward/std"] > 0 and summary["critic"] is None
+    assert summary["peft"] == "qlora" and summary["reference"] == "base (adapter off)"
+    # the reference is the NF4 base with the adapter off: no KL before the first update (up to
+    # rounding: with and without the adapter XLA fuses the NF4 dequantization differently)
+    assert abs(history[0]["objective/kl"]) < 1e-5
+    assert history[0]["policy/ratio_deviation_first_step"] == 0.0
 
     # the scorer reads prompt + completion through the chat template, as Model.score does
     policy = easytune.load(char_chat_model)
@@ -215,7 +220,7 @@ def test_bad_prompt_records_name_the_line(char_chat_model, reward_module, tmp_pa
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n" + json.dumps({"question": "x"}) + "\n")
     cfg = make_cfg(char_chat_model, str(path), tmp_path / "run", reward_fn=f"{reward_module}:digit_fraction")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: a prompt record needs a `prompt`"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: a prompt record needs a `prompt`"):
         run(cfg)
 
 

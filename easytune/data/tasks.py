@@ -99,6 +99,20 @@ def train_and_heldout(num_train: int, num_heldout: int, seed: int = 0,
     return train, heldout
 
 
+def with_examples(records: Sequence[dict], shots: int, seed: int) -> list[dict]:
+    """Records whose conversation starts with `shots` solved examples of the same task (user
+    question, assistant answer) before the question: few-shot prompts, which show a small model
+    the answer format. The examples come from `random.Random(seed)` and are the same for every
+    record of a task."""
+    if shots <= 0:
+        return list(records)
+    examples = {}
+    for task in {r["task"] for r in records}:
+        drawn = make_task_records(shots, seed=seed, tasks=(task,))
+        examples[task] = [message for example in drawn for message in example["messages"]]
+    return [{**r, "messages": examples[r["task"]] + r["messages"]} for r in records]
+
+
 def exact_match(prediction: str, answer: str) -> bool:
     """Whether `prediction` is `answer`, ignoring surrounding whitespace and one trailing period."""
     def normalize(text: str) -> str:
