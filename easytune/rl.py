@@ -151,7 +151,9 @@ class RLLoop:
         """Completions for `records` (each repeated rollouts_per_prompt times) -> rollout rows."""
         group = self.options.group_size
         prompts = [self.prompt_ids(r) for r in records for _ in range(group)]
-        tokens, positions, segments = generate.left_pad(prompts)
+        # a multiple of 16, not generate's power of two: every rollout row is trained on, and
+        # prompts of similar lengths still share one compiled program
+        tokens, positions, segments = generate.left_pad(prompts, -(-max(map(len, prompts)) // 16) * 16)
         from easytune import sharding
         spec = sharding.input_sharding(self.mesh, len(prompts))
         inputs = [jax.device_put(x, spec) for x in (tokens, positions, segments)]
