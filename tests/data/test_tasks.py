@@ -60,3 +60,18 @@ def test_exact_match_and_accuracy():
     assert accuracy(["1", "2.", "x", "5"], records) == 0.5
     with pytest.raises(ValueError, match="3 predictions for 4 records"):
         accuracy(["1", "2", "3"], records)
+
+
+def test_with_examples_prepends_solved_questions_of_the_same_task():
+    from easytune.data import with_examples
+    records = make_task_records(12, seed=0)
+    shot = with_examples(records, 2, seed=7)
+    for original, record in zip(records, shot):
+        examples, question = record["messages"][:4], record["messages"][4:]
+        assert question == original["messages"] and record["answer"] == original["answer"]
+        assert [m["role"] for m in examples] == ["user", "assistant"] * 2
+        for user, assistant in zip(examples[::2], examples[1::2]):
+            assert assistant["content"] == solve(user["content"])        # solved correctly
+        same_task = [r for r in shot if r["task"] == record["task"]]
+        assert all(r["messages"][:4] == examples for r in same_task)   # one set of examples per task
+    assert with_examples(records, 0, seed=7) == records
