@@ -62,7 +62,7 @@ def prompt_file(tmp_path_factory):
 def make_cfg(model, train_data, output_dir, **overrides):
     cfg = ConfigDict(DEFAULTS)
     cfg.update(model=model, train_data=train_data, output_dir=str(output_dir), logger="none", iterations=2,
-               rollout_batch_size=16, rollouts_per_prompt=4, max_new_tokens=16, peft="none")
+               rollout_batch_size=16, rollouts_per_prompt=4, max_new_tokens=16, temperature=1.0, peft="none")
     cfg.optimizer.lr = 3e-3
     for key, value in overrides.items():
         node = cfg
