@@ -85,3 +85,32 @@ def read_config(defaults: Mapping, flag_values=flags.FLAGS) -> ConfigDict:
             value = flag.value
             _set(tree, name, None if (default is None and value == "") else value)
     return ConfigDict(tree)
+
+
+# Flag docs shared by every training entry point; an entry point's own DOCS override them.
+COMMON_DOCS = {
+    'output_dir': 'where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go',
+    'mesh_dim': 'device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts',
+    'grad_accum_steps': 'micro-batches accumulated per optimizer step (batch_size must divide by it)',
+    'dtype': 'compute dtype (float32, bfloat16)',
+    'param_dtype': 'stored (master) weight dtype',
+    'remat': 'rematerialization per layer: none, full, dots, dots_no_batch',
+    'attention': 'attention implementation: xla, pallas, cudnn or auto',
+    'optimizer.schedule': 'cosine, linear or constant after warmup',
+    'optimizer.warmup_steps': 'warmup steps (0 = use warmup_ratio)',
+    'optimizer.warmup_ratio': 'warmup as a fraction of total_steps',
+    'optimizer.min_lr_ratio': 'final learning rate as a fraction of lr',
+    'optimizer.weight_decay': 'AdamW weight decay (matrices only)',
+    'optimizer.b1': 'AdamW beta1',
+    'optimizer.b2': 'AdamW beta2',
+    'optimizer.eps': 'AdamW epsilon',
+    'optimizer.clip_grad_norm': 'clip gradients to this global norm (0 = off)',
+    'log_steps': 'log every N steps (progress bar, metrics.jsonl, TensorBoard)',
+    'save_steps': 'checkpoint every N steps and at the end (0 = only at the end)',
+    'keep_checkpoints': 'keep the newest N checkpoints (0 = all)',
+    'resume': 'continue from the newest readable checkpoint in output_dir',
+    'logger': 'tensorboard, wandb or none (metrics.jsonl is always written)',
+    'jax_distributed.coordinator_address': 'host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)',
+    'jax_distributed.num_processes': 'number of processes (0 = auto)',
+    'jax_distributed.process_id': "this process's index (-1 = auto)",
+}

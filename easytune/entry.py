@@ -26,6 +26,35 @@ def start(cfg) -> tuple[float, bool]:
     return time.time(), jax.process_index() == 0
 
 
+def load_causal_lm(cfg, purpose: str, tokenizer_use: str):
+    """The decoder-only causal LM at `cfg.model` (LLaMA/Mistral, with its tokenizer) that `purpose`
+    trains; an encoder-decoder, a reward model or a missing tokenizer is an error."""
+    import easytune
+    model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
+                          remat=cfg.remat, attention=cfg.attention)
+    if model.tokenizer is None:
+        raise ValueError(f"{cfg.model} has no tokenizer; {tokenizer_use}.")
+    if model.is_encoder_decoder or getattr(model.config, "num_labels", 0):
+        raise ValueError(f"{purpose} trains a decoder-only causal LM (LLaMA/Mistral); {cfg.model} is "
+                         f"{'an encoder-decoder' if model.is_encoder_decoder else 'a reward model'}.")
+    return model
+
+
+def heldout_accuracy(model, records, max_new_tokens: int, when: str | None = None, is_main: bool = False) -> float:
+    """Greedy exact-match accuracy on verifiable-task records (prompt = all but the last turn; for
+    an encoder-decoder, the question's text). With `when`, process 0 prints it."""
+    from easytune import data
+    if model.is_encoder_decoder:
+        prompts = [r["messages"][-2]["content"] for r in records]
+    else:
+        prompts = [r["messages"][:-1] for r in records]
+    predictions = model.generate(prompts, max_new_tokens=max_new_tokens)
+    accuracy = data.accuracy(predictions, records)
+    if when is not None and is_main:
+        print(f"held-out exact-match accuracy {when}: {accuracy:.3f}")
+    return accuracy
+
+
 def total_steps(cfg, batches) -> int:
     steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
     if steps < 1 or cfg.log_steps < 1:

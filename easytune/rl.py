@@ -35,34 +35,11 @@ logger = logging.getLogger("easytune")
 
 # ----------------------------------------------------------------------------- prompts
 
-class PromptSampler:
-    """Prompt records in a seeded shuffled order, epoch after epoch; `state()`/`restore()` for resume."""
-
-    def __init__(self, records: Sequence[dict], seed: int):
-        if not records:
-            raise ValueError("there are no prompts to train on.")
-        self.records, self.seed = list(records), seed
-        self.epoch, self.position = 0, 0
-
-    def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.records))
-
-    def next(self, count: int) -> list[dict]:
-        out = []
-        order = self._order()
-        while len(out) < count:
-            if self.position == len(self.records):
-                self.epoch, self.position = self.epoch + 1, 0
-                order = self._order()
-            out.append(self.records[order[self.position]])
-            self.position += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+def prompt_batches(records: Sequence[dict], prompts_per_iteration: int, seed: int):
+    """Indices into `records`, `prompts_per_iteration` at a time, in a seeded shuffled order epoch
+    after epoch (resumable: the data iterator of the training loop)."""
+    from easytune.data import BatchIterator
+    return BatchIterator({"index": np.arange(len(records))[:, None]}, prompts_per_iteration, seed)
 
 
 # ----------------------------------------------------------------------------- rollout rows
@@ -88,6 +65,11 @@ def response_rows(prompt_tokens, prompt_positions, prompt_segments, responses, e
     }
 
 
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of `x` on this host (gathered from every process in a multi-host run)."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
 def completion_ids(rows: dict[str, np.ndarray]) -> list[list[int]]:
     response_length = rows["response_mask"].shape[1]
     responses = rows["input_ids"][:, -response_length:]
@@ -103,12 +85,12 @@ class RLLoop:
     `score(prompt_records, completions, completion_ids)` returns float32 scores `[batch]`."""
 
     def __init__(self, cfg, options: ppo.RLConfig, model, policy: train.Trainer, critic: train.Trainer | None,
-                 score: Callable, prompt_ids: Callable[[dict], list[int]], sampler: PromptSampler,
-                 kl_controller, metrics_logger=None):
+                 score: Callable, prompt_ids: Callable[[dict], list[int]], records: Sequence[dict],
+                 kl_controller):
         self.cfg, self.options, self.model = cfg, options, model
         self.policy, self.critic, self.score = policy, critic, score
-        self.prompt_ids, self.sampler, self.kl = prompt_ids, sampler, kl_controller
-        self.metrics_logger = metrics_logger
+        self.prompt_ids, self.records, self.kl = prompt_ids, list(records), kl_controller
+        self.prompts = prompt_batches(self.records, cfg.rollout_batch_size // options.group_size, cfg.seed)
         self.mesh = model.mesh
         self.iteration = 0
         self.rollout_batch = cfg.rollout_batch_size
@@ -150,7 +132,7 @@ class RLLoop:
     def generate(self, records: list[dict]) -> dict[str, np.ndarray]:
         """Completions for `records` (each repeated rollouts_per_prompt times) -> rollout rows."""
         group = self.options.group_size
-        prompts = [self.prompt_ids(r) for r in records for _ in range(group)]
+        prompts = [ids for ids in map(self.prompt_ids, records) for _ in range(group)]
         # a multiple of 16, not generate's power of two: every rollout row is trained on, and
         # prompts of similar lengths still share one compiled program
         tokens, positions, segments = generate.left_pad(prompts, -(-max(map(len, prompts)) // 16) * 16)
@@ -164,9 +146,7 @@ class RLLoop:
                 self.model.config, self.cfg.max_new_tokens, 0, False, False, params, *inputs,
                 jnp.asarray(self.eos_ids, jnp.int32), jnp.int32(self.model.pad_token_id), key,
                 jnp.float32(self.options.temperature), jnp.float32(1.0))
-        if not responses.is_fully_addressable:
-            responses = multihost_utils.process_allgather(responses, tiled=True)
-        return response_rows(tokens, positions, segments, np.asarray(responses), self.eos_ids)
+        return response_rows(tokens, positions, segments, host_array(responses), self.eos_ids)
 
     def record(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rollout-time log-probs, reference log-probs, entropy and values `[batch, response]`."""
@@ -176,8 +156,7 @@ class RLLoop:
             batch = train.global_batch(self.mesh, model_rows, chunks)
             outputs = self._record(self.policy.params, self.policy.frozen,
                                    None if self.critic is None else self.critic.params, batch)
-            outputs = [np.asarray(multihost_utils.process_allgather(x, tiled=True) if not x.is_fully_addressable
-                                  else x).reshape(self.rollout_batch, -1) for x in outputs]
+            outputs = [host_array(x).reshape(self.rollout_batch, -1) for x in outputs]
         return dict(zip(("old_logprobs", "ref_logprobs", "entropy", "old_values"), outputs))
 
     def advantages(self, rows: dict[str, np.ndarray], scores: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
@@ -246,7 +225,7 @@ class RLLoop:
         """One rollout batch and its updates; returns the iteration's metrics."""
         timings = {}
         start = time.perf_counter()
-        records = self.sampler.next(self.rollout_batch // self.options.group_size)
+        records = [self.records[i] for i in next(self.prompts)["index"][:, 0]]
         rows = self.generate(records)
         timings["time/generation"] = time.perf_counter() - start
 
@@ -260,8 +239,7 @@ class RLLoop:
         scores = np.asarray(self.score(expanded, ids), np.float32)
         raw_scores = scores.copy()
         has_eos = rows["has_eos"][:, 0] > 0
-        if self.cfg.missing_eos_penalty:
-            scores = scores - self.cfg.missing_eos_penalty * (~has_eos)
+        scores = ppo.penalize_missing_eos(scores, has_eos, np.float32(self.cfg.missing_eos_penalty))
         timings["time/reward"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -290,11 +268,11 @@ class RLLoop:
         return metrics
 
     def state(self) -> dict:
-        return {"iteration": self.iteration, "prompts": self.sampler.state(), "kl_coef": self.kl.value}
+        return {"iteration": self.iteration, "prompts": self.prompts.state(), "kl_coef": self.kl.value}
 
     def restore(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
-        self.sampler.restore(state["prompts"])
+        self.prompts.restore(state["prompts"])
         self.kl.value = float(state["kl_coef"])
 
     def save(self) -> None:

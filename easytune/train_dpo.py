@@ -71,24 +71,18 @@ DEFAULTS = {
 }
 
 DOCS = {
+    **config_lib.COMMON_DOCS,
     "model": "HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: bundled "
              "SmolLM2-135M-Instruct)",
     "train_data": "preference pairs: .jsonl/.json/.parquet or a `datasets` name; {prompt, chosen, rejected} as "
                   "strings, or chosen/rejected as message lists (whole conversations incl. the prompt turn, as "
                   "UltraFeedback-binarized, or the assistant turns only) (default: pairs from generated tasks)",
     "eval_data": "evaluation pairs, same layouts (default: none)",
-    "output_dir": "where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go",
-    "mesh_dim": "device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts",
     "total_steps": "optimizer steps; 0 = num_epochs over the training pairs",
     "num_epochs": "epochs when total_steps is 0",
     "batch_size": "global batch in preference pairs (each is a chosen and a rejected sequence)",
     "seq_length": "maximum tokens per sequence (prompt + response), truncated on the right; rows are as long "
                   "as the longest pair needs, up to this",
-    "grad_accum_steps": "micro-batches accumulated per optimizer step (batch_size must divide by it)",
-    "dtype": "compute dtype (float32, bfloat16)",
-    "param_dtype": "stored (master) weight dtype",
-    "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
-    "attention": "attention implementation: xla, pallas, cudnn or auto",
     "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
     "loss_reduction": "mean: per pair over the global batch; sum: per micro-batch pair sum averaged over "
                       "accumulation steps",
@@ -103,31 +97,14 @@ DOCS = {
                             "<output_dir>/reference_logps_*.npz) instead of holding a reference during training",
     "optimizer.lr": "peak learning rate (AdamW); the default suits LoRA on the embedded job, full DPO "
                     "usually wants 5e-7 to 5e-6",
-    "optimizer.schedule": "cosine, linear or constant after warmup",
-    "optimizer.warmup_steps": "warmup steps (0 = use warmup_ratio)",
-    "optimizer.warmup_ratio": "warmup as a fraction of total_steps",
-    "optimizer.min_lr_ratio": "final learning rate as a fraction of lr",
-    "optimizer.weight_decay": "AdamW weight decay (matrices only)",
-    "optimizer.b1": "AdamW beta1",
-    "optimizer.b2": "AdamW beta2",
-    "optimizer.eps": "AdamW epsilon",
-    "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off)",
     "seed": "data order and adapter init seed",
-    "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
     "eval_steps": "evaluate on eval_data every N steps (0 = only at the end)",
-    "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
-    "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
-    "resume": "continue from the newest readable checkpoint in output_dir",
     "export_hf": "write a Hugging Face directory here at the end, adapters merged (default job: <output_dir>/hf)",
-    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
     "tasks.num_train": "default job: generated training tasks (one preference pair each)",
     "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
     "tasks.max_new_tokens": "default job: generation budget per answer (held-out and the model's own answers)",
     "tasks.rejected": "default job: the rejected answer: model (the model's own greedy answer when wrong, else "
                       "a perturbed one) or perturb (a nearby number, a mis-sorted list, ...)",
-    "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
-    "jax_distributed.num_processes": "number of processes (0 = auto)",
-    "jax_distributed.process_id": "this process's index (-1 = auto)",
     **PEFT_DOCS,
     "peft": "parameter-efficient fine-tuning: lora (default: the reference is the base, no copy), qlora, dora, "
             "prompt, prefix, ptuning, or none (all weights; the reference is a frozen copy unless "
@@ -161,10 +138,8 @@ def cached_reference_logps(path: str, rows: dict, compute) -> dict:
 
 def run(cfg) -> dict:
     """Train on preference pairs as `cfg` says; returns a summary (also <output_dir>/summary.json)."""
-    import easytune
     from easytune import adapters, data, train
     from easytune.algos import dpo
-    from easytune.train_sft import heldout_accuracy
 
     start, is_main = entry.start(cfg)
     options = dpo.PreferenceConfig(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
@@ -172,13 +147,7 @@ def run(cfg) -> dict:
     if cfg.precompute_reference and not options.uses_reference:
         raise ValueError(f"--precompute_reference has nothing to compute: the {cfg.loss_type} loss"
                          f"{' with --reference_free' if cfg.reference_free else ''} uses no reference policy.")
-    model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
-                          remat=cfg.remat, attention=cfg.attention)
-    if model.tokenizer is None:
-        raise ValueError(f"{cfg.model} has no tokenizer; preference training needs one to format the pairs.")
-    if model.is_encoder_decoder or getattr(model.config, "num_labels", 0):
-        raise ValueError(f"preference optimization trains a decoder-only causal LM (LLaMA/Mistral); {cfg.model} is "
-                         f"{'an encoder-decoder' if model.is_encoder_decoder else 'a reward model'}.")
+    model = entry.load_causal_lm(cfg, "preference optimization", "preference training needs one to format the pairs")
     template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
     adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
     prompt_learning = adapter is not None and not adapter.config.is_lora
@@ -243,18 +212,16 @@ def run(cfg) -> dict:
     if adapter is not None:
         summary.update({"peft": adapter.config.method, "trainable_params": adapters.count(adapter.params)})
     if heldout is not None and trainer.step == 0:
-        summary["heldout_accuracy_before"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
-        if is_main:
-            print(f"held-out exact-match accuracy before: {summary['heldout_accuracy_before']:.3f}")
+        summary["heldout_accuracy_before"] = entry.heldout_accuracy(
+            model, heldout, cfg.tasks.max_new_tokens, "before", is_main)
 
     history = entry.train(trainer, batches, eval_batches, total_steps, summary)
     if history:
         summary.update({k: history[-1][k] for k in history[-1] if k.startswith("rewards/")})
     entry.save_and_evaluate(cfg, trainer, batches, eval_batches, history, summary)
     if heldout is not None:
-        summary["heldout_accuracy_after"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
-        if is_main:
-            print(f"held-out exact-match accuracy after: {summary['heldout_accuracy_after']:.3f}")
+        summary["heldout_accuracy_after"] = entry.heldout_accuracy(
+            model, heldout, cfg.tasks.max_new_tokens, "after", is_main)
     entry.export(model, summary,
                  cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning else None),
                  cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))

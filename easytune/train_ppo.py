@@ -95,6 +95,7 @@ DEFAULTS = {
 }
 
 DOCS = {
+    **config_lib.COMMON_DOCS,
     "model": "the policy: HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: "
              "bundled SmolLM2-135M-Instruct)",
     "algo": "ppo (critic, GAE, KL in the reward), grpo (group-relative baseline) or rloo (leave-one-out baseline)",
@@ -107,8 +108,6 @@ DOCS = {
     "train_data": "prompt records: .jsonl/.json/.parquet or a `datasets` name; `prompt` (string or chat "
                   "messages) or `messages` (the last assistant turn, if any, is dropped); every other field is "
                   "passed to the reward function (default: the verifiable tasks)",
-    "output_dir": "where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go",
-    "mesh_dim": "device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts",
     "iterations": "rollout batches (each: generate, score, then ppo_epochs x num_minibatches optimizer steps)",
     "rollout_batch_size": "completions per iteration (prompts x rollouts_per_prompt)",
     "rollouts_per_prompt": "completions sampled per prompt (grpo/rloo: the group size, >= 2)",
@@ -135,38 +134,22 @@ DOCS = {
     "value_lr": "critic learning rate (0 = optimizer.lr)",
     "scale_rewards": "grpo: divide advantages by the group's std (group), the batch's (batch) or not (none)",
     "normalize_advantages": "rloo: standardize advantages over the batch",
-    "dtype": "compute dtype (float32, bfloat16)",
-    "param_dtype": "stored (master) weight dtype",
-    "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
-    "attention": "attention implementation: xla, pallas, cudnn or auto",
     "loss_reduction": "mean: per unit over the minibatch (tokens; sequences for rloo); sum: per micro-batch",
     "optimizer.lr": "peak learning rate (AdamW)",
-    "optimizer.schedule": "cosine, linear or constant after warmup",
     "optimizer.warmup_steps": "warmup optimizer steps (0 = use warmup_ratio)",
     "optimizer.warmup_ratio": "warmup as a fraction of all optimizer steps",
-    "optimizer.min_lr_ratio": "final learning rate as a fraction of lr",
-    "optimizer.weight_decay": "AdamW weight decay (matrices only)",
-    "optimizer.b1": "AdamW beta1",
-    "optimizer.b2": "AdamW beta2",
-    "optimizer.eps": "AdamW epsilon",
     "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off), policy and critic each",
     "seed": "prompt order, sampling and adapter init seed",
     "log_steps": "log every N iterations (progress, metrics.jsonl, TensorBoard)",
     "heldout_steps": "default job: held-out accuracy every N iterations (0 = before and after only)",
     "save_steps": "checkpoint every N iterations and at the end (0 = only at the end)",
-    "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
-    "resume": "continue from the newest readable checkpoint in output_dir",
     "export_hf": "write a Hugging Face directory of the policy here at the end, adapters merged",
-    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
     "tasks.num_train": "default job: generated training prompts",
     "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
     "tasks.names": "default job: comma-separated task kinds (add, subtract, multiply, sort, reverse, count); the "
                    "default ones are those the bundled model sometimes answers exactly, so a reward exists to learn from",
     "tasks.shots": "default job: solved examples of the task before each question (few-shot prompts; the base "
                    "model answers in sentences without them, and exact match then never rewards anything)",
-    "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
-    "jax_distributed.num_processes": "number of processes (0 = auto)",
-    "jax_distributed.process_id": "this process's index (-1 = auto)",
     **PEFT_DOCS,
     "lora.dropout": "LoRA dropout; must be 0 here (the rollout log-probs must be the training forward's)",
     "peft": "the policy's adapter: lora (default; the reference is the base, no copy), qlora, dora, or none (all "
@@ -255,13 +238,12 @@ def run(cfg) -> dict:
     import easytune
     from easytune import adapters, logging_utils, rl, train
     from easytune.algos import ppo, reward as reward_lib
-    from easytune.train_sft import heldout_accuracy
 
     start, is_main = entry.start(cfg)
-    if bool(cfg.reward_fn) == bool(cfg.reward_model) and (cfg.train_data or cfg.reward_model):
-        raise ValueError("give the reward as exactly one of --reward_fn=module:function or --reward_model=DIR.")
-    if not cfg.train_data and not cfg.reward_fn and not cfg.reward_model:
+    if not cfg.reward_fn and not cfg.reward_model and not cfg.train_data:  # the default job
         cfg.reward_fn = "easytune.rewards:exact_match"
+    if bool(cfg.reward_fn) == bool(cfg.reward_model):
+        raise ValueError("give the reward as exactly one of --reward_fn=module:function or --reward_model=DIR.")
     kl_in = cfg.kl_in or ("loss" if cfg.algo == "grpo" else "reward")
     options = ppo.RLConfig(
         algo=cfg.algo, temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_in=kl_in,
@@ -280,13 +262,7 @@ def run(cfg) -> dict:
         raise ValueError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must divide into --num_minibatches "
                          f"({cfg.num_minibatches}).")
 
-    model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
-                          remat=cfg.remat, attention=cfg.attention)
-    if model.tokenizer is None:
-        raise ValueError(f"{cfg.model} has no tokenizer; RL decodes completions for the reward.")
-    if model.is_encoder_decoder or getattr(model.config, "num_labels", 0):
-        raise ValueError(f"RL trains a decoder-only causal LM (LLaMA/Mistral); {cfg.model} is "
-                         f"{'an encoder-decoder' if model.is_encoder_decoder else 'a reward model'}.")
+    model = entry.load_causal_lm(cfg, "RL", "RL decodes completions for the reward")
     adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
     if adapter is not None:
         if not adapter.config.is_lora:
@@ -333,7 +309,7 @@ def run(cfg) -> dict:
                   else ppo.FixedKLController(cfg.kl_coef))
     loop = rl.RLLoop(cfg, options, model, policy, critic, make_scorer(cfg, model, reward_model),
                      lambda record: model._encode(prompt_of(record, "prompt record")),
-                     rl.PromptSampler(records, cfg.seed), controller)
+                     records, controller)
     if cfg.resume:
         state = policy.restore_latest()
         if state is not None:
@@ -358,10 +334,9 @@ def run(cfg) -> dict:
 
     def evaluate_heldout():
         loop.publish()
-        accuracy = heldout_accuracy(model, heldout, cfg.max_new_tokens)
+        accuracy = entry.heldout_accuracy(model, heldout, cfg.max_new_tokens, f"at iteration {loop.iteration}",
+                                          is_main)
         heldout_curve.append({"iteration": loop.iteration, "accuracy": accuracy})
-        if is_main:
-            print(f"held-out exact-match accuracy at iteration {loop.iteration}: {accuracy:.3f}")
         return accuracy
 
     if heldout is not None and loop.iteration == 0:

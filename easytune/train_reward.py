@@ -59,56 +59,33 @@ DEFAULTS = {
 }
 
 DOCS = {
+    **config_lib.COMMON_DOCS,
     "model": "HF directory, hub id, or easytune checkpoint/run directory: a causal LM (its LM head is replaced by "
              "a new score head) or a reward model to continue (default: bundled SmolLM2-135M-Instruct)",
     "train_data": "preference pairs (the layouts of train_dpo), optionally with a numeric `margin` field "
                   "(default: pairs from generated tasks)",
     "eval_data": "evaluation pairs, same layouts; eval_accuracy is the pairwise accuracy (default job: the "
                  "held-out task pairs)",
-    "output_dir": "where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go",
-    "mesh_dim": "device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts",
     "total_steps": "optimizer steps; 0 = num_epochs over the training pairs",
     "num_epochs": "epochs when total_steps is 0",
     "batch_size": "global batch in preference pairs (each is a chosen and a rejected sequence)",
     "seq_length": "maximum tokens per sequence (prompt + response), truncated on the right; rows are as long "
                   "as the longest pair needs, up to this",
-    "grad_accum_steps": "micro-batches accumulated per optimizer step (batch_size must divide by it)",
-    "dtype": "compute dtype (float32, bfloat16)",
-    "param_dtype": "stored (master) weight dtype",
-    "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
-    "attention": "attention implementation: xla, pallas, cudnn or auto",
     "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
     "loss_reduction": "mean: per pair over the global batch; sum: per micro-batch pair sum averaged over "
                       "accumulation steps",
     "center_rewards_coefficient": "reward centering: adds c * mean((r_chosen + r_rejected)^2) (0 = off; "
                                   "the paper suggests 0.01)",
     "optimizer.lr": "peak learning rate (AdamW; all weights and the score head train)",
-    "optimizer.schedule": "cosine, linear or constant after warmup",
-    "optimizer.warmup_steps": "warmup steps (0 = use warmup_ratio)",
-    "optimizer.warmup_ratio": "warmup as a fraction of total_steps",
-    "optimizer.min_lr_ratio": "final learning rate as a fraction of lr",
-    "optimizer.weight_decay": "AdamW weight decay (matrices only)",
-    "optimizer.b1": "AdamW beta1",
-    "optimizer.b2": "AdamW beta2",
-    "optimizer.eps": "AdamW epsilon",
-    "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off)",
     "seed": "data order and score head init seed",
-    "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
     "eval_steps": "evaluate on eval_data every N steps (0 = only at the end)",
-    "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
-    "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
-    "resume": "continue from the newest readable checkpoint in output_dir",
     "export_hf": "write a Hugging Face *ForSequenceClassification directory here at the end (default job: "
                  "<output_dir>/hf)",
-    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
     "tasks.num_train": "default job: generated training tasks (one preference pair each)",
     "tasks.num_heldout": "default job: held-out tasks (pairs) for pairwise accuracy",
     "tasks.max_new_tokens": "default job: generation budget of the model's own answers",
     "tasks.rejected": "default job: the rejected answer: model (the model's own greedy answer when wrong, else "
                       "a perturbed one) or perturb (a nearby number, a mis-sorted list, ...)",
-    "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
-    "jax_distributed.num_processes": "number of processes (0 = auto)",
-    "jax_distributed.process_id": "this process's index (-1 = auto)",
 }
 
 config_lib.define_flags(DEFAULTS, DOCS)

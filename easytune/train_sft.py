@@ -56,20 +56,15 @@ DEFAULTS = {
 }
 
 DOCS = {
+    **config_lib.COMMON_DOCS,
     "model": "HF directory, hub id, or easytune checkpoint/run directory (default: bundled SmolLM2-135M-Instruct)",
     "train_data": "training data: .jsonl/.json/.parquet or a `datasets` name; formats: messages, "
                   "instruction/input/output, prompt/completion, text (default: generated verifiable tasks)",
     "eval_data": "evaluation data, same formats (default: none; the default job uses its held-out tasks)",
-    "output_dir": "where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go",
-    "mesh_dim": "device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts",
     "total_steps": "optimizer steps; 0 = num_epochs over the training data",
     "num_epochs": "epochs when total_steps is 0",
     "batch_size": "global batch in sequences (rows of seq_length), across all hosts and accumulation steps",
     "seq_length": "tokens per row; longer samples are truncated on the right",
-    "grad_accum_steps": "micro-batches accumulated per optimizer step (batch_size must divide by it)",
-    "dtype": "compute dtype (float32, bfloat16)",
-    "param_dtype": "stored (master) weight dtype",
-    "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
     "attention": "attention implementation: xla (reference), pallas (easytune's fused kernel; interpret mode "
                  "on CPU), cudnn (NVIDIA GPUs) or auto (pallas on GPU, xla elsewhere)",
     "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
@@ -78,50 +73,21 @@ DOCS = {
                       "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
     "optimizer.lr": "peak learning rate (AdamW); the default suits the embedded 135M job, full fine-tuning "
                     "of 7B+ models usually wants 1e-5 to 2e-5",
-    "optimizer.schedule": "cosine, linear or constant after warmup",
-    "optimizer.warmup_steps": "warmup steps (0 = use warmup_ratio)",
-    "optimizer.warmup_ratio": "warmup as a fraction of total_steps",
-    "optimizer.min_lr_ratio": "final learning rate as a fraction of lr",
-    "optimizer.weight_decay": "AdamW weight decay (matrices only)",
-    "optimizer.b1": "AdamW beta1",
-    "optimizer.b2": "AdamW beta2",
-    "optimizer.eps": "AdamW epsilon",
-    "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off)",
     "seed": "data order seed",
-    "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
     "eval_steps": "evaluate on eval_data every N steps (0 = only at the end)",
-    "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
-    "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
-    "resume": "continue from the newest readable checkpoint in output_dir",
     "export_hf": "write a Hugging Face directory here at the end, adapters merged (default job: <output_dir>/hf)",
-    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
     "tasks.num_train": "default job: generated training tasks",
     "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
     "tasks.max_new_tokens": "default job: generation budget per held-out answer",
     "seq2seq.input_field": "encoder-decoder models (T5): the record field holding the encoder's input text",
     "seq2seq.target_field": "encoder-decoder models (T5): the record field holding the target text (trained, plus eos)",
     "seq2seq.target_length": "encoder-decoder models (T5): decoder tokens per row (0 = seq_length, the encoder's)",
-    "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
-    "jax_distributed.num_processes": "number of processes (0 = auto)",
-    "jax_distributed.process_id": "this process's index (-1 = auto)",
     **PEFT_DOCS,
 }
 
 config_lib.define_flags(DEFAULTS, DOCS)
 flags.adopt_module_key_flags(config_lib)  # so that --help (not only --helpfull) lists them
 logger = logging.getLogger("easytune")
-
-
-def heldout_accuracy(model, records, max_new_tokens: int) -> float:
-    """Greedy exact-match accuracy on verifiable-task records (prompt = all but the last turn; for
-    an encoder-decoder, the question's text)."""
-    from easytune import data
-    if model.is_encoder_decoder:
-        prompts = [r["messages"][-2]["content"] for r in records]
-    else:
-        prompts = [r["messages"][:-1] for r in records]
-    predictions = model.generate(prompts, max_new_tokens=max_new_tokens)
-    return data.accuracy(predictions, records)
 
 
 def training_rows(cfg, model, template, source: str, records=None, pack: bool | None = None):
@@ -201,9 +167,8 @@ def run(cfg) -> dict:
     if adapter is not None:
         summary.update({"peft": adapter.config.method, "trainable_params": adapters.count(adapter.params)})
     if heldout is not None and trainer.step == 0:
-        summary["heldout_accuracy_before"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
-        if is_main:
-            print(f"held-out exact-match accuracy before: {summary['heldout_accuracy_before']:.3f}")
+        summary["heldout_accuracy_before"] = entry.heldout_accuracy(
+            model, heldout, cfg.tasks.max_new_tokens, "before", is_main)
 
     # (no MFU for encoder-decoders yet: their FLOPs per token depend on the input/target split)
     flops_per_token = None if model.is_encoder_decoder else logging_utils.llama_flops_per_token(model.config,
@@ -212,9 +177,8 @@ def run(cfg) -> dict:
                             peak_flops=logging_utils.peak_flops_per_device())
     entry.save_and_evaluate(cfg, trainer, batches, eval_batches, history, summary)
     if heldout is not None:
-        summary["heldout_accuracy_after"] = heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)
-        if is_main:
-            print(f"held-out exact-match accuracy after: {summary['heldout_accuracy_after']:.3f}")
+        summary["heldout_accuracy_after"] = entry.heldout_accuracy(
+            model, heldout, cfg.tasks.max_new_tokens, "after", is_main)
     entry.export(model, summary,
                  cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning else None),
                  cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))

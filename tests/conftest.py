@@ -29,6 +29,27 @@ TINY_CONFIGS = {
 }
 
 
+def run_config(defaults, overrides: dict):
+    """An entry point's config: its `defaults` with `overrides` set (dotted keys for nested fields,
+    e.g. "optimizer.lr"), in order."""
+    from ml_collections import ConfigDict
+    cfg = ConfigDict(defaults)
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return cfg
+
+
+def logged(output_dir):
+    """The records of a run's metrics.jsonl."""
+    import json
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def make_hf_model(name: str, directory, seed: int = 0, **overrides):
     """Save a tiny random HF model (`TINY_CONFIGS[name]`) to `directory`; return the torch model."""
     import torch

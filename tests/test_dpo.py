@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from conftest import logged, run_config
 
 import easytune
 from easytune import adapters, data, train
@@ -25,22 +25,9 @@ BETA = 0.1
 
 
 def make_cfg(model, train_data, output_dir, **overrides):
-    cfg = ConfigDict(DEFAULTS)
-    cfg.update(model=model, train_data=train_data, output_dir=str(output_dir), logger="none", seq_length=128,
-               batch_size=8, total_steps=1, log_steps=1, peft="none", beta=BETA)
-    cfg.optimizer.lr = 1e-3
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
-def logged(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_config(DEFAULTS, {"model": model, "train_data": train_data, "output_dir": str(output_dir),
+                                 "logger": "none", "seq_length": 128, "batch_size": 8, "total_steps": 1,
+                                 "log_steps": 1, "peft": "none", "beta": BETA, "optimizer.lr": 1e-3, **overrides})
 
 
 def write_jsonl(path, records):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from conftest import logged, run_config
 
 import jax
 
@@ -15,22 +15,9 @@ from easytune.train_sft import DEFAULTS, run
 
 
 def make_cfg(model, train_data, output_dir, **overrides):
-    cfg = ConfigDict(DEFAULTS)
-    cfg.update(model=model, train_data=train_data, output_dir=str(output_dir), logger="none", seq_length=64,
-               batch_size=8, total_steps=4, log_steps=1)
-    cfg.optimizer.lr = 1e-3
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
-def logged(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_config(DEFAULTS, {"model": model, "train_data": train_data, "output_dir": str(output_dir),
+                                 "logger": "none", "seq_length": 64, "batch_size": 8, "total_steps": 4, "log_steps": 1,
+                                 "optimizer.lr": 1e-3, **overrides})
 
 
 def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp_path):

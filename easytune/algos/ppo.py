@@ -5,6 +5,7 @@ Each piece matches TRL's definition on identical tensors (tests/test_ppo_trl.py)
     masked_mean / masked_var / masked_whiten         TRL's (unbiased variance, rsqrt(var + 1e-8))
     kl_penalty(logprobs, ref_logprobs, estimator)    k1 = log π − log π_ref; k2 = ½(log ratio)²;
                                                      k3 = exp(log π_ref − log π) − 1 − (log π_ref − log π)
+    penalize_missing_eos(scores, has_eos, penalty)   scores − penalty for completions without EOS
     token_rewards(scores, kl, end_index, kl_coef)    −β·KL per token, the sequence score added at end_index
     gae(rewards, values, gamma, lam)                 generalized advantage estimation -> (advantages, returns)
     group_advantages(rewards, group_size, scale)     GRPO: (r − group mean) / (std + 1e-4)
@@ -141,6 +142,12 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = "k1"):
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3.")
 
 
+def penalize_missing_eos(scores, has_eos, penalty: float):
+    """Scores `[batch]` minus `penalty` where the completion ended without EOS (`has_eos` False),
+    as TRL's `missing_eos_penalty`; penalty 0 changes nothing."""
+    return scores - penalty * (1.0 - has_eos.astype(scores.dtype))
+
+
 def token_rewards(scores, kl, end_index, kl_coef, mask):
     """Per-token rewards `[batch, response]`: −kl_coef·kl on the response tokens (`mask`), plus each
     row's score `[batch]` at `end_index` `[batch]`. Returns `(rewards, non_score_rewards)`."""
@@ -270,26 +277,20 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
         old = batch["old_logprobs"]
         advantages = batch["advantages"]
         log_ratio = logps - old
-        if options.sequence_ratio:
-            sequence_logps, sequence_old = jnp.sum(logps * mask, -1), jnp.sum(old * mask, -1)
-            losses, ratio, clipped = clipped_policy_loss(sequence_logps, sequence_old, advantages[:, 0],
-                                                         options.cliprange, options.clip_high)
-            valid = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
-            total = lambda x: jnp.sum(x * valid)  # noqa: E731
-            units, count = valid, jnp.sum(valid)
-            loss_sum = total(losses)
-            ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
-            deviation_sum = total(jnp.abs(ratio - 1.0))
-        else:
+        if options.sequence_ratio:  # one ratio per sequence: units are the sequences with a response
+            losses, ratio, clipped = clipped_policy_loss(jnp.sum(logps * mask, -1), jnp.sum(old * mask, -1),
+                                                         advantages[:, 0], options.cliprange, options.clip_high)
+            weight = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+        else:  # one ratio per token: units are the response tokens
             losses, ratio, clipped = clipped_policy_loss(logps, old, advantages, options.cliprange, options.clip_high)
             if kl_coef_in_loss:
                 losses = losses + kl_coef_in_loss * kl_penalty(logps, batch["ref_logprobs"], "k3")
-            total = lambda x: jnp.sum(x * mask)  # noqa: E731
-            units, count = mask, jnp.sum(mask)
-            loss_sum = total(losses)
-            ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
-            deviation_sum = total(jnp.abs(ratio - 1.0))
-        del units
+            weight = mask
+        total = lambda x: jnp.sum(x * weight)  # noqa: E731
+        count = jnp.sum(weight)
+        loss_sum = total(losses)
+        ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
+        deviation_sum = total(jnp.abs(ratio - 1.0))
         tokens = jnp.maximum(jnp.sum(mask), 1.0)
         # token-level diagnostics reported per unit: scaled so that sum / count is the token mean
         per_unit = count / tokens
