@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from conftest import logged, run_config
 
 import easytune
 from easytune import data, rewards, rl
@@ -60,22 +60,10 @@ def prompt_file(tmp_path_factory):
 
 
 def make_cfg(model, train_data, output_dir, **overrides):
-    cfg = ConfigDict(DEFAULTS)
-    cfg.update(model=model, train_data=train_data, output_dir=str(output_dir), logger="none", iterations=2,
-               rollout_batch_size=16, rollouts_per_prompt=4, max_new_tokens=16, temperature=1.0, peft="none")
-    cfg.optimizer.lr = 3e-3
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
-def logged(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_config(DEFAULTS, {"model": model, "train_data": train_data, "output_dir": str(output_dir),
+                                 "logger": "none", "iterations": 2, "rollout_batch_size": 16, "rollouts_per_prompt": 4,
+                                 "max_new_tokens": 16, "temperature": 1.0, "peft": "none", "optimizer.lr": 3e-3,
+                                 **overrides})
 
 
 def test_grpo_raises_a_programmatic_reward(char_chat_model, prompt_file, reward_module, tmp_path):
@@ -232,3 +220,19 @@ def test_help_documents_every_flag():
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     for name in DOCS:
         assert f"--{name}:" in result.stdout or f"--[no]{name}:" in result.stdout, name
+
+
+def test_ppo_critic_starts_from_the_reward_model(char_chat_model, prompt_file, tmp_path):
+    reward_model = easytune.load(char_chat_model)
+    reward_lib.to_reward_model(reward_model, seed=3)
+    reward_dir = str(tmp_path / "reward_model")
+    reward_model.save(reward_dir)
+    run_dir = tmp_path / "run"
+    # a critic learning rate of 1e-20 leaves its weights as they started, to the last bit of float32
+    summary = run(make_cfg(char_chat_model, prompt_file, run_dir, algo="ppo", iterations=1, rollouts_per_prompt=1,
+                           reward_model=reward_dir, value_lr=1e-20))
+    assert summary["critic"] == reward_dir
+    critic = easytune.load(str(run_dir / "value"), tokenizer=False)
+    reloaded = easytune.load(reward_dir, tokenizer=False)
+    np.testing.assert_array_equal(np.asarray(critic.params["score"]["kernel"]),
+                                  np.asarray(reloaded.params["score"]["kernel"]))

@@ -241,6 +241,24 @@ def test_kl_estimators_match_trl():
               old["_kl_penalty"](stand_in, logprobs, ref_logprobs))
 
 
+def test_missing_eos_penalty_matches_trl():
+    code = ppo_train_block("contain_eos_token = torch.any(",
+                           "scores[~contain_eos_token] -= self.args.missing_eos_penalty")
+    generator = torch.Generator().manual_seed(5)
+    eos = 2
+    responses = torch.randint(3, 9, (6, 5), generator=generator)
+    responses[[0, 2, 3], [1, 4, 0]] = eos
+    scores = torch.randn(6, generator=generator)
+    stand_in = types.SimpleNamespace(processing_class=types.SimpleNamespace(eos_token_id=eos),
+                                     args=types.SimpleNamespace(missing_eos_penalty=1.5))
+    theirs = run_block(code, "trl 1.8.0 PPOTrainer.train: missing EOS penalty", {"torch": torch},
+                       postprocessed_responses=responses, scores=scores.clone(), self=stand_in)
+    has_eos = np.asarray(theirs["contain_eos_token"])
+    assert 0 < has_eos.sum() < len(has_eos)  # some completions are penalized, some not
+    close(ppo.penalize_missing_eos(j(scores), jnp.asarray(has_eos), 1.5), theirs["scores"])
+    close(ppo.penalize_missing_eos(j(scores), jnp.asarray(has_eos), 0.0), scores)
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 @pytest.mark.parametrize("whiten_rewards", [False, True])
 def test_token_rewards_match_trl(estimator, whiten_rewards):
@@ -581,3 +599,33 @@ def test_kl_controllers_match_trl():
             ours_.update(current, n_steps)
             theirs.update(current, n_steps)
             np.testing.assert_allclose(ours_.value, theirs.value, rtol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rloo_kl_in_the_reward_and_advantages_match_trl(normalize):
+    """RLOO's sequence-level k1 KL penalty folded into the rewards, then the leave-one-out
+    advantages: TRL's block against the RL loop's `advantages` step on the same rollout."""
+    from trl.trainer.utils import nanstd
+
+    from easytune import rl
+    where = "trl (installed) rloo_trainer.py RLOOTrainer._generate_and_score_completions"
+    code = trl_block(installed_source("trl.trainer.rloo_trainer"), where,
+                     "# Include the KL penalty in the reward", "advantages = torch.nan_to_num(advantages, nan=0.0)")
+    generator = torch.Generator().manual_seed(21)
+    batch, length, beta = 12, 7, 0.3
+    mask = (torch.arange(length)[None, :] < torch.randint(1, length + 1, (batch, 1), generator=generator)).float()
+    old = -torch.rand(batch, length, generator=generator) * 3
+    ref = old + 0.4 * torch.randn(batch, length, generator=generator)
+    scores = _group_rewards(22)
+    theirs = run_block(code, where, {"torch": torch, "nanstd": nanstd, "gather": lambda x: x}, rewards=scores.clone(),
+                       old_per_token_logps=old, ref_per_token_logps=ref, completion_mask=mask, num_generations=4,
+                       self=types.SimpleNamespace(beta=beta, normalize_advantages=normalize))
+    stand_in = types.SimpleNamespace(
+        options=ppo.RLConfig(algo="rloo", kl_in="reward", kl_estimator="k1", group_size=4,
+                             normalize_advantages=normalize),
+        kl=ppo.FixedKLController(beta))
+    rows = {"response_mask": mask.numpy().astype(np.int32), "old_logprobs": old.numpy(), "ref_logprobs": ref.numpy(),
+            "old_values": np.zeros((batch, length), np.float32)}
+    advantages, metrics = rl.RLLoop.advantages(stand_in, rows, scores.numpy())
+    close(advantages["advantages"], (theirs["advantages"][:, None] * mask).numpy())
+    close(metrics["objective/kl"], theirs["kl"].mean())
