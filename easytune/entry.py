@@ -107,7 +107,14 @@ def save_and_evaluate(cfg, trainer, batches, eval_batches, history: list[dict], 
             summary.update(trainer.evaluate(eval_batches()))
 
 
-def export(model, summary: dict, hf_dir: str | None, peft_dir: str | None = None) -> None:
+def export(cfg, model, summary: dict, default_job: bool) -> None:
+    """The exports the run asks for (--export_hf, --export_peft); the default job also writes
+    <output_dir>/hf (adapters merged, unless a prompt-learning adapter, which cannot be) and, with
+    an adapter, <output_dir>/peft."""
+    adapter = model.adapter
+    hf_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf")
+                               if default_job and (adapter is None or adapter.config.is_lora) else None)
+    peft_dir = cfg.get("export_peft") or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None)
     if hf_dir:
         model.save_pretrained(hf_dir)
         summary["export_hf"] = hf_dir

@@ -222,9 +222,7 @@ def run(cfg) -> dict:
     if heldout is not None:
         summary["heldout_accuracy_after"] = entry.heldout_accuracy(
             model, heldout, cfg.tasks.max_new_tokens, "after", is_main)
-    entry.export(model, summary,
-                 cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning else None),
-                 cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))
+    entry.export(cfg, model, summary, default_job)
     return entry.finish(cfg, trainer, summary, start, is_main)
 
 

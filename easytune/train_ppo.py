@@ -370,9 +370,7 @@ def run(cfg) -> dict:
         summary["heldout_curve"] = heldout_curve
     loop.publish()
     default_job = cfg.train_data is None
-    entry.export(model, summary,
-                 cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job else None),
-                 cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))
+    entry.export(cfg, model, summary, default_job)
     return entry.finish(cfg, policy, summary, start, is_main)
 
 

@@ -166,7 +166,7 @@ def run(cfg) -> dict:
     entry.save_and_evaluate(cfg, trainer, batches, eval_batches, history, summary)
     if eval_batches is not None and is_main:
             print(f"pairwise accuracy on the eval pairs after: {summary['eval_accuracy']:.3f}")
-    entry.export(model, summary, cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job else None))
+    entry.export(cfg, model, summary, default_job)
     return entry.finish(cfg, trainer, summary, start, is_main)
 
 

@@ -11,7 +11,6 @@ the fields) with the seq2seq loss: `--seq_length` is the encoder's row length an
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -179,9 +178,7 @@ def run(cfg) -> dict:
     if heldout is not None:
         summary["heldout_accuracy_after"] = entry.heldout_accuracy(
             model, heldout, cfg.tasks.max_new_tokens, "after", is_main)
-    entry.export(model, summary,
-                 cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if default_job and not prompt_learning else None),
-                 cfg.export_peft or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None))
+    entry.export(cfg, model, summary, default_job)
     return entry.finish(cfg, trainer, summary, start, is_main)
 
 
