@@ -15,6 +15,7 @@ import pkgutil
 from importlib.metadata import entry_points
 
 import jax
+import numpy as np
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -75,6 +76,15 @@ def cluster_environment_detected() -> bool:
     if env.get("MEGASCALE_COORDINATOR_ADDRESS") or _int_env("MEGASCALE_NUM_SLICES", 1) > 1:
         return True
     return "CLOUD_TPU_TASK_ID" in env
+
+
+def host_array(x):
+    """The whole of `x` as a numpy array on this host: a sharded array spanning several processes is
+    gathered from all of them (every process must call this), anything else is copied to the host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def process_batch_slice(global_batch_size: int) -> slice:

@@ -18,9 +18,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from easytune import models
+from easytune.distributed import host_array
 
 logger = logging.getLogger("easytune")
 
@@ -222,11 +222,9 @@ def generate_tokens(
         params, *inputs, eos, jnp.int32(pad_id), jax.random.key(seed),
         jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
     )
-    if not out.is_fully_addressable:
-        out = multihost_utils.process_allgather(out, tiled=True)
     results = []
     eos_set = set(eos_ids)
-    for row in np.asarray(out).tolist():
+    for row in host_array(out).tolist():
         for i, token in enumerate(row):
             if token in eos_set:
                 row = row[: i + 1]

@@ -25,9 +25,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from easytune import generate, train
+from easytune.distributed import host_array
 from easytune.algos import ppo
 
 logger = logging.getLogger("easytune")
@@ -63,11 +63,6 @@ def response_rows(prompt_tokens, prompt_positions, prompt_segments, responses, e
         "response_mask": mask,
         "has_eos": has_eos[:, None].astype(np.int32),
     }
-
-
-def host_array(x: jax.Array) -> np.ndarray:
-    """The whole of `x` on this host (gathered from every process in a multi-host run)."""
-    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 def completion_ids(rows: dict[str, np.ndarray]) -> list[list[int]]:

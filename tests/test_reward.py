@@ -12,23 +12,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 import easytune
 from easytune import data
 from easytune.algos import reward
 from easytune.train_reward import DEFAULTS, DOCS, run
 
+from conftest import logged, run_config
+
 CENTER = 0.01
 
 
 def make_cfg(model, train_data, output_dir, **overrides):
-    cfg = ConfigDict(DEFAULTS)
-    cfg.update(model=model, train_data=train_data, output_dir=str(output_dir), logger="none", seq_length=128,
-               batch_size=8, total_steps=1, log_steps=1)
-    cfg.update(overrides)
-    cfg.optimizer.lr = 1e-3
-    return cfg
+    return run_config(DEFAULTS, {"model": model, "train_data": train_data, "output_dir": str(output_dir),
+                                 "logger": "none", "seq_length": 128, "batch_size": 8, "total_steps": 1,
+                                 "log_steps": 1, **overrides, "optimizer.lr": 1e-3})
 
 
 def trl_reward_loss(rewards, margin=None, center=None, model=None, inputs=None):
@@ -109,8 +107,7 @@ def test_train_reward_matches_trl_and_exports_to_transformers(tiny_chat_model, p
     out, hf_dir = tmp_path / "run", tmp_path / "hf"
     summary = run(make_cfg(tiny_chat_model, pair_file, out, total_steps=2, eval_data=pair_file,
                            center_rewards_coefficient=CENTER, export_hf=str(hf_dir)))
-    with open(out / "metrics.jsonl") as f:
-        first = json.loads(f.readline())
+    first = logged(out)[0]
 
     # step 1 ran on the initial reward model: the causal LM with a fresh score head (seed 0)
     initial = reward.to_reward_model(easytune.load(tiny_chat_model), seed=0)

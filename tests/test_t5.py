@@ -18,6 +18,8 @@ from easytune.algos import seq2seq
 from easytune.models import t5
 from easytune.train_sft import DEFAULTS, run
 
+from conftest import run_config
+
 T5_TINY = dict(vocab_size=136, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
                relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
                pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
@@ -91,11 +93,9 @@ def padded_batch(seed=0, batch=3):
 
 
 def make_cfg(model, train_data, output_dir, **overrides):
-    from ml_collections import ConfigDict
-    cfg = ConfigDict(DEFAULTS)
-    cfg.update({"model": model, "train_data": train_data, "output_dir": str(output_dir), "logger": "none",
-                "seq_length": 64, "batch_size": 8, "total_steps": 4, "log_steps": 1, **overrides})
-    return cfg
+    return run_config(DEFAULTS, {"model": model, "train_data": train_data, "output_dir": str(output_dir),
+                                 "logger": "none", "seq_length": 64, "batch_size": 8, "total_steps": 4,
+                                 "log_steps": 1, **overrides})
 
 
 def read_config(directory):

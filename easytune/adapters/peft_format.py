@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easytune import adapters as ad
+from easytune.distributed import host_array
 from easytune.safetensors_io import write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -28,14 +29,6 @@ PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "prompt": "PROMPT
 
 def is_peft_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
-
-
-def _host(x) -> np.ndarray:
-    """A host copy of a (possibly sharded) array, gathered on every process."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def _modules_by_path(model_config) -> dict[str, ad.LinearModule]:
@@ -80,7 +73,7 @@ def save(directory: str, adapter: ad.Adapter, model_config, base_model: str | No
         for module_path in c.modules:
             module = modules[module_path]
             node = ad._get(adapter.params, tuple(module_path.split("/")))
-            host = {k: _host(v).astype(np.float32) for k, v in node.items()}
+            host = {k: host_array(v).astype(np.float32) for k, v in node.items()}
             layers = range(len(ad.module_names(model_config, module))) if module.stacked else [None]
             for layer in layers:
                 name = PREFIX + module.hf_module.format(layer=layer)
@@ -90,7 +83,7 @@ def save(directory: str, adapter: ad.Adapter, model_config, base_model: str | No
                 if "lora_magnitude" in host:
                     tensors.append((name + ".lora_magnitude_vector", pick(host["lora_magnitude"])))
     else:
-        tensors.append(("prompt_embeddings", _host(ad.virtual_embeddings(c, adapter.params)).astype(np.float32)))
+        tensors.append(("prompt_embeddings", host_array(ad.virtual_embeddings(c, adapter.params)).astype(np.float32)))
     if jax.process_index() != 0:
         return
     os.makedirs(directory, exist_ok=True)
