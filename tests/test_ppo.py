@@ -112,6 +112,17 @@ def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_mo
     assert policy.adapter is not None and policy.adapter.config.method == "lora"
 
 
+def test_temperature_is_the_same_at_rollout_and_in_training(char_chat_model, prompt_file, reward_module, tmp_path):
+    """At a temperature other than 1 the rollout's recorded log-probs are still exactly the training
+    forward's before the first update (both divide the logits by it), and not after."""
+    cfg = make_cfg(char_chat_model, prompt_file, tmp_path, algo="ppo", iterations=1, temperature=0.5, ppo_epochs=2,
+                   reward_fn=f"{reward_module}:digit_fraction")
+    run(cfg)
+    (h,) = logged(tmp_path)
+    assert h["policy/ratio_deviation_first_step"] == 0.0
+    assert h["policy/ratio_deviation"] > 0.0
+
+
 def test_rloo_qlora_policy_scores_with_a_reward_model(char_chat_model, prompt_file, tmp_path):
     reward_model = easytune.load(char_chat_model)
     reward_lib.to_reward_model(reward_model, seed=3)
