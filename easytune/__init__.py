@@ -66,7 +66,7 @@ def load(
     or, with `path=None`, the bundled SmolLM2-135M-Instruct.
 
     param_dtype defaults to the checkpoint's dtype; dtype (compute) defaults to param_dtype.
-    attention: `xla`, `pallas`, `cudnn` or `auto` (see `easytune.models.layers.attention`).
+    attention: `xla`, `pallas`, `splash`, `cudnn` or `auto` (see `easytune.models.layers.attention`).
     Parameters are placed straight into their shards on the `mesh_dim` mesh, built over all
     devices of all processes, or over `devices` when given (e.g. one device for a reference run).
     adapter: a peft adapter directory (LoRA, DoRA, prompt, P-tuning or prefix tuning) to attach.

@@ -95,7 +95,7 @@ COMMON_DOCS = {
     'dtype': 'compute dtype (float32, bfloat16)',
     'param_dtype': 'stored (master) weight dtype',
     'remat': 'rematerialization per layer: none, full, dots, dots_no_batch',
-    'attention': 'attention implementation: xla, pallas, cudnn or auto',
+    'attention': 'attention implementation: xla, pallas (GPU kernel), splash (TPU kernel), cudnn or auto',
     'optimizer.schedule': 'cosine, linear or constant after warmup',
     'optimizer.warmup_steps': 'warmup steps (0 = use warmup_ratio)',
     'optimizer.warmup_ratio': 'warmup as a fraction of total_steps',

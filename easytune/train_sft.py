@@ -64,8 +64,9 @@ DOCS = {
     "num_epochs": "epochs when total_steps is 0",
     "batch_size": "global batch in sequences (rows of seq_length), across all hosts and accumulation steps",
     "seq_length": "tokens per row; longer samples are truncated on the right",
-    "attention": "attention implementation: xla (reference), pallas (easytune's fused kernel; interpret mode "
-                 "on CPU), cudnn (NVIDIA GPUs) or auto (pallas on GPU, xla elsewhere)",
+    "attention": "attention implementation: xla (reference), pallas (easytune's fused GPU kernel; interpret mode "
+                 "on CPU), splash (JAX's TPU kernel; interpret mode on CPU), cudnn (NVIDIA GPUs) or auto (pallas on "
+                 "GPU, splash on TPU, xla elsewhere)",
     "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
     "pack": "pack several samples per row (best fit; attention never crosses samples)",
     "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "

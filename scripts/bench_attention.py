@@ -1,7 +1,7 @@
 """Attention implementations side by side: forward and forward+backward TFLOP/s and memory of
-easytune's Pallas kernel, the XLA reference, cuDNN (`jax.nn.dot_product_attention`) and the Pallas
-`mha` bundled with JAX, causal, per sequence length and head dim; then one SFT train step of a ~1B
-LLaMA (Llama-3.2-1B's shape, random weights) with each `--attention`.
+easytune's Pallas kernel, easytune's splash wrapper (TPU), the XLA reference, cuDNN
+(`jax.nn.dot_product_attention`) and the Pallas `mha` bundled with JAX, causal, per sequence length
+and head dim; then one SFT train step of a ~1B LLaMA (Llama-3.2-1B's shape, random weights) with each `--attention`.
 
     python scripts/bench_attention.py                                        # GPU: seq 1k-16k, d 64 and 128
     python scripts/bench_attention.py --seqs=128,256 --head_dims=64 --tiny   # CPU smoke run
@@ -71,9 +71,14 @@ def implementations(backend: str, heads: int, kv_heads: int):
         from jax.experimental.pallas.ops.gpu import attention
         return attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=True, interpret=interpret)
 
+    def easytune_splash(q, k, v):
+        return kernels.tpu_flash_attention(q, k, v, causal=True)
+
     out = {}
     out["easytune pallas"] = (None, "skipped: no TPU lowering") if backend == "tpu" else (
         easytune_pallas, "interpret mode" if interpret else "")
+    out["easytune splash"] = (None, "skipped: the TPU kernel") if backend == "gpu" else (
+        easytune_splash, "TPU interpret mode" if interpret else "")
     out["xla"] = (xla, "")
     out["cudnn"] = (cudnn, "") if backend == "gpu" else (None, "skipped: needs an NVIDIA GPU")
     if backend == "tpu":
@@ -169,9 +174,12 @@ def bench_train_step(args, backend: str) -> None:
     print(f"\ntrain step: {size}, bf16 compute, fp32 master weights, AdamW, batch {batch} x seq {seq} "
           f"(packed, 4 examples per row), mesh {dict(mesh.shape)}; median of {args.repeats} after {args.warmup} warm-up")
     results = {}
-    for attention in ("xla", "pallas", "cudnn"):
+    for attention in ("xla", "pallas", "splash", "cudnn"):
         if attention == "cudnn" and backend != "gpu":
             results[attention] = None, "skipped: needs an NVIDIA GPU"
+            continue
+        if attention == "splash" and backend == "gpu":
+            results[attention] = None, "skipped: the TPU kernel"
             continue
         if attention == "pallas" and backend == "tpu":
             results[attention] = None, "skipped: no TPU lowering"

@@ -325,7 +325,7 @@ def test_bench_script_runs_tiny_on_cpu():
         env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0"))
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for name in ("easytune pallas", "xla", "jax pallas mha"):
+    for name in ("easytune pallas", "easytune splash", "xla", "jax pallas mha"):
         assert name in out, out
     assert "cudnn" in out and "skipped" in out  # unavailable on CPU, said so
     assert "train step" in out and "ratio" in out

@@ -83,8 +83,10 @@ class _Static:
 
 # ----------------------------------------------------------------------------- validation
 
-def check_supported(q_shape, k_shape, v_shape, dtypes=(), segment_shape=None, sliding_window=None) -> None:
-    """Raise a one-sentence ValueError when the kernel cannot run these shapes."""
+def check_supported(q_shape, k_shape, v_shape, dtypes=(), segment_shape=None, sliding_window=None,
+                    head_dims=SUPPORTED_HEAD_DIMS) -> None:
+    """Raise a one-sentence ValueError when the kernel cannot run these shapes (`head_dims`: the
+    head dimensions it takes; None leaves that check to the caller)."""
     if len(q_shape) != 4 or len(k_shape) != 4:
         raise ValueError(f"flash_attention wants q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, "
                          f"head_dim]; got q {tuple(q_shape)} and k {tuple(k_shape)}.")
@@ -97,7 +99,7 @@ def check_supported(q_shape, k_shape, v_shape, dtypes=(), segment_shape=None, sl
     if heads % k_shape[2]:
         raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number of key/value "
                          f"heads ({k_shape[2]}).")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
+    if head_dims is not None and head_dim not in head_dims:
         raise ValueError(f"the Pallas attention kernel supports head_dim {SUPPORTED_HEAD_DIMS}, not {head_dim}; "
                          f"use attention='xla' for this model.")
     for dtype in dtypes:

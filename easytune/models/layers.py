@@ -189,6 +189,17 @@ def _pallas(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids
     return kernels.flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids, sliding_window=sliding_window)
 
 
+def _splash(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+    """JAX's Pallas TPU splash attention with easytune's semantics (`easytune.kernels.
+    tpu_flash_attention`) for self-attention; attention over a KV cache falls back to xla, as pallas."""
+    if kv_positions is not None:
+        return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
+                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
+    from easytune import kernels
+    return kernels.tpu_flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids,
+                                       sliding_window=sliding_window)
+
+
 def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
     """cuDNN's fused attention through `jax.nn.dot_product_attention` for self-attention (KV-cache
     attention falls back to xla). That API has no segment-id input, so packed or padded batches pass
@@ -214,6 +225,9 @@ def check_attention(implementation: str, head_dim: int | None = None) -> None:
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; "
                          f"choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.")
+    if implementation == "splash" and jax.default_backend() not in ("tpu", "cpu"):
+        raise ValueError(f"attention='splash' is the TPU kernel and cannot run on {jax.default_backend()}; use "
+                         f"attention='pallas' or 'cudnn' on GPU, or 'xla' anywhere.")
     if implementation == "pallas" and head_dim is not None:
         from easytune import kernels
         if head_dim not in kernels.SUPPORTED_HEAD_DIMS:
@@ -222,15 +236,17 @@ def check_attention(implementation: str, head_dim: int | None = None) -> None:
 
 
 def resolve_attention(implementation: str, head_dim: int | None = None) -> str:
-    """The implementation `attention()` runs for `implementation` on this backend: 'auto' is the
-    Pallas kernel on GPU (when it supports `head_dim`) and xla elsewhere (the kernel has no TPU
-    lowering, and interpret mode on CPU is for tests, not speed). Unknown names raise."""
+    """The implementation `attention()` runs for `implementation` on this backend: 'auto' is
+    easytune's Pallas kernel on GPU (when it supports `head_dim`), splash on TPU, and xla elsewhere
+    (interpret mode on CPU is for tests, not speed). Unknown names raise."""
     check_attention(implementation)
     if implementation != "auto":
         return implementation
     from easytune import kernels
     if jax.default_backend() == "gpu" and (head_dim is None or head_dim in kernels.SUPPORTED_HEAD_DIMS):
         return "pallas"
+    if jax.default_backend() == "tpu":
+        return "splash"
     return "xla"
 
 
@@ -238,7 +254,7 @@ def _auto(q, k, v, **kwargs):
     return ATTENTION_IMPLEMENTATIONS[resolve_attention("auto", q.shape[-1])](q, k, v, **kwargs)
 
 
-ATTENTION_IMPLEMENTATIONS = {"xla": _xla, "pallas": _pallas, "cudnn": _cudnn, "auto": _auto}
+ATTENTION_IMPLEMENTATIONS = {"xla": _xla, "pallas": _pallas, "splash": _splash, "cudnn": _cudnn, "auto": _auto}
 
 
 def attention(
@@ -254,14 +270,14 @@ def attention(
     sliding_window: int | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
-    """Dispatch point for every attention in every model (`--attention=xla|pallas|cudnn|auto`).
+    """Dispatch point for every attention in every model (`--attention=xla|pallas|splash|cudnn|auto`).
 
     q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]` -> like q.
     Positions and segment ids are `[batch, len]` ints (segment 0 = padding; None = all ones). With
     `kv_positions=None` the keys are the queries' own tokens (self-attention: training, eval, a
-    prefill into an empty cache), which pallas and cudnn serve; otherwise the keys come from a KV
-    cache and every implementation computes the xla reference. The masking rule is
-    `attention_mask`'s; pallas and cudnn apply causality and the window by index in the sequence,
+    prefill into an empty cache), which pallas, splash and cudnn serve; otherwise the keys come from a
+    KV cache and every implementation computes the xla reference. The masking rule is
+    `attention_mask`'s; the kernels apply causality and the window by index in the sequence,
     the same thing whenever positions rise by one per token within a segment (packing and
     left-padded prompts do).
     """
