@@ -29,6 +29,18 @@ TINY_CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs (and the constants they captured) after each test module: an
+    xdist worker otherwise keeps every module's executables and grew past 10 GB over the suite,
+    which on a 24 GB machine with two workers and the multi-process tests' own processes is what
+    let the kernel's OOM killer take a multi-process test's worker."""
+    yield
+    import gc
+    jax.clear_caches()
+    gc.collect()
+
+
 def run_config(defaults, overrides: dict):
     """An entry point's config: its `defaults` with `overrides` set (dotted keys for nested fields,
     e.g. "optimizer.lr"), in order."""
@@ -41,6 +53,79 @@ def run_config(defaults, overrides: dict):
             node = node[parent]
         node[leaf] = value
     return cfg
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _available_memory_mib() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return f"{int(fields['MemAvailable'].split()[0]) // 1024} MiB"
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def run_processes(make_commands, env, timeout: float, grace: float = 60.0, output_dir=None) -> list[str]:
+    """Run the processes of one `jax.distributed` job, `make_commands(coordinator_address)`, to the
+    end and return their outputs (stdout + stderr). Fails, with every process's return code (and
+    the signal that ended it), the memory left on the machine and its whole output, when any exits
+    non-zero or the job outlives `timeout` seconds. When one process fails the others get `grace`
+    seconds to end on their own (they normally fail too: their peer is gone) and are then killed,
+    so a failed job never hangs the test. A coordinator port that another process took between
+    `free_port` and the bind (the only start-up race here) gets one retry on a new port."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    output_dir = output_dir or tempfile.mkdtemp(prefix="processes_")
+    for attempt in range(2):
+        commands = make_commands(f"127.0.0.1:{free_port()}")
+        logs = [open(os.path.join(output_dir, f"process_{i}_attempt_{attempt}.log"), "w+") for i in range(len(commands))]
+        procs = [subprocess.Popen(c, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                 for c, log in zip(commands, logs)]
+        start, failed_at, timed_out, killed = time.time(), None, False, set()
+        while any(p.poll() is None for p in procs):
+            now = time.time()
+            if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+                failed_at = now
+            if now - start > timeout:
+                timed_out = True
+            if timed_out or (failed_at is not None and now - failed_at > grace):
+                for i, p in enumerate(procs):
+                    if p.poll() is None:
+                        p.kill()
+                        killed.add(i)
+            time.sleep(0.2)
+        memory = _available_memory_mib()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+        if all(p.returncode == 0 for p in procs):
+            return outputs
+        if attempt == 0 and any("address already in use" in o.lower() or "failed to add port" in o.lower()
+                                for o in outputs):
+            continue
+        report = [f"the {len(procs)}-process job failed{' (timed out after %ds)' % timeout if timed_out else ''}; "
+                  f"memory available now: {memory}"]
+        for i, (p, text) in enumerate(zip(procs, outputs)):
+            how = f"exit code {p.returncode}"
+            if i in killed:
+                how = "killed by this test (timed out, or its peer had failed)"
+            elif p.returncode < 0:
+                how = f"killed by {signal.Signals(-p.returncode).name}"
+                if p.returncode == -signal.SIGKILL:
+                    how += " (not by this test: the kernel's OOM killer sends SIGKILL when memory runs out)"
+            report.append(f"--- process {i}: {how}; its output ({len(text)} chars, last 6000):\n{text[-6000:]}")
+        raise AssertionError("\n".join(report))
+    raise AssertionError("unreachable")
 
 
 def logged(output_dir):

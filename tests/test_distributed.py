@@ -1,12 +1,12 @@
 """easytune.distributed: two real CPU processes on 127.0.0.1 (2 devices each), argument checks,
 cluster detection from the environment, and the error for calling it after JAX has started."""
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import pytest
+
+from conftest import run_processes
 
 from easytune import distributed
 
@@ -42,25 +42,12 @@ print("CHILD_OK", process_id)
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_on_cpu():
+def test_two_processes_on_cpu(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, coordinator, str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0 and f"CHILD_OK {i}" in text, text[-3000:]
+    outputs = run_processes(lambda address: [[sys.executable, "-c", CHILD, address, str(i)] for i in range(2)],
+                            env, timeout=120, output_dir=tmp_path)
+    for i, text in enumerate(outputs):
+        assert f"CHILD_OK {i}" in text, text[-3000:]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,13 +1,12 @@
 """Two real processes (jax.distributed on 127.0.0.1, gloo CPU collectives), 4 devices each: the
 mesh spans both, each process loads only its shards, and export from the pair is exact."""
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
 import torch
 
+from conftest import run_processes
 from test_hf import assert_same_state_dict
 
 CHILD = r"""
@@ -36,23 +35,15 @@ print("CHILD_OK", process_id)
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_load_forward_and_export(hf_models, tmp_path):
     from transformers import AutoModelForCausalLM
     directory, torch_model = hf_models["llama3_gqa_rope_scaling"]
     out = str(tmp_path / "out")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, coordinator, str(i), directory, out], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for i, (p, text) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0 and f"CHILD_OK {i}" in text, text[-3000:]
+    outputs = run_processes(lambda address: [[sys.executable, "-c", CHILD, address, str(i), directory, out]
+                                             for i in range(2)], env, timeout=300, output_dir=tmp_path)
+    for i, text in enumerate(outputs):
+        assert f"CHILD_OK {i}" in text, text[-3000:]
 
     tokens = np.random.RandomState(0).randint(0, 128, (8, 16))
     with torch.no_grad():

@@ -173,10 +173,10 @@ def test_lora_two_processes_and_resume_match_one_uninterrupted_run(tiny_chat_mod
     at step 2 then resumed both give the losses of one uninterrupted single-process run, and the
     multi-process adapter export equals the single-process one."""
     import shutil
-    import subprocess
 
+    from conftest import run_processes
     from safetensors.numpy import load_file
-    from test_train_resume import ENV, free_port, losses, run_to_end, train_command
+    from test_train_resume import ENV, losses, run_to_end, train_command
     flags = ("--peft=qlora", "--lora.rank=4", "--lora.dropout=0.1", "--mesh_dim=1,2,1", "--seq_length=64")
     one = tmp_path / "one"
     run_to_end(train_command(tiny_chat_model, task_file, one, "--total_steps=4", *flags,
@@ -192,14 +192,12 @@ def test_lora_two_processes_and_resume_match_one_uninterrupted_run(tiny_chat_mod
 
     two = tmp_path / "two"
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(train_command(tiny_chat_model, task_file, two, "--total_steps=4", *flags,
-                                            f"--export_peft={two}/adapter",
-                                            f"--jax_distributed.coordinator_address={address}",
-                                            "--jax_distributed.num_processes=2", f"--jax_distributed.process_id={i}"),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    run_processes(lambda address: [train_command(tiny_chat_model, task_file, two, "--total_steps=4", *flags,
+                                                 f"--export_peft={two}/adapter",
+                                                 f"--jax_distributed.coordinator_address={address}",
+                                                 "--jax_distributed.num_processes=2",
+                                                 f"--jax_distributed.process_id={i}") for i in range(2)],
+                  env, timeout=600, output_dir=tmp_path)
     for step, loss in losses(two).items():
         assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step])
     ours, theirs = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (two, one))

@@ -3,13 +3,13 @@ newest checkpoint falls back to the previous one with a warning; 2 processes tra
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from conftest import run_processes
 from test_train_sft import logged
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -80,24 +80,16 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, t
     assert result.returncode != 0 and "checkpoint was written with batch_size=8" in result.stderr
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one(tiny_chat_model, task_file, reference_run, tmp_path):
     """Two processes of one device each (mesh 1,2,1 across them; each feeds its rows) against the
     reference: one process with two devices."""
     out = tmp_path / "two"
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(train_command(tiny_chat_model, task_file, out, "--total_steps=12",
-                                            f"--jax_distributed.coordinator_address={address}",
-                                            "--jax_distributed.num_processes=2", f"--jax_distributed.process_id={i}"),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    run_processes(lambda address: [train_command(tiny_chat_model, task_file, out, "--total_steps=12",
+                                                 f"--jax_distributed.coordinator_address={address}",
+                                                 "--jax_distributed.num_processes=2",
+                                                 f"--jax_distributed.process_id={i}") for i in range(2)],
+                  env, timeout=600, output_dir=tmp_path)
     two = losses(out)
     assert two.keys() == reference_run.keys()
     for step in two:
