@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Sequence
@@ -60,6 +61,7 @@ def load(
     tokenizer: bool = True,
     devices=None,
     adapter: str | None = None,
+    head_chunk_size: int = 0,
 ) -> "Model":
     """Load a model from an HF directory, a Hub id (when online), an easytune checkpoint (a model
     checkpoint, a training step `<run>/checkpoints/<step>`, or a run directory: its latest step),
@@ -71,7 +73,19 @@ def load(
     devices of all processes, or over `devices` when given (e.g. one device for a reference run).
     adapter: a peft adapter directory (LoRA, DoRA, prompt, P-tuning or prefix tuning) to attach.
     A training run or step of a PEFT run loads its base model with the trained adapter attached.
+    head_chunk_size > 0: the training losses run the LM head fused with its log-softmax, this many
+    tokens at a time, never holding `[tokens, vocab]` logits (`easytune.models.fused_head`).
     """
+    model = _load(path, dtype=dtype, param_dtype=param_dtype, mesh_dim=mesh_dim, remat=remat, attention=attention,
+                  tokenizer=tokenizer, devices=devices, adapter=adapter)
+    if head_chunk_size:
+        if not hasattr(model.config, "head_chunk_size"):
+            raise ValueError(f"head_chunk_size applies to decoder-only LMs; {model.config.model_type} has no fused head.")
+        model.config = dataclasses.replace(model.config, head_chunk_size=int(head_chunk_size))
+    return model
+
+
+def _load(path, *, dtype, param_dtype, mesh_dim, remat, attention, tokenizer, devices, adapter) -> "Model":
     from easytune import checkpoint, hf, sharding
     from easytune.dtypes import dtype_name
 

@@ -87,6 +87,12 @@ def read_config(defaults: Mapping, flag_values=flags.FLAGS) -> ConfigDict:
     return ConfigDict(tree)
 
 
+# Flag docs of the trainers whose loss reads the LM head (SFT, DPO family, RL).
+LM_HEAD_DOCS = {
+    'head_chunk_size': "tokens per chunk of the fused LM head + log-softmax in the loss (0 = off: full logits); "
+                       "saves the [tokens, vocab] logits' memory at large vocabularies, costs one more head matmul",
+}
+
 # Flag docs shared by every training entry point; an entry point's own DOCS override them.
 COMMON_DOCS = {
     'output_dir': 'where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go',

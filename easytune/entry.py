@@ -31,7 +31,7 @@ def load_causal_lm(cfg, purpose: str, tokenizer_use: str):
     trains; an encoder-decoder, a reward model or a missing tokenizer is an error."""
     import easytune
     model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
-                          remat=cfg.remat, attention=cfg.attention)
+                          remat=cfg.remat, attention=cfg.attention, head_chunk_size=cfg.head_chunk_size)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer; {tokenizer_use}.")
     if model.is_encoder_decoder or getattr(model.config, "num_labels", 0):

@@ -44,6 +44,7 @@ DEFAULTS = {
     "param_dtype": "float32",
     "remat": "none",
     "attention": "xla",
+    "head_chunk_size": 0,
     "chat_template": None,
     "loss_reduction": "mean",
     "loss_type": "sigmoid",
@@ -72,6 +73,7 @@ DEFAULTS = {
 
 DOCS = {
     **config_lib.COMMON_DOCS,
+    **config_lib.LM_HEAD_DOCS,
     "model": "HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: bundled "
              "SmolLM2-135M-Instruct)",
     "train_data": "preference pairs: .jsonl/.json/.parquet or a `datasets` name; {prompt, chosen, rejected} as "

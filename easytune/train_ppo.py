@@ -74,6 +74,7 @@ DEFAULTS = {
     "param_dtype": "float32",
     "remat": "none",
     "attention": "xla",
+    "head_chunk_size": 0,
     "loss_reduction": "mean",
     "optimizer": {
         "lr": 1e-4, "schedule": "constant", "warmup_steps": 0, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
@@ -96,6 +97,7 @@ DEFAULTS = {
 
 DOCS = {
     **config_lib.COMMON_DOCS,
+    **config_lib.LM_HEAD_DOCS,
     "model": "the policy: HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: "
              "bundled SmolLM2-135M-Instruct)",
     "algo": "ppo (critic, GAE, KL in the reward), grpo (group-relative baseline) or rloo (leave-one-out baseline)",

@@ -33,6 +33,7 @@ DEFAULTS = {
     "param_dtype": "float32",
     "remat": "none",
     "attention": "xla",
+    "head_chunk_size": 0,
     "chat_template": None,
     "pack": True,
     "loss_reduction": "mean",
@@ -56,6 +57,7 @@ DEFAULTS = {
 
 DOCS = {
     **config_lib.COMMON_DOCS,
+    **config_lib.LM_HEAD_DOCS,
     "model": "HF directory, hub id, or easytune checkpoint/run directory (default: bundled SmolLM2-135M-Instruct)",
     "train_data": "training data: .jsonl/.json/.parquet or a `datasets` name; formats: messages, "
                   "instruction/input/output, prompt/completion, text (default: generated verifiable tasks)",
@@ -121,7 +123,7 @@ def run(cfg) -> dict:
 
     start, is_main = entry.start(cfg)
     model = easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
-                          remat=cfg.remat, attention=cfg.attention)
+                          remat=cfg.remat, attention=cfg.attention, head_chunk_size=cfg.head_chunk_size)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer; SFT needs one to format and tokenize the data.")
     template = None if model.is_encoder_decoder else data.resolve_chat_template(model.tokenizer, cfg.chat_template)

@@ -112,11 +112,14 @@ def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_mo
     assert policy.adapter is not None and policy.adapter.config.method == "lora"
 
 
-def test_temperature_is_the_same_at_rollout_and_in_training(char_chat_model, prompt_file, reward_module, tmp_path):
+@pytest.mark.parametrize("head_chunk_size", [0, 24])
+def test_temperature_is_the_same_at_rollout_and_in_training(char_chat_model, prompt_file, reward_module, tmp_path,
+                                                            head_chunk_size):
     """At a temperature other than 1 the rollout's recorded log-probs are still exactly the training
-    forward's before the first update (both divide the logits by it), and not after."""
+    forward's before the first update (both divide the logits by it), and not after; also through
+    the fused, chunked head (the record pass and the loss run the same chunks)."""
     cfg = make_cfg(char_chat_model, prompt_file, tmp_path, algo="ppo", iterations=1, temperature=0.5, ppo_epochs=2,
-                   reward_fn=f"{reward_module}:digit_fraction")
+                   reward_fn=f"{reward_module}:digit_fraction", head_chunk_size=head_chunk_size)
     run(cfg)
     (h,) = logged(tmp_path)
     assert h["policy/ratio_deviation_first_step"] == 0.0

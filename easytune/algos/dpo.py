@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easytune import models
+from easytune.algos.logprobs import model_logprobs, token_logps  # noqa: F401 (token_logps: this module's API too)
 from easytune.data.packing import ROW_KEYS
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
@@ -78,13 +78,6 @@ class PreferenceConfig:
 
 # ----------------------------------------------------------------------------- log-probs
 
-def token_logps(logits: jax.Array, target_ids: jax.Array) -> jax.Array:
-    """log softmax(logits)[target] `[batch, seq]` (float32) from logits `[batch, seq, vocab]`."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, target_ids[..., None], axis=-1)[..., 0]
-    return target_logits - jax.nn.logsumexp(logits, axis=-1)
-
-
 def sequence_logps(per_token: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(sum of per_token over mask, mask count)`, each `[batch]` float32."""
     mask = mask.astype(jnp.float32)
@@ -103,9 +96,9 @@ def pair_logps(model_config, params, batch) -> dict[str, jax.Array]:
     chosen and rejected rows (`both_sides`): `{chosen, rejected, chosen_count, rejected_count}`,
     each `[batch]`."""
     rows = {key: both_sides(batch, key) for key in ROW_KEYS}
-    logits = models.family(model_config.model_type).forward(
-        model_config, params, rows["input_ids"], rows["positions"], rows["segment_ids"])
-    sums, counts = sequence_logps(token_logps(logits, rows["target_ids"]), rows["loss_mask"])
+    per_token = model_logprobs(model_config, params, rows["input_ids"], rows["positions"], rows["segment_ids"],
+                               rows["target_ids"])
+    sums, counts = sequence_logps(per_token, rows["loss_mask"])
     sums, counts = sums.reshape(-1, 2), counts.reshape(-1, 2)
     return {"chosen": sums[:, 0], "rejected": sums[:, 1], "chosen_count": counts[:, 0], "rejected_count": counts[:, 1]}
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from easytune import models
+from easytune.algos.logprobs import entropy_from_logits, model_logprobs  # noqa: F401 (entropy_from_logits: this module's API too)
 
 ALGOS = ("ppo", "grpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -224,31 +225,13 @@ def clipped_value_loss(values, old_values, returns, cliprange_value: float):
     return 0.5 * jnp.maximum(unclipped, clipped), clipped > unclipped
 
 
-def entropy_from_logits(logits):
-    """Entropy of softmax(logits) over the last axis, float32."""
-    logits = logits.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-
-
-def response_logits(model_config, params, batch, temperature: float):
-    """The logits that predict each response token, divided by the temperature:
-    `[batch, response, vocab]` float32."""
-    response_length = batch["response_mask"].shape[1]
-    logits = models.family(model_config.model_type).forward(
-        model_config, params, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    logits = logits[:, -response_length - 1:-1].astype(jnp.float32)
-    return logits / temperature
-
-
 def response_logprobs(model_config, params, batch, temperature: float, with_entropy: bool = False):
     """Log-probs `[batch, response]` of the response tokens under `params` at `temperature`
-    (and the per-token entropy with `with_entropy`)."""
-    from easytune.algos.dpo import token_logps
-    logits = response_logits(model_config, params, batch, temperature)
+    (and the per-token entropy with `with_entropy`): read at the positions that predict them."""
     response_length = batch["response_mask"].shape[1]
-    logps = token_logps(logits, batch["input_ids"][:, -response_length:])
-    return (logps, entropy_from_logits(logits)) if with_entropy else logps
+    return model_logprobs(model_config, params, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                          batch["input_ids"][:, -response_length:], temperature=temperature,
+                          window=slice(-response_length - 1, -1), with_entropy=with_entropy)
 
 
 def response_values(model_config, params, batch):

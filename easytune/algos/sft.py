@@ -9,18 +9,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from easytune import models
+from easytune.algos import logprobs
 
 BATCH_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
 
 
 def token_cross_entropy(config, params, batch) -> jax.Array:
     """Cross-entropy of every target `[batch, seq]` (float32), not yet masked."""
-    logits = models.family(config.model_type).forward(
-        config, params, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, batch["target_ids"][..., None], axis=-1)[..., 0]
-    return log_normalizer - target_logits
+    return -logprobs.model_logprobs(config, params, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                    batch["target_ids"])
 
 
 def loss_sums(config, params, batch) -> tuple[jax.Array, jax.Array]:

@@ -26,3 +26,10 @@ def family(model_type: str):
         raise ValueError(
             f"unknown model_type {model_type!r}; easytune supports {sorted(FAMILIES)}."
         ) from None
+
+
+def fused_head_inputs(config, params, tokens, positions=None, segment_ids=None):
+    """`(hidden, head kernel)` for the fused, chunked head (`fused_head.target_logprobs`) when the
+    config asks for it and the family and head allow it; None: compute logits with `forward`."""
+    fused = getattr(family(config.model_type), "fused_head_inputs", None)
+    return None if fused is None else fused(config, params, tokens, positions, segment_ids)

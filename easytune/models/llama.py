@@ -60,7 +60,8 @@ class LlamaConfig:
     dtype: str = "float32"          # activations and matmuls
     param_dtype: str = "float32"    # stored weights (master weights when training)
     remat: str = "none"             # one of REMAT_POLICIES
-    attention: str = "xla"          # layers.attention implementation: xla, pallas, cudnn or auto
+    attention: str = "xla"          # layers.attention implementation: xla, pallas, splash, cudnn or auto
+    head_chunk_size: int = 0        # > 0: losses run the LM head + log-softmax fused, this many tokens at a time
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -72,6 +73,9 @@ class LlamaConfig:
         parse_dtype(self.dtype)
         parse_dtype(self.param_dtype)
         layers.check_attention(self.attention, self.head_dim)
+        if not isinstance(self.head_chunk_size, int) or self.head_chunk_size < 0:
+            raise ValueError(f"head_chunk_size must be a number of tokens >= 0 (0: no fused head), "
+                             f"got {self.head_chunk_size!r}.")
         layers.rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling_dict)
 
     @property
@@ -432,6 +436,22 @@ def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
         kernel = params["lm_head"]["kernel"]
     kernel = kernel.astype(config.compute_dtype)
     return jnp.einsum("bsh,hv->bsv", hidden, kernel, preferred_element_type=jnp.float32)
+
+
+def fused_head_inputs(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):
+    """`(hidden [batch, seq, hidden], head kernel [hidden, vocab])` for `fused_head.target_logprobs`
+    when `config.head_chunk_size > 0` and the head is a plain matrix (tied or not); None otherwise
+    (fused head off, a score head, an adapted or quantized head), where losses use `forward`."""
+    if not config.head_chunk_size or config.num_labels:
+        return None
+    if config.tie_word_embeddings:
+        kernel = params["embed"]["embedding"].T
+    elif set(params["lm_head"]) == {"kernel"}:
+        kernel = params["lm_head"]["kernel"]
+    else:
+        return None
+    hidden, _ = hidden_states(config, params, tokens, positions, segment_ids)
+    return hidden, kernel.astype(config.compute_dtype)
 
 
 def forward(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):
