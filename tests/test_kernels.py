@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import easytune
 from easytune import sharding
-from easytune.kernels import BlockSizes, flash_attention
+from easytune.kernels import BlockSizes, flash_attention, tpu_flash_attention
 from easytune.models import layers, llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,18 +202,24 @@ def test_invalid_inputs_are_clear_errors():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
-def test_sharded_kernel_matches_unsharded(heads, kv_heads):
-    """Under a 2x2x2 mesh the kernel runs per shard (batch over dp x fsdp, heads over mp); with
-    one KV head (MQA) each mp shard takes its slice of the replicated K/V."""
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_sharded_kernel_matches_unsharded(heads, kv_heads, kernel):
+    """Under a 2x2x2 mesh the kernel (easytune's, or the TPU splash wrapper in interpret mode) runs
+    per shard (batch over dp x fsdp, heads over mp); with one KV head (MQA) each mp shard takes its
+    slice of the replicated K/V."""
     rng = np.random.RandomState(heads + kv_heads)
     batch, seq = 4, 40
     q, k, v = random_qkv(rng, batch, seq, heads, kv_heads, 64, jnp.float32)
     segments = jnp.asarray(packed_segments(rng, batch, seq))
     cotangent = jnp.asarray(rng.randn(*q.shape), jnp.float32) * (segments != 0)[:, :, None, None]
 
+    def attend(q, k, v, segments):
+        if kernel == "splash":
+            return tpu_flash_attention(q, k, v, segment_ids=segments, sliding_window=11)
+        return flash_attention(q, k, v, segment_ids=segments, sliding_window=11, block_sizes=SMALL)
+
     def run(q, k, v, segments, cotangent):
-        return values_and_grads(lambda q, k, v: flash_attention(q, k, v, segment_ids=segments, sliding_window=11,
-                                                                block_sizes=SMALL), q, k, v, cotangent)
+        return values_and_grads(lambda q, k, v: attend(q, k, v, segments), q, k, v, cotangent)
 
     expected = jax.jit(run, compiler_options=FAST_COMPILE)(q, k, v, segments, cotangent)
     mesh = sharding.make_mesh("2,2,2")
@@ -255,9 +261,11 @@ def packed_rows(rng, batch, seq, vocab):
             "segment_ids": segments, "positions": positions}
 
 
-def test_model_forward_and_train_step_match_xla(mistral_dir):
-    """attention='pallas' under a 2x2x2 mesh (the kernel per shard inside the scanned, differentiated
-    model) gives the logits and the SFT step of attention='xla' on one device."""
+@pytest.mark.parametrize("attention", ["pallas", "splash"])
+def test_model_forward_and_train_step_match_xla(mistral_dir, attention):
+    """attention='pallas' (and 'splash', the TPU kernel, in interpret mode) under a 2x2x2 mesh (the
+    kernel per shard inside the scanned, differentiated model) gives the logits and the SFT step of
+    attention='xla' on one device."""
     from ml_collections import ConfigDict
 
     from easytune import train
@@ -266,7 +274,7 @@ def test_model_forward_and_train_step_match_xla(mistral_dir):
 
     rows = packed_rows(np.random.RandomState(0), 4, 48, 128)
     xla = load(mistral_dir, "xla")
-    pallas = easytune.load(mistral_dir, tokenizer=False, mesh_dim="2,2,2", attention="pallas")
+    pallas = easytune.load(mistral_dir, tokenizer=False, mesh_dim="2,2,2", attention=attention)
     optimizer, _ = train.make_optimizer(ConfigDict(DEFAULTS).optimizer, total_steps=10)
     forward = jax.jit(llama.forward, static_argnums=0, compiler_options=FAST_COMPILE)
     results = []

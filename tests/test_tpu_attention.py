@@ -1,7 +1,8 @@
 """The TPU kernel (`easytune.kernels.tpu_flash_attention`: JAX's Pallas splash attention with
 easytune's semantics) in Pallas' TPU interpret mode on this CPU, against the XLA reference: values
-and gradients, packing, GQA/MQA, sliding window, ragged lengths, bf16, a mesh; `--attention=splash`
-end to end; and a train step exported for TPU from this CPU."""
+and gradients, packing, GQA/MQA, sliding window, ragged lengths, bf16, a mesh; and a sharded train
+step with `--attention=splash` exported for TPU from this CPU. (The model end to end with
+`attention='splash'`: test_kernels.test_model_forward_and_train_step_match_xla.)"""
 import re
 
 import numpy as np
@@ -12,11 +13,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import easytune
-from easytune import kernels, sharding
+from easytune import kernels
 from easytune.kernels import tpu_flash_attention
 from easytune.models import layers, llama
 
-from test_kernels import (FAST_COMPILE, assert_close, load, mistral_dir, packed_rows, packed_segments,  # noqa: F401
+from test_kernels import (FAST_COMPILE, assert_close, mistral_dir, packed_rows, packed_segments,  # noqa: F401
                           random_qkv, reference, values_and_grads)
 
 CASES = {
@@ -51,30 +52,7 @@ def test_values_and_gradients_match_the_xla_reference(case):
         assert_close(a, e, dtype, name)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
-def test_sharded_kernel_matches_unsharded(heads, kv_heads):
-    """Under a 2x2x2 mesh the kernel runs per shard (batch over dp x fsdp, heads over mp; with one KV
-    head each mp shard takes the replicated K/V), with the values and gradients of one device."""
-    rng = np.random.RandomState(heads + kv_heads)
-    batch, seq = 4, 136
-    q, k, v = random_qkv(rng, batch, seq, heads, kv_heads, 64, jnp.float32)
-    segments = jnp.asarray(packed_segments(rng, batch, seq))
-    cotangent = jnp.asarray(rng.randn(*q.shape), jnp.float32)
-
-    def run(q, k, v, segments, cotangent):
-        return values_and_grads(lambda q, k, v: tpu_flash_attention(q, k, v, segment_ids=segments, sliding_window=40),
-                                q, k, v, cotangent)
-
-    expected = jax.jit(run, compiler_options=FAST_COMPILE)(q, k, v, segments, cotangent)
-    mesh = sharding.make_mesh("2,2,2")
-    heads_spec = NamedSharding(mesh, P(("dp", "fsdp"), None, "mp", None))
-    kv_spec = heads_spec if kv_heads % 2 == 0 else NamedSharding(mesh, P(("dp", "fsdp"), None, None, None))
-    placed = [jax.device_put(x, s) for x, s in ((q, heads_spec), (k, kv_spec), (v, kv_spec),
-                                                 (segments, sharding.batch_sharding(mesh)), (cotangent, heads_spec))]
-    with jax.set_mesh(mesh):
-        assert "shard_map" in str(jax.make_jaxpr(run)(*placed))
-        actual = jax.jit(run, compiler_options=FAST_COMPILE)(*placed)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), actual, expected)
+# (per shard under a 2x2x2 mesh: test_kernels.test_sharded_kernel_matches_unsharded[*-splash])
 
 
 def sft_step(model, optimizer):
@@ -83,38 +61,8 @@ def sft_step(model, optimizer):
     return train.build_train_step(model.config, sft.loss_sums, optimizer, "mean", grad_accum_steps=1)
 
 
-def test_model_forward_and_train_step_match_xla(mistral_dir):  # noqa: F811
-    """attention='splash' under a 2x2x2 mesh (the kernel per shard inside the scanned, differentiated
-    model) gives the logits, loss and gradient norm of attention='xla' on one device, and the same
-    first AdamW step."""
-    from ml_collections import ConfigDict
-
-    from easytune import train
-    from easytune.train_sft import DEFAULTS
-
-    rows = packed_rows(np.random.RandomState(0), 4, 48, 128)
-    xla = load(mistral_dir, "xla")
-    splash = easytune.load(mistral_dir, tokenizer=False, mesh_dim="2,2,2", attention="splash")
-    optimizer, _ = train.make_optimizer(ConfigDict(DEFAULTS).optimizer, total_steps=10)
-    forward = jax.jit(llama.forward, static_argnums=0, compiler_options=FAST_COMPILE)
-    results = []
-    for model in (xla, splash):
-        batch = {k: jax.device_put(v, sharding.batch_sharding(model.mesh)) for k, v in rows.items()}
-        step = sft_step(model, optimizer)
-        with jax.set_mesh(model.mesh):
-            logits = forward(model.config, model.params, batch["input_ids"], batch["positions"], batch["segment_ids"])
-            params, _, metrics = jax.jit(step, compiler_options=FAST_COMPILE)(
-                model.params, optimizer.init(model.params), None, {k: v[None] for k, v in batch.items()}, 0)
-        results.append((np.asarray(logits), params, metrics))
-    (logits_x, params_x, metrics_x), (logits_s, params_s, metrics_s) = results
-    real = rows["segment_ids"] != 0
-    np.testing.assert_allclose(logits_s[real], logits_x[real], atol=2e-5)
-    assert np.isfinite(logits_s).all()
-    np.testing.assert_allclose(metrics_s["loss"], metrics_x["loss"], rtol=1e-6)
-    np.testing.assert_allclose(metrics_s["grad_norm"], metrics_x["grad_norm"], rtol=1e-5)
-    # (Adam's first step is lr * g / (|g| + eps): see test_train_sft.assert_same_training for why
-    # near-zero gradients summed in another order may move a parameter by a visible fraction of lr)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), params_s, params_x)
+# (the model forward and one SFT step with attention='splash' on a 2x2x2 mesh against xla:
+# test_kernels.test_model_forward_and_train_step_match_xla[splash])
 
 
 def test_train_step_exports_for_tpu(mistral_dir):  # noqa: F811
