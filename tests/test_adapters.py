@@ -208,10 +208,14 @@ def test_prompt_learning_matches_peft(gqa_base, tmp_path, method, encoder_type):
     # forward, one full pass per token. (Not peft's `generate`: under transformers 5.24 its cached
     # path drops the prefix of prefix tuning and the virtual tokens of prompt tuning after the first
     # steps, while 5.23's agreed with this loop token for token.)
+    base = hf_model(gqa_base)
+    changed = False
     for prompt in (TOKENS[0, :7], TOKENS[1]):
         theirs = peft_greedy(reloaded, prompt, 6)
         ours = model.generate([prompt.tolist()], max_new_tokens=6, temperature=0.0)[0]
         assert ours == theirs
+        changed |= theirs != peft_greedy(base, prompt, 6)
+    assert changed  # the virtual tokens change what is generated: the comparison is not vacuous
 
 
 # ----------------------------------------------------------------------------- NF4 / QLoRA

@@ -39,17 +39,18 @@ def test_values_and_gradients_match_full_logits(dtype, chunk, temperature):
     fused = lambda h, k: fused_head.target_logprobs(h, k, targets, temperature=temperature, chunk_size=chunk,  # noqa: E731
                                                     with_entropy=True)
     full = lambda h, k: full_logits_reference(h, k, targets, temperature)  # noqa: E731
-    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    # values: the same bf16/fp32 operands with float32 accumulation and softmax on both sides
     for ours, theirs in zip(jax.jit(fused)(hidden, kernel), jax.jit(full)(hidden, kernel)):
         assert ours.dtype == jnp.float32 and ours.shape == (3, 13)
-        np.testing.assert_allclose(ours, theirs, atol=tolerance * 10, rtol=tolerance)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
     ours = jax.jit(jax.grad(objective(fused), argnums=(0, 1)))(hidden, kernel)
     theirs = jax.jit(jax.grad(objective(full), argnums=(0, 1)))(hidden, kernel)
     for name, a, b in zip(("d_hidden", "d_kernel"), ours, theirs):
         assert a.dtype == b.dtype, name
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         scale = np.abs(b).max()
-        assert np.abs(a - b).max() <= (1e-5 if dtype == jnp.float32 else 3e-2) * scale, name
+        # bf16: the logits' gradient is rounded to bf16 (2^-8 relative) before the two dots
+        assert np.abs(a - b).max() <= (1e-5 if dtype == jnp.float32 else 1e-2) * scale, name
 
 
 def test_logits_never_materialised_in_the_jaxpr():
@@ -112,6 +113,8 @@ def test_sft_dpo_and_ppo_losses_are_unchanged(tiny_models, name):
         total, count = sft.loss_sums(config, params, batch)
         return total / count, total
 
+    with jax.set_mesh(fused.mesh):  # per batch shard, not every row on every device
+        assert "shard_map" in str(jax.make_jaxpr(jax.grad(lambda p: sft_loss(fused.config, p, batch)[0]))(fused.params))
     (loss_p, _), grads_p = loss_and_grads(sft_loss, plain, batch)
     (loss_f, _), grads_f = loss_and_grads(sft_loss, fused, batch)
     np.testing.assert_allclose(loss_f, loss_p, rtol=1e-6)

@@ -119,8 +119,8 @@ def _use_interpret(interpret: bool | None) -> bool:
     if interpret is None:
         interpret = backend == "cpu"
     if not interpret and backend == "tpu":
-        raise ValueError("the easytune Pallas attention kernel has no TPU (Mosaic) lowering; use attention='xla' "
-                         "(what attention='auto' picks on TPU).")
+        raise ValueError("the easytune Pallas attention kernel has no TPU (Mosaic) lowering; on TPU use "
+                         "attention='splash' (what attention='auto' picks there) or 'xla'.")
     return interpret
 
 

@@ -50,7 +50,9 @@ _export_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("e
 @contextlib.contextmanager
 def for_export(platform: str):
     """While tracing inside this block, `interpret=None` compiles the kernel for `platform` (e.g.
-    'tpu') instead of picking interpret mode on a CPU host: for `jax.export(..., platforms=[...])`."""
+    'tpu') instead of picking interpret mode on a CPU host: for `jax.export(..., platforms=[...])`.
+    The choice is made at trace time and is not part of jit's cache key: export a jitted function
+    that was not already traced (and run) outside the block."""
     token = _export_platform.set(platform)
     try:
         yield
@@ -149,7 +151,8 @@ def tpu_flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, slidi
     multiple of kv_heads). segment_ids: `[batch, seq]` ints or None; attention stays within a
     segment and segment 0 is padding (never attended; its rows output 0 with zero gradients).
     sliding_window: a query attends to keys fewer than this many tokens back. Any seq (padded to the
-    block inside), any head_dim (padded to a multiple of 128 inside), bfloat16/float16/float32. Differentiable (splash's own
+    block inside), any head_dim (padded to a multiple of 128 inside), bfloat16 or float32 (float16 passes
+    the checks but is untested: TPUs before v5 have no float16 matmul). Differentiable (splash's own
     backward kernels). Under a ('dp','fsdp','mp') mesh (`jax.set_mesh`) it runs per shard: batch
     over dp x fsdp, heads over mp. block_size: splash's q/kv tile (a multiple of 128; None picks
     512, 256 or 128 by length). interpret: None picks interpret mode on CPU (see `_interpreter`,

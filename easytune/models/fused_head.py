@@ -22,22 +22,22 @@ import jax.numpy as jnp
 DEFAULT_CHUNK = 2048  # tokens per chunk: [2048, 128256] float32 logits are 1 GB
 
 
-def _chunk_stats(hidden, kernel, targets, inverse_temperature):
-    """For one chunk `[c, h]`: scaled logits' log-normalizer, the target's scaled logit, softmax
-    probabilities and entropy (float32)."""
+def _chunk_stats(hidden, kernel, targets, inverse_temperature, with_entropy):
+    """For one chunk `[c, h]`: log p(target), the entropy (zeros unless `with_entropy`), softmax
+    probabilities and log-probabilities `[c, vocab]` (float32)."""
     logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32) * inverse_temperature
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     log_probs = logits - log_normalizer[:, None]
     probs = jnp.exp(log_probs)
-    entropy = -jnp.sum(probs * log_probs, axis=-1)
+    entropy = -jnp.sum(probs * log_probs, axis=-1) if with_entropy else jnp.zeros_like(target)
     return target - log_normalizer, entropy, probs, log_probs
 
 
 def _split(hidden, targets, chunk_size):
     """Flatten to `[tokens, h]`, pad to whole chunks: `[chunks, chunk, h]`, `[chunks, chunk]`."""
     tokens = targets.size
-    chunk = min(chunk_size, tokens)
+    chunk = max(1, min(chunk_size, tokens))
     padded = -(-tokens // chunk) * chunk
     hidden = hidden.reshape(tokens, hidden.shape[-1])
     targets = targets.reshape(tokens)
@@ -47,12 +47,16 @@ def _split(hidden, targets, chunk_size):
     return hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk), tokens
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(hidden, kernel, targets, inverse_temperature, chunk_size):
+def _fused(hidden, kernel, targets, *, inverse_temperature, chunk_size, with_entropy):
+    return _fused_vjp(hidden, kernel, targets, inverse_temperature, chunk_size, with_entropy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_vjp(hidden, kernel, targets, inverse_temperature, chunk_size, with_entropy):
     chunks, chunk_targets, tokens = _split(hidden, targets, chunk_size)
 
     def step(_, xs):
-        logp, entropy, _, _ = _chunk_stats(xs[0], kernel, xs[1], inverse_temperature)
+        logp, entropy, _, _ = _chunk_stats(xs[0], kernel, xs[1], inverse_temperature, with_entropy)
         return None, (logp, entropy)
 
     _, (logp, entropy) = jax.lax.scan(step, None, (chunks, chunk_targets))
@@ -60,12 +64,12 @@ def _fused(hidden, kernel, targets, inverse_temperature, chunk_size):
     return logp.reshape(-1)[:tokens].reshape(shape), entropy.reshape(-1)[:tokens].reshape(shape)
 
 
-def _fused_fwd(hidden, kernel, targets, inverse_temperature, chunk_size):
-    out = _fused(hidden, kernel, targets, inverse_temperature, chunk_size)
+def _fused_fwd(hidden, kernel, targets, inverse_temperature, chunk_size, with_entropy):
+    out = _fused_vjp(hidden, kernel, targets, inverse_temperature, chunk_size, with_entropy)
     return out, (hidden, kernel, targets, out[1])
 
 
-def _fused_bwd(inverse_temperature, chunk_size, residuals, cotangents):
+def _fused_bwd(inverse_temperature, chunk_size, with_entropy, residuals, cotangents):
     hidden, kernel, targets, entropy = residuals
     d_logp, d_entropy = cotangents
     chunks, chunk_targets, tokens = _split(hidden, targets, chunk_size)
@@ -78,10 +82,12 @@ def _fused_bwd(inverse_temperature, chunk_size, residuals, cotangents):
 
     def step(d_kernel, xs):
         h, t, g_logp, g_entropy, ent = xs
-        _, _, probs, log_probs = _chunk_stats(h, kernel, t, inverse_temperature)
-        # d logp / d s = onehot(t) - p;  d entropy / d s = -p (log p + entropy);  s = logits / T
-        d_scaled = -probs * (g_logp[:, None] + g_entropy[:, None] * (log_probs + ent[:, None]))
-        d_scaled = d_scaled.at[jnp.arange(t.shape[0]), t].add(g_logp)
+        _, _, probs, log_probs = _chunk_stats(h, kernel, t, inverse_temperature, False)
+        # s = logits / T:  d logp / d s = onehot(t) - p;  d entropy / d s = -p (log p + entropy)
+        weight = g_logp[:, None]
+        if with_entropy:
+            weight = weight + g_entropy[:, None] * (log_probs + ent[:, None])
+        d_scaled = (-probs * weight).at[jnp.arange(t.shape[0]), t].add(g_logp)
         d_logits = (d_scaled * inverse_temperature).astype(kernel.dtype)
         d_h = jax.lax.dot_general(d_logits, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         d_kernel = d_kernel + jax.lax.dot_general(h, d_logits, (((0,), (0,)), ((), ())),
@@ -94,16 +100,35 @@ def _fused_bwd(inverse_temperature, chunk_size, residuals, cotangents):
     return d_hidden, d_kernel.astype(kernel.dtype), None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused_vjp.defvjp(_fused_fwd, _fused_bwd)
+
+
+BATCH_AXES = ("dp", "fsdp")
 
 
 def target_logprobs(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
                     chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
     """`log softmax(hidden @ kernel / temperature)[target]` per token `[...]` (float32), and with
     `with_entropy` the softmax's entropy per token, computed `chunk_size` tokens at a time; both
-    differentiable in hidden and kernel (custom VJP, logits recomputed in the backward pass)."""
+    differentiable in hidden and kernel (custom VJP, logits recomputed in the backward pass).
+
+    Under a ('dp','fsdp',...) mesh (`jax.set_mesh`) with hidden `[batch, seq, hidden]` it runs per
+    shard of the batch (`shard_map`): each device walks only its own rows' chunks against the whole
+    head (gathered once), and the head's gradient is summed over the shards once, after the loop.
+    (Scanning one flattened token axis under GSPMD would instead gather every row to every device.)
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
     kernel = kernel.astype(hidden.dtype)
-    logp, entropy = _fused(hidden, kernel, targets.astype(jnp.int32), 1.0 / float(temperature), int(chunk_size))
+    fn = functools.partial(_fused, inverse_temperature=1.0 / float(temperature), chunk_size=int(chunk_size),
+                           with_entropy=bool(with_entropy))
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES) else (
+        mesh.shape["dp"] * mesh.shape["fsdp"])
+    if shards > 1 and hidden.ndim == 3 and hidden.shape[0] % shards == 0:
+        from jax.sharding import PartitionSpec as P
+        rows = P(BATCH_AXES, None)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(BATCH_AXES, None, None), P(), rows), out_specs=(rows, rows),
+                           check_vma=False)
+    logp, entropy = fn(hidden, kernel, targets.astype(jnp.int32))
     return (logp, entropy) if with_entropy else logp

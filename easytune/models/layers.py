@@ -37,21 +37,44 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale.astype(dtype) * x32.astype(dtype)
 
 
+def _dot_f32(a, b, contract_a: int, contract_b: int) -> jax.Array:
+    """2-D dot with float32 accumulation, contracting the given dims (no transposed copy)."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _matmul_2d(x, w):
+    return _dot_f32(x, w, 1, 0).astype(x.dtype)
+
+
+def _matmul_2d_fwd(x, w):
+    return _matmul_2d(x, w), (x, w)
+
+
+def _matmul_2d_bwd(residuals, d_y):
+    x, w = residuals
+    d_y = d_y.astype(x.dtype)
+    return _dot_f32(d_y, w, 1, 1).astype(x.dtype), _dot_f32(x, d_y, 0, 0).astype(w.dtype)
+
+
+_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x [..., in] @ w [in, out]` -> `[..., out]` in x's dtype, as one 2-D dot over all tokens with
-    float32 accumulation.
+    float32 accumulation, forward and backward.
 
     Why not `einsum("...i,io->...o")`: on XLA:CPU the backward of the 3-D contraction materialises
     transposed copies of the activation gradients (`[b, s, out] -> [out, b*s]` read with a large
-    stride), about a fifth of an SFT step on SmolLM2; on `[tokens, in]` operands the same gradients
-    are plain dots. And `preferred_element_type=float32` makes bf16 x bf16 dots accumulate in fp32
-    and run as native bf16 dots on CPUs with avx512_bf16 (without it XLA:CPU converts both operands to
-    fp32 first). On GPU/TPU XLA canonicalises both forms to the same dot, and their bf16 dots
-    accumulate in fp32 anyway, so this is the same program there.
+    stride); on `[tokens, in]` operands the gradients are plain dots (issue 21's profile: a fifth of
+    an SFT step on SmolLM2). `preferred_element_type=float32` makes bf16 x bf16 dots accumulate in
+    fp32, and on CPUs with avx512_bf16 run as native bf16 dots (without it XLA:CPU converts both
+    operands to fp32 first). The custom VJP keeps the backward's operands in the compute dtype (the
+    cotangent is cast back to it), so on GPU/TPU the gradient dots stay bf16 x bf16 with fp32
+    accumulation, as einsum's were, instead of fp32 x bf16 ones; fp32 models compute exactly the same.
     """
     lead = x.shape[:-1]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(*lead, w.shape[-1])
+    return _matmul_2d(x.reshape(-1, x.shape[-1]), w.astype(x.dtype)).reshape(*lead, w.shape[-1])
 
 
 def linear(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
