@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Sequence
@@ -76,16 +75,6 @@ def load(
     head_chunk_size > 0: the training losses run the LM head fused with its log-softmax, this many
     tokens at a time, never holding `[tokens, vocab]` logits (`easytune.models.fused_head`).
     """
-    model = _load(path, dtype=dtype, param_dtype=param_dtype, mesh_dim=mesh_dim, remat=remat, attention=attention,
-                  tokenizer=tokenizer, devices=devices, adapter=adapter)
-    if head_chunk_size:
-        if not hasattr(model.config, "head_chunk_size"):
-            raise ValueError(f"head_chunk_size applies to decoder-only LMs; {model.config.model_type} has no fused head.")
-        model.config = dataclasses.replace(model.config, head_chunk_size=int(head_chunk_size))
-    return model
-
-
-def _load(path, *, dtype, param_dtype, mesh_dim, remat, attention, tokenizer, devices, adapter) -> "Model":
     from easytune import checkpoint, hf, sharding
     from easytune.dtypes import dtype_name
 
@@ -96,12 +85,12 @@ def _load(path, *, dtype, param_dtype, mesh_dim, remat, attention, tokenizer, de
         meta, params_path, tokenizer_dir = found
         hf_config, generation_config = meta["hf_config"], meta.get("generation_config") or {}
         param_dtype = dtype_name(param_dtype or checkpoint.stored_param_dtype(meta))
-        config = checkpoint.config_from_meta(meta, dtype=dtype_name(dtype or param_dtype),
-                                             param_dtype=param_dtype, remat=remat, attention=attention)
+        config = checkpoint.config_from_meta(meta, dtype=dtype_name(dtype or param_dtype), param_dtype=param_dtype,
+                                             remat=remat, attention=attention, head_chunk_size=head_chunk_size)
         if meta.get("adapter"):  # a PEFT training run: its base model plus the trained adapter
             return _load_adapter_run(meta, params_path, tokenizer_dir, dtype=dtype, param_dtype=param_dtype,
                                      mesh_dim=mesh_dim, remat=remat, attention=attention,
-                                     tokenizer=tokenizer, devices=devices)
+                                     head_chunk_size=head_chunk_size, tokenizer=tokenizer, devices=devices)
         params = checkpoint.restore_params(params_path, config, mesh)
         directory = tokenizer_dir
     else:
@@ -113,8 +102,8 @@ def _load(path, *, dtype, param_dtype, mesh_dim, remat, attention, tokenizer, de
         gen_path = os.path.join(directory, hf.GENERATION_CONFIG_FILE)
         generation_config = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
         param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
-        config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype),
-                                   param_dtype=param_dtype, remat=remat, attention=attention)
+        config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype), param_dtype=param_dtype,
+                                   remat=remat, attention=attention, head_chunk_size=head_chunk_size)
         params = hf.load_params(directory, config, mesh)
     model = Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
                   hf_config, generation_config)

@@ -68,22 +68,22 @@ def _interpreter(interpret: bool | None) -> str | None:
     if interpret is not None and not interpret:
         return None
     target = "cpu" if interpret else (_export_platform.get() or jax.default_backend())
+    check_platform(target)
     if target == "tpu":
         return None
-    if target == "cpu":
-        mesh = jax.sharding.get_abstract_mesh()
-        return "generic" if not mesh.empty and mesh.size > 1 else "tpu"
-    raise ValueError(f"attention='splash' is the TPU kernel and cannot run on {target}; use attention='pallas' or "
-                     f"'cudnn' on GPU, or 'xla' anywhere.")
+    mesh = jax.sharding.get_abstract_mesh()
+    return "generic" if not mesh.empty and mesh.size > 1 else "tpu"
+
+
+def check_platform(platform: str) -> None:
+    """One-sentence ValueError unless splash can run on `platform`: TPU, or CPU in interpret mode."""
+    if platform not in ("tpu", "cpu"):
+        raise ValueError(f"attention='splash' is the TPU kernel and cannot run on {platform}; use attention='pallas' "
+                         f"or 'cudnn' on GPU, or 'xla' anywhere.")
 
 
 def _padded_head_dim(head_dim: int) -> int:
     return head_dim if head_dim % LANES == 0 else -(-head_dim // LANES) * LANES
-
-
-def check_tpu_supported(q_shape, k_shape, v_shape, dtypes=(), segment_shape=None, sliding_window=None) -> None:
-    """One-sentence ValueError for inputs `tpu_flash_attention` cannot take."""
-    check_supported(q_shape, k_shape, v_shape, dtypes, segment_shape, sliding_window, head_dims=None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,8 +158,8 @@ def tpu_flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, slidi
     512, 256 or 128 by length). interpret: None picks interpret mode on CPU (see `_interpreter`,
     `for_export`); True forces it.
     """
-    check_tpu_supported(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype),
-                        None if segment_ids is None else segment_ids.shape, sliding_window)
+    check_supported(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype),
+                    None if segment_ids is None else segment_ids.shape, sliding_window, head_dims=None)  # any: padded
     if block_size is not None and (block_size < LANES or block_size % LANES):
         raise ValueError(f"block_size must be a multiple of {LANES} (the TPU lane width), got {block_size}.")
     fn = functools.partial(_local_splash, causal=causal, sliding_window=None if sliding_window is None else int(sliding_window),
@@ -167,4 +167,4 @@ def tpu_flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, slidi
     return _shard_per_device(fn, q, k, v, segment_ids)
 
 
-__all__ = ["tpu_flash_attention", "for_export", "check_tpu_supported"]
+__all__ = ["tpu_flash_attention", "for_export", "check_platform"]

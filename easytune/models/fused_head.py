@@ -19,13 +19,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from easytune.models import layers
+
 DEFAULT_CHUNK = 2048  # tokens per chunk: [2048, 128256] float32 logits are 1 GB
 
 
 def _chunk_stats(hidden, kernel, targets, inverse_temperature, with_entropy):
     """For one chunk `[c, h]`: log p(target), the entropy (zeros unless `with_entropy`), softmax
     probabilities and log-probabilities `[c, vocab]` (float32)."""
-    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32) * inverse_temperature
+    logits = layers.dot_f32(hidden, kernel) * inverse_temperature
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     log_probs = logits - log_normalizer[:, None]
@@ -89,10 +91,7 @@ def _fused_bwd(inverse_temperature, chunk_size, with_entropy, residuals, cotange
             weight = weight + g_entropy[:, None] * (log_probs + ent[:, None])
         d_scaled = (-probs * weight).at[jnp.arange(t.shape[0]), t].add(g_logp)
         d_logits = (d_scaled * inverse_temperature).astype(kernel.dtype)
-        d_h = jax.lax.dot_general(d_logits, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        d_kernel = d_kernel + jax.lax.dot_general(h, d_logits, (((0,), (0,)), ((), ())),
-                                                  preferred_element_type=jnp.float32)
-        return d_kernel, d_h.astype(h.dtype)
+        return d_kernel + layers.dot_f32(h, d_logits, 0, 0), layers.dot_f32(d_logits, kernel, 1, 1).astype(h.dtype)
 
     d_kernel, d_hidden = jax.lax.scan(step, jnp.zeros(kernel.shape, jnp.float32),
                                       (chunks, chunk_targets, d_logp, d_entropy, entropy))

@@ -37,14 +37,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale.astype(dtype) * x32.astype(dtype)
 
 
-def _dot_f32(a, b, contract_a: int, contract_b: int) -> jax.Array:
+def dot_f32(a, b, contract_a: int = 1, contract_b: int = 0) -> jax.Array:
     """2-D dot with float32 accumulation, contracting the given dims (no transposed copy)."""
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
 def _matmul_2d(x, w):
-    return _dot_f32(x, w, 1, 0).astype(x.dtype)
+    return dot_f32(x, w, 1, 0).astype(x.dtype)
 
 
 def _matmul_2d_fwd(x, w):
@@ -54,7 +54,7 @@ def _matmul_2d_fwd(x, w):
 def _matmul_2d_bwd(residuals, d_y):
     x, w = residuals
     d_y = d_y.astype(x.dtype)
-    return _dot_f32(d_y, w, 1, 1).astype(x.dtype), _dot_f32(x, d_y, 0, 0).astype(w.dtype)
+    return dot_f32(d_y, w, 1, 1).astype(x.dtype), dot_f32(x, d_y, 0, 0).astype(w.dtype)
 
 
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
@@ -265,9 +265,9 @@ def check_attention(implementation: str, head_dim: int | None = None) -> None:
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; "
                          f"choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.")
-    if implementation == "splash" and jax.default_backend() not in ("tpu", "cpu"):
-        raise ValueError(f"attention='splash' is the TPU kernel and cannot run on {jax.default_backend()}; use "
-                         f"attention='pallas' or 'cudnn' on GPU, or 'xla' anywhere.")
+    if implementation == "splash":
+        from easytune.kernels import tpu_attention
+        tpu_attention.check_platform(jax.default_backend())
     if implementation == "pallas" and head_dim is not None:
         from easytune import kernels
         if head_dim not in kernels.SUPPORTED_HEAD_DIMS:

@@ -428,30 +428,33 @@ def logits_from_hidden(config: LlamaConfig, params: dict, hidden) -> jax.Array:
     if config.num_labels:
         kernel = params["score"]["kernel"].astype(config.compute_dtype)
         return jnp.einsum("bsh,hl->bsl", hidden, kernel, preferred_element_type=jnp.float32)
-    if config.tie_word_embeddings:
-        kernel = params["embed"]["embedding"].T
-    elif set(params["lm_head"]) != {"kernel"}:  # an adapted or quantized head: the one linear
+    kernel = lm_head_kernel(config, params)
+    if kernel is None:  # an adapted or quantized head: the one linear
         return layers.linear(hidden, params["lm_head"]).astype(jnp.float32)
-    else:
-        kernel = params["lm_head"]["kernel"]
-    kernel = kernel.astype(config.compute_dtype)
     return jnp.einsum("bsh,hv->bsv", hidden, kernel, preferred_element_type=jnp.float32)
 
 
-def fused_head_inputs(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):
-    """`(hidden [batch, seq, hidden], head kernel [hidden, vocab])` for `fused_head.target_logprobs`
-    when `config.head_chunk_size > 0` and the head is a plain matrix (tied or not); None otherwise
-    (fused head off, a score head, an adapted or quantized head), where losses use `forward`."""
-    if not config.head_chunk_size or config.num_labels:
-        return None
+def lm_head_kernel(config: LlamaConfig, params: dict):
+    """The LM head as a plain `[hidden, vocab]` matrix in the compute dtype (tied: the embedding's
+    transpose), or None for a head the one linear must run (adapted, quantized)."""
     if config.tie_word_embeddings:
         kernel = params["embed"]["embedding"].T
     elif set(params["lm_head"]) == {"kernel"}:
         kernel = params["lm_head"]["kernel"]
     else:
         return None
+    return kernel.astype(config.compute_dtype)
+
+
+def fused_head_inputs(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):
+    """`(hidden [batch, seq, hidden], head kernel [hidden, vocab])` for `fused_head.target_logprobs`
+    when `config.head_chunk_size > 0` and the head is a plain matrix (tied or not); None otherwise
+    (fused head off, a score head, an adapted or quantized head), where losses use `forward`."""
+    kernel = None if not config.head_chunk_size or config.num_labels else lm_head_kernel(config, params)
+    if kernel is None:
+        return None
     hidden, _ = hidden_states(config, params, tokens, positions, segment_ids)
-    return hidden, kernel.astype(config.compute_dtype)
+    return hidden, kernel
 
 
 def forward(config: LlamaConfig, params: dict, tokens, positions=None, segment_ids=None):

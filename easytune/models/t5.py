@@ -82,6 +82,7 @@ class T5Config:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"
+    head_chunk_size: int = 0
 
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")
@@ -95,6 +96,9 @@ class T5Config:
         if self.attention != "xla":
             raise ValueError(f"attention {self.attention!r} is not available for T5: its attention adds a relative "
                              f"position bias and has its own implementation; use attention='xla'.")
+        if self.head_chunk_size:
+            raise ValueError(f"head_chunk_size={self.head_chunk_size}: the fused LM head is for decoder-only LMs; T5's "
+                             f"seq2seq loss reads full logits, use head_chunk_size=0.")
         if self.relative_attention_num_buckets < 4:
             raise ValueError(f"relative_attention_num_buckets must be >= 4, got {self.relative_attention_num_buckets}.")
         parse_dtype(self.dtype)
