@@ -93,6 +93,18 @@ def test_train_step_exports_for_tpu(mistral_dir):  # noqa: F811
     assert "tpu_custom_call" not in modules["xla"]
 
 
+def test_auto_picks_splash_on_tpu_and_config_refuses_it_on_gpu(monkeypatch):
+    """The switch as it decides on other backends (the backend faked: the decision is all that runs)."""
+    arch = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert layers.resolve_attention("auto", 64) == "splash"
+    llama.LlamaConfig(**arch, head_dim=16, attention="splash")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_attention("auto", 64) == "pallas"
+    with pytest.raises(ValueError, match=r"splash' is the TPU kernel and cannot run on gpu; use attention='pallas'"):
+        llama.LlamaConfig(**arch, head_dim=16, attention="splash")
+
+
 def test_bad_uses_are_one_sentence_errors():
     q = jnp.zeros((1, 16, 4, 64))
     with kernels.for_export("cuda"), pytest.raises(ValueError, match=r"splash' is the TPU kernel and cannot run on "
