@@ -179,22 +179,6 @@ def peak_flops_per_device(device_kind: str | None = None) -> float | None:
     return None
 
 
-def llama_flops_per_token(config, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward) of a LLaMA-family model, PaLM-style:
-    `6 * N + 12 * num_layers * (num_heads * head_dim) * seq_length`.
-
-    N counts the weights of every matmul (attention and MLP projections, and the LM head even when
-    tied to the embedding) but not the embedding lookup, norms or biases; the second term is the
-    attention score and value products over a `seq_length` context.
-    """
-    c = config
-    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = c.hidden_size * (q_dim + 2 * kv_dim) + q_dim * c.hidden_size \
-        + 3 * c.hidden_size * c.intermediate_size
-    matmul_params = c.num_layers * per_layer + c.hidden_size * c.vocab_size
-    return 6.0 * matmul_params + 12.0 * c.num_layers * q_dim * seq_length
-
-
 def truncate_metrics(output_dir: str, step: int) -> None:
     """Drop metrics.jsonl lines logged after `step`: a resumed run logs those steps again, and a
     fresh run (step 0) starts an empty file. Call it before a MetricsLogger opens the file."""

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from easytune import config as config_lib, entry
+from easytune import config as config_lib, entry, models
 
 DEFAULTS = {
     "model": None,
@@ -159,7 +159,7 @@ def run(cfg) -> dict:
             print(f"pairwise accuracy on the eval pairs before: {summary['eval_accuracy_before']:.3f}")
 
     history = entry.train(trainer, batches, eval_batches, total_steps, summary,
-                            flops_per_token=logging_utils.llama_flops_per_token(model.config, cfg.seq_length),
+                            flops_per_token=models.flops_per_token(model.config, cfg.seq_length),
                             peak_flops=logging_utils.peak_flops_per_device())
     if history:
         summary["last_accuracy"] = history[-1]["accuracy"]

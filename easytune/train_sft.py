@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from easytune import config as config_lib, entry
+from easytune import config as config_lib, entry, models
 from easytune.adapters import FLAG_DEFAULTS as PEFT_DEFAULTS, FLAG_DOCS as PEFT_DOCS
 
 DEFAULTS = {
@@ -172,9 +172,8 @@ def run(cfg) -> dict:
         summary["heldout_accuracy_before"] = entry.heldout_accuracy(
             model, heldout, cfg.tasks.max_new_tokens, "before", is_main)
 
-    # (no MFU for encoder-decoders yet: their FLOPs per token depend on the input/target split)
-    flops_per_token = None if model.is_encoder_decoder else logging_utils.llama_flops_per_token(model.config,
-                                                                                                cfg.seq_length)
+    # (None for encoder-decoders: their FLOPs per token depend on the input/target split, so no MFU yet)
+    flops_per_token = models.flops_per_token(model.config, cfg.seq_length)
     history = entry.train(trainer, batches, eval_batches, total_steps, summary, flops_per_token=flops_per_token,
                             peak_flops=logging_utils.peak_flops_per_device())
     entry.save_and_evaluate(cfg, trainer, batches, eval_batches, history, summary)

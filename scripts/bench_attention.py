@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easytune import kernels
-from easytune.models import layers, llama
+from easytune.models import decoder, layers
 
 MIB = 1024 * 1024
 
@@ -145,14 +145,14 @@ def bench_kernels(args, backend: str, dtype) -> None:
         print(f"(ratios: throughput relative to {baseline})")
 
 
-def model_config(tiny: bool, attention: str) -> llama.LlamaConfig:
+def model_config(tiny: bool, attention: str) -> decoder.DecoderConfig:
     if tiny:
         arch = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
                     num_kv_heads=1, head_dim=64)
     else:  # Llama-3.2-1B
         arch = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                     num_kv_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True)
-    return llama.LlamaConfig(**arch, dtype="bfloat16", param_dtype="float32", attention=attention)
+    return decoder.DecoderConfig(**arch, dtype="bfloat16", param_dtype="float32", attention=attention)
 
 
 def bench_train_step(args, backend: str) -> None:
@@ -188,10 +188,10 @@ def bench_train_step(args, backend: str) -> None:
         tokens = rng.randint(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
         rows = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:], "loss_mask": (segments > 0).astype(np.int32),
                 "segment_ids": segments, "positions": positions}
-        shapes = llama.param_shapes(config)
+        shapes = decoder.param_shapes(config)
         with jax.set_mesh(mesh):
-            params = jax.jit(llama.init_params, static_argnums=0,
-                             out_shardings=sharding.tree_shardings(shapes, llama.SHARDING_RULES, mesh))(
+            params = jax.jit(decoder.init_params, static_argnums=0,
+                             out_shardings=sharding.tree_shardings(shapes, decoder.SHARDING_RULES, mesh))(
                 config, jax.random.key(0))
         cfg = ConfigDict(DEFAULTS)
         cfg.update(batch_size=batch, seq_length=seq, output_dir=tempfile.mkdtemp(prefix="bench_attention_"))

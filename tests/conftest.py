@@ -26,6 +26,25 @@ TINY_CONFIGS = {
     "llama_linear_rope_bias": ("LlamaForCausalLM", dict(
         rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True, mlp_bias=True)),
     "mistral_sliding_window": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5)),
+    # Qwen2: q/k/v bias, untied; and tied MQA with sliding layers from max_window_layers on
+    "qwen2": ("Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2_tied_mqa_sliding": ("Qwen2ForCausalLM", dict(
+        tie_word_embeddings=True, num_key_value_heads=1, use_sliding_window=True, sliding_window=5,
+        max_window_layers=1)),
+    # Qwen3: per-head q/k RMSNorm; head_dim (32) not hidden / heads
+    "qwen3_qk_norm": ("Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32, rope_theta=1e6)),
+    # Gemma 2: (1 + w) norms, scaled embeddings, GeGLU, four norms per layer, sliding/global
+    # alternation with a window shorter than the sequence, and both soft-caps small enough to bite
+    "gemma2_softcap": ("Gemma2ForCausalLM", dict(
+        num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+        attn_logit_softcapping=0.5, final_logit_softcapping=1.5)),
+    # Gemma 3 text: q/k norms, local layers with their own RoPE base, global layers with linear scaling
+    "gemma3_local_global": ("Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=1, head_dim=16, sliding_window=5, query_pre_attn_scalar=16,
+        tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 import easytune
 from easytune import adapters
 from easytune.adapters import peft_format
-from easytune.models import layers, llama, nf4
+from easytune.models import decoder, layers, nf4
 
 from conftest import make_hf_model
 
@@ -272,7 +272,7 @@ def test_qlora_base_is_nf4_and_matches_dequantized_lora(gqa_base):
     model.adapter.params = jax.tree.map(lambda x: x + 0.01, model.adapter.params)
     # the QLoRA model equals a LoRA model whose base holds the dequantized kernels
     plain = adapters.dequantize_all(model.params, model.config)
-    expected = jax.jit(llama.forward, static_argnums=0)(
+    expected = jax.jit(decoder.forward, static_argnums=0)(
         model.config, adapters.apply(plain, model.adapter.params, model.adapter.config, model.config), TOKENS)
     np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(expected), atol=1e-5)
 

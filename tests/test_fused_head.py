@@ -133,17 +133,17 @@ def test_sft_dpo_and_ppo_losses_are_unchanged(tiny_models, name):
 
 
 def test_head_chunk_size_is_checked():
-    from easytune.models import llama
+    from easytune.models import decoder
     arch = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=16)
     with pytest.raises(ValueError, match="head_chunk_size must be a number of tokens >= 0"):
-        llama.LlamaConfig(**arch, head_chunk_size=-1)
+        decoder.DecoderConfig(**arch, head_chunk_size=-1)
     with pytest.raises(ValueError, match="chunk_size must be a positive number of tokens"):
         fused_head.target_logprobs(jnp.zeros((2, 4)), jnp.zeros((4, 8)), jnp.zeros((2,), jnp.int32), chunk_size=0)
     # an adapted head falls back to the full logits (the one linear); a score head has no fused path
-    config = dataclasses.replace(llama.LlamaConfig(**arch), head_chunk_size=8)
-    assert llama.fused_head_inputs(config, {"lm_head": {"kernel": 0, "lora_a": 0}}, None) is None
-    assert llama.fused_head_inputs(dataclasses.replace(config, num_labels=1), {}, None) is None
+    config = dataclasses.replace(decoder.DecoderConfig(**arch), head_chunk_size=8)
+    assert decoder.fused_head_inputs(config, {"lm_head": {"kernel": 0, "lora_a": 0}}, None) is None
+    assert decoder.fused_head_inputs(dataclasses.replace(config, num_labels=1), {}, None) is None
 
 
 def test_peak_memory_of_a_llama3_8b_head():

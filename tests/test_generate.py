@@ -19,7 +19,9 @@ def hf_greedy(torch_model, prompt, max_new_tokens, eos_token_id=None):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding_window", "llama_tied_mqa"])
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "mistral_sliding_window", "llama_tied_mqa",
+                                  "qwen2_tied_mqa_sliding", "qwen3_qk_norm", "gemma2_softcap",
+                                  "gemma3_local_global"])
 def test_greedy_ragged_batch_matches_hf(hf_models, name):
     """A batch of prompts of different lengths, left-padded; Mistral's window (5) is much shorter
     than prompt + generation, so its ring-buffer cache wraps many times."""

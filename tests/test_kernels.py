@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import easytune
 from easytune import sharding
 from easytune.kernels import BlockSizes, flash_attention, tpu_flash_attention
-from easytune.models import layers, llama
+from easytune.models import decoder, layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
@@ -194,10 +194,10 @@ def test_invalid_inputs_are_clear_errors():
     # and at config time, before anything compiles
     arch = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
-        llama.LlamaConfig(**arch, head_dim=16, attention="flash")
+        decoder.DecoderConfig(**arch, head_dim=16, attention="flash")
     with pytest.raises(ValueError, match=r"attention='pallas' supports head_dim .* not 16; use attention='xla'"):
-        llama.LlamaConfig(**arch, head_dim=16, attention="pallas")
-    llama.LlamaConfig(**arch, head_dim=16, attention="auto")  # auto falls back where pallas cannot run
+        decoder.DecoderConfig(**arch, head_dim=16, attention="pallas")
+    decoder.DecoderConfig(**arch, head_dim=16, attention="auto")  # auto falls back where pallas cannot run
     assert layers.resolve_attention("auto", 64) == "xla"  # on CPU: interpret mode is for tests, not speed
 
 
@@ -276,7 +276,7 @@ def test_model_forward_and_train_step_match_xla(mistral_dir, attention):
     xla = load(mistral_dir, "xla")
     pallas = easytune.load(mistral_dir, tokenizer=False, mesh_dim="2,2,2", attention=attention)
     optimizer, _ = train.make_optimizer(ConfigDict(DEFAULTS).optimizer, total_steps=10)
-    forward = jax.jit(llama.forward, static_argnums=0, compiler_options=FAST_COMPILE)
+    forward = jax.jit(decoder.forward, static_argnums=0, compiler_options=FAST_COMPILE)
     results = []
     for model in (xla, pallas):
         batch = {k: jax.device_put(v, sharding.batch_sharding(model.mesh)) for k, v in rows.items()}
@@ -308,8 +308,8 @@ def test_prefill_into_an_empty_cache_runs_the_kernel(mistral_dir):
     real = segments != 0
 
     def prefill(config, params, tokens, positions, segments):
-        cache = llama.init_cache(config, tokens.shape[0], 32)
-        return llama.hidden_states(config, params, tokens, positions, segments, cache)
+        cache = decoder.init_cache(config, tokens.shape[0], 32)
+        return decoder.hidden_states(config, params, tokens, positions, segments, cache)
 
     run = jax.jit(prefill, static_argnums=0, compiler_options=FAST_COMPILE)
     (hidden_x, cache_x), (hidden_p, cache_p) = [run(m.config, m.params, tokens, positions, segments)

@@ -13,7 +13,7 @@ import pytest
 
 from easytune import logging_utils
 from easytune.logging_utils import MetricsLogger, ProgressBar
-from easytune.models import llama
+from easytune.models import decoder
 
 
 def read_jsonl(path):
@@ -131,13 +131,13 @@ def test_peak_flops_and_mfu():
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
-def test_llama_flops_per_token(tie_word_embeddings):
-    config = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3,
+def test_decoder_flops_per_token(tie_word_embeddings):
+    config = decoder.DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3,
                                num_heads=4, num_kv_heads=2, head_dim=16,
                                tie_word_embeddings=tie_word_embeddings, attention_bias=True)
     # N: every matmul kernel the model holds, plus the (possibly tied) LM head; no embedding lookup,
     # norms or biases.
-    shapes = llama.param_shapes(config)
+    shapes = decoder.param_shapes(config)
     kernels = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
                if path[-1].key == "kernel"]
     matmul_params = sum(int(np.prod(leaf.shape)) for leaf in kernels)
@@ -145,4 +145,4 @@ def test_llama_flops_per_token(tie_word_embeddings):
         matmul_params += 64 * 128
     assert matmul_params == 3 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 96) + 64 * 128
     expected = 6 * matmul_params + 12 * 3 * 64 * 512
-    assert logging_utils.llama_flops_per_token(config, seq_length=512) == expected
+    assert decoder.flops_per_token(config, seq_length=512) == expected

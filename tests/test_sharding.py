@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 import easytune
 from easytune import sharding
-from easytune.models import llama
+from easytune.models import decoder
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -33,12 +33,12 @@ def test_bad_mesh_dim_is_one_clear_error(text, message):
 
 def test_rules_shard_stacked_params_and_skip_indivisible_dims():
     mesh = sharding.make_mesh("1,2,4")
-    assert sharding.spec_for("layers/attn/q/kernel", (2, 64, 64), llama.SHARDING_RULES, mesh) == P(None, "fsdp", "mp")
+    assert sharding.spec_for("layers/attn/q/kernel", (2, 64, 64), decoder.SHARDING_RULES, mesh) == P(None, "fsdp", "mp")
     # a dim the mesh axis does not divide (6 outputs over mp=4) stays unsharded on that axis
-    assert sharding.spec_for("layers/attn/k/kernel", (2, 64, 6), llama.SHARDING_RULES, mesh) == P(None, "fsdp", None)
+    assert sharding.spec_for("layers/attn/k/kernel", (2, 64, 6), decoder.SHARDING_RULES, mesh) == P(None, "fsdp", None)
     # optimizer moments end in the parameter path and inherit its rule
-    assert sharding.spec_for("opt_state/0/mu/layers/mlp/down/kernel", (2, 96, 64), llama.SHARDING_RULES, mesh) == P(None, "mp", "fsdp")
-    assert sharding.spec_for("final_norm/scale", (64,), llama.SHARDING_RULES, mesh) == P(None)
+    assert sharding.spec_for("opt_state/0/mu/layers/mlp/down/kernel", (2, 96, 64), decoder.SHARDING_RULES, mesh) == P(None, "mp", "fsdp")
+    assert sharding.spec_for("final_norm/scale", (64,), decoder.SHARDING_RULES, mesh) == P(None)
 
 
 def test_params_are_loaded_into_their_shards(hf_models):
@@ -70,15 +70,15 @@ def test_sharded_forward_equals_unsharded(hf_models, name, mesh_dim):
 def test_random_init_is_created_in_its_shards():
     """init_params jitted with out_shardings: each device makes only its shard, and the result is
     a usable model (HF-style init: unit norms, std 0.02 kernels)."""
-    config = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+    config = decoder.DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                                num_kv_heads=2, head_dim=16)
     mesh = sharding.make_mesh("1,8,1")
-    shardings = sharding.tree_shardings(llama.param_shapes(config), llama.SHARDING_RULES, mesh)
-    params = jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)(config, jax.random.key(0))
+    shardings = sharding.tree_shardings(decoder.param_shapes(config), decoder.SHARDING_RULES, mesh)
+    params = jax.jit(decoder.init_params, static_argnums=0, out_shardings=shardings)(config, jax.random.key(0))
     up = params["layers"]["mlp"]["up"]["kernel"]
     assert {s.data.shape for s in up.addressable_shards} == {(2, 64 // 8, 96)}
     assert abs(float(np.std(np.asarray(up))) - 0.02) < 0.002
     assert np.all(np.asarray(params["final_norm"]["scale"]) == 1.0)
     with jax.set_mesh(mesh):
-        logits = jax.jit(llama.forward, static_argnums=0)(config, params, np.zeros((8, 4), np.int32))
+        logits = jax.jit(decoder.forward, static_argnums=0)(config, params, np.zeros((8, 4), np.int32))
     assert logits.shape == (8, 4, 128) and np.isfinite(np.asarray(logits)).all()

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import easytune
 from easytune import kernels
 from easytune.kernels import tpu_flash_attention
-from easytune.models import layers, llama
+from easytune.models import decoder, layers
 
 from test_kernels import (FAST_COMPILE, assert_close, mistral_dir, packed_rows, packed_segments,  # noqa: F401
                           random_qkv, reference, values_and_grads)
@@ -98,11 +98,11 @@ def test_auto_picks_splash_on_tpu_and_config_refuses_it_on_gpu(monkeypatch):
     arch = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert layers.resolve_attention("auto", 64) == "splash"
-    llama.LlamaConfig(**arch, head_dim=16, attention="splash")
+    decoder.DecoderConfig(**arch, head_dim=16, attention="splash")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert layers.resolve_attention("auto", 64) == "pallas"
     with pytest.raises(ValueError, match=r"splash' is the TPU kernel and cannot run on gpu; use attention='pallas'"):
-        llama.LlamaConfig(**arch, head_dim=16, attention="splash")
+        decoder.DecoderConfig(**arch, head_dim=16, attention="splash")
 
 
 def test_bad_uses_are_one_sentence_errors():
@@ -118,5 +118,5 @@ def test_bad_uses_are_one_sentence_errors():
         tpu_flash_attention(q, q, q, segment_ids=jnp.ones((1, 15), jnp.int32))
     # the switch: splash is a known implementation (interpret mode on this CPU); auto stays xla here
     arch = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
-    llama.LlamaConfig(**arch, head_dim=16, attention="splash")
+    decoder.DecoderConfig(**arch, head_dim=16, attention="splash")
     assert layers.resolve_attention("auto", 64) == "xla"

@@ -5,7 +5,7 @@
     bradley_terry_losses(chosen, rejected, ...)   [pairs]
     make_loss(center_rewards_coefficient)         loss_fn(model_config, params, batch) for train.Trainer
 
-The model is `LlamaConfig(num_labels=1)`: `score.kernel [hidden, 1]` on the final hidden states,
+The model is `DecoderConfig(num_labels=1)`: `score.kernel [hidden, 1]` on the final hidden states,
 exported as transformers' `LlamaForSequenceClassification` / `MistralForSequenceClassification`,
 which read the score at the rightmost token that is not `pad_token_id`: the same token as ours as
 long as a sequence does not end in the pad token (a chat turn ends with its template's closing

@@ -77,6 +77,8 @@ class _Static:
     causal: bool
     window: int | None
     seq_len: int        # real length; inputs are padded to a multiple of every block
+    sm_scale: float     # scores are q k^T * sm_scale (1/sqrt(head_dim) unless the model says otherwise)
+    softcap: float | None  # then softcap * tanh(scores / softcap) (Gemma 2), None: no cap
     blocks: BlockSizes
     interpret: bool
 
@@ -194,9 +196,18 @@ def _loop(lo, hi, full_lo, full_hi, body, carry, has_segments):
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
+def _scores(q, k, st: _Static):
+    """Scores of a q block against a k block in log2 units (the kernels use exp2), and for a
+    soft-capped model the cap's derivative `1 - tanh^2` that the backward kernels multiply in."""
+    if st.softcap is None:
+        return _dot(q, k, 1, 1) * (st.sm_scale * LOG2_E), None
+    t = jnp.tanh(_dot(q, k, 1, 1) * (st.sm_scale / st.softcap))
+    return (st.softcap * LOG2_E) * t, 1.0 - t * t
+
+
 # ----------------------------------------------------------------------------- kernels
 
-def _forward_kernel(*refs, st: _Static, scale: float, has_segments: bool):
+def _forward_kernel(*refs, st: _Static, has_segments: bool):
     if has_segments:
         q_ref, k_ref, v_ref, seg_ref, lo_ref, hi_ref, o_ref, lse_ref = refs
     else:
@@ -213,7 +224,7 @@ def _forward_kernel(*refs, st: _Static, scale: float, has_segments: bool):
         k_start = j * block_k
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
-        s = _dot(q, k, 1, 1) * scale
+        s, _ = _scores(q, k, st)
         if masked:
             kv_segments = seg_ref[pl.ds(k_start, block_k)] if has_segments else None
             mask = _mask(q_index, k_start + jnp.arange(block_k), q_segments, kv_segments, causal=st.causal,
@@ -242,7 +253,7 @@ def _forward_kernel(*refs, st: _Static, scale: float, has_segments: bool):
     lse_ref[...] = jnp.where(seen, m + jnp.log2(l), -MASK_VALUE)
 
 
-def _dkdv_kernel(*refs, st: _Static, scale: float, sm_scale: float, groups: int, has_segments: bool):
+def _dkdv_kernel(*refs, st: _Static, groups: int, has_segments: bool):
     if has_segments:
         q_ref, k_ref, v_ref, seg_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     else:
@@ -261,7 +272,7 @@ def _dkdv_kernel(*refs, st: _Static, scale: float, sm_scale: float, groups: int,
         do = do_ref[pl.ds(q_start, block_q), head, :]
         lse = lse_ref[head, pl.ds(q_start, block_q)]
         delta = delta_ref[head, pl.ds(q_start, block_q)]
-        s = _dot(q, k, 1, 1) * scale
+        s, cap_grad = _scores(q, k, st)
         if masked:
             q_segments = seg_ref[pl.ds(q_start, block_q)] if has_segments else None
             mask = _mask(q_start + jnp.arange(block_q), kv_index, q_segments, kv_segments, causal=st.causal,
@@ -271,6 +282,8 @@ def _dkdv_kernel(*refs, st: _Static, scale: float, sm_scale: float, groups: int,
         dv = dv + _dot(p.astype(do.dtype), do, 0, 0)   # p^T do
         dp = _dot(do, v, 1, 1)                         # do v^T
         ds = p * (dp - delta[:, None])
+        if cap_grad is not None:
+            ds = ds * cap_grad
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)    # ds^T q
         return dk, dv
 
@@ -285,11 +298,11 @@ def _dkdv_kernel(*refs, st: _Static, scale: float, sm_scale: float, groups: int,
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, groups, per_head, (zeros, zeros))
-    dk_ref[...] = (dk * sm_scale).astype(dk_ref.dtype)
+    dk_ref[...] = (dk * st.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, st: _Static, scale: float, sm_scale: float, has_segments: bool):
+def _dq_kernel(*refs, st: _Static, has_segments: bool):
     if has_segments:
         q_ref, k_ref, v_ref, seg_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     else:
@@ -305,7 +318,7 @@ def _dq_kernel(*refs, st: _Static, scale: float, sm_scale: float, has_segments: 
         k_start = j * block_k
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
-        s = _dot(q, k, 1, 1) * scale
+        s, cap_grad = _scores(q, k, st)
         if masked:
             kv_segments = seg_ref[pl.ds(k_start, block_k)] if has_segments else None
             mask = _mask(q_index, k_start + jnp.arange(block_k), q_segments, kv_segments, causal=st.causal,
@@ -313,6 +326,8 @@ def _dq_kernel(*refs, st: _Static, scale: float, sm_scale: float, has_segments: 
             s = jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot(do, v, 1, 1) - delta[:, None])
+        if cap_grad is not None:
+            ds = ds * cap_grad
         return dq + _dot(ds.astype(k.dtype), k)
 
     num_kv_blocks = pl.cdiv(st.seq_len, block_k)
@@ -321,7 +336,7 @@ def _dq_kernel(*refs, st: _Static, scale: float, sm_scale: float, has_segments: 
     if has_segments:
         lo, hi = jnp.maximum(lo, lo_ref[i]), jnp.minimum(hi, hi_ref[i])
     dq = _loop(lo, hi, full_lo, full_hi, body, jnp.zeros(q.shape, jnp.float32), has_segments)
-    dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
+    dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- pallas_calls
@@ -375,9 +390,8 @@ def _forward(q, k, v, segment_ids, st: _Static):
                      pl.BlockSpec((None, num_q_blocks), lambda i, b, h: (b, 0)),
                      pl.BlockSpec((None, num_q_blocks), lambda i, b, h: (b, 0))]
         args += [segment_ids, lo, hi]
-    scale = LOG2_E / math.sqrt(head_dim)
     out, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, st=st, scale=scale, has_segments=has_segments),
+        functools.partial(_forward_kernel, st=st, has_segments=has_segments),
         grid=(seq // block_q, batch, heads),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
@@ -396,7 +410,6 @@ def _backward(q, k, v, segment_ids, out, lse, do, st: _Static):
     kv_heads = k.shape[2]
     groups = heads // kv_heads
     has_segments = segment_ids is not None
-    scale, sm_scale = LOG2_E / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim)
     # delta_i = sum_d o_id * do_id: one fused elementwise pass, no kernel needed.
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
     params = _compiler_params(st, head_dim)
@@ -420,7 +433,7 @@ def _backward(q, k, v, segment_ids, out, lse, do, st: _Static):
     args += [do, lse, delta]
     kv_spec = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, g: (b, j, g, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, st=st, scale=scale, sm_scale=sm_scale, groups=groups,
+        functools.partial(_dkdv_kernel, st=st, groups=groups,
                           has_segments=has_segments),
         grid=(seq // bk, batch, kv_heads),
         in_specs=in_specs,
@@ -447,7 +460,7 @@ def _backward(q, k, v, segment_ids, out, lse, do, st: _Static):
     in_specs += [q_spec, row_spec, row_spec]
     args += [do, lse, delta]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, scale=scale, sm_scale=sm_scale, has_segments=has_segments),
+        functools.partial(_dq_kernel, st=st, has_segments=has_segments),
         grid=(seq // bq, batch, heads),
         in_specs=in_specs,
         out_specs=q_spec,
@@ -490,13 +503,16 @@ def _fit_blocks(blocks: BlockSizes, seq: int) -> BlockSizes:
                                           for f in dataclasses.fields(blocks) if f.name.startswith("block_")})
 
 
-def _local_flash_attention(q, k, v, segment_ids, *, causal, sliding_window, block_sizes, interpret):
+def _local_flash_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, logit_softcap, block_sizes,
+                           interpret):
     """flash_attention on arrays of one device: pad to the blocks, run, slice."""
     seq, head_dim = q.shape[1], q.shape[3]
     blocks = _fit_blocks(block_sizes or BlockSizes.for_head_dim(head_dim), seq)
     padded = -(-seq // max(blocks.all_blocks())) * max(blocks.all_blocks())
     window = None if sliding_window is None else int(sliding_window)
-    st = _Static(causal=bool(causal), window=window, seq_len=seq, blocks=blocks, interpret=interpret)
+    st = _Static(causal=bool(causal), window=window, seq_len=seq, blocks=blocks, interpret=interpret,
+                 sm_scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+                 softcap=None if logit_softcap is None else float(logit_softcap))
     if padded != seq:
         pad = [(0, 0), (0, padded - seq), (0, 0), (0, 0)]
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
@@ -543,8 +559,11 @@ def _shard_per_device(fn, q, k, v, segment_ids):
 
 
 def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_window: int | None = None,
+                    scale: float | None = None, logit_softcap: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None):
     """Fused attention `softmax(q k^T / sqrt(head_dim)) v` with float32 softmax; output in q's dtype.
+    scale replaces 1/sqrt(head_dim); logit_softcap caps the scaled scores to
+    `logit_softcap * tanh(scores / logit_softcap)` before masking (Gemma 2), forward and backward.
 
     q: `[batch, seq, heads, head_dim]`; k, v: `[batch, seq, kv_heads, head_dim]` (heads a multiple
     of kv_heads: GQA, MQA). segment_ids: `[batch, seq]` int or None; tokens attend only within
@@ -556,6 +575,8 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_w
     """
     check_supported(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype),
                     None if segment_ids is None else segment_ids.shape, sliding_window)
-    fn = functools.partial(_local_flash_attention, causal=causal, sliding_window=sliding_window,
-                           block_sizes=block_sizes, interpret=_use_interpret(interpret))
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap!r}.")
+    fn = functools.partial(_local_flash_attention, causal=causal, sliding_window=sliding_window, scale=scale,
+                           logit_softcap=logit_softcap, block_sizes=block_sizes, interpret=_use_interpret(interpret))
     return _shard_per_device(fn, q, k, v, segment_ids)

@@ -87,7 +87,8 @@ def _padded_head_dim(head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(heads: int, seq: int, causal: bool, window: int | None, block: int, interpreter: str | None):
+def _kernel(heads: int, seq: int, causal: bool, window: int | None, block: int, interpreter: str | None,
+            softcap: float | None = None):
     """A splash MHA kernel for one example `[heads, seq, head_dim]` (built once per shape: the
     block-sparsity tables are numpy work at trace time)."""
     from jax.experimental.pallas import tpu as pltpu
@@ -104,15 +105,15 @@ def _kernel(heads: int, seq: int, causal: bool, window: int | None, block: int, 
                                block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     with jax.ensure_compile_time_eval():
         return splash.make_splash_mha(masks.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1,
-                                      q_seq_shards=1,
+                                      q_seq_shards=1, attn_logits_soft_cap=softcap,
                                       interpret={None: False, "generic": True, "tpu": pltpu.InterpretParams()}[interpreter])
 
 
-def _local_splash(q, k, v, segment_ids, *, causal, sliding_window, block, interpreter):
+def _local_splash(q, k, v, segment_ids, *, causal, sliding_window, scale, logit_softcap, block, interpreter):
     """tpu_flash_attention on one device's arrays `[batch, seq, heads, head_dim]`."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     batch, seq, heads, head_dim = q.shape
-    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim) if scale is None else scale, q.dtype)  # splash does not scale
     padded_dim = _padded_head_dim(head_dim)
     if block is None:
         padded_len = -(-seq // LANES) * LANES
@@ -123,7 +124,8 @@ def _local_splash(q, k, v, segment_ids, *, causal, sliding_window, block, interp
         segment_ids = jnp.ones((batch, seq), jnp.int32)
     pad = [(0, 0), (0, padded_len - seq), (0, 0), (0, padded_dim - head_dim)]
     q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (q, k, v))  # [batch, heads, seq, dim]
-    kernel = _kernel(heads, padded_len, bool(causal), sliding_window, block, interpreter)
+    kernel = _kernel(heads, padded_len, bool(causal), sliding_window, block, interpreter,
+                     None if logit_softcap is None else float(logit_softcap))
     # Over the batch: vmap (on TPU a parallel grid axis). Pallas' TPU interpreter does not extend its
     # grid semantics under vmap (jax 0.10.2: "safe_zip() argument 1 has length 3 but argument 0 has
     # length 4"), so it maps over the examples one by one instead.
@@ -143,6 +145,7 @@ def _local_splash(q, k, v, segment_ids, *, causal, sliding_window, block, interp
 
 
 def tpu_flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sliding_window: int | None = None,
+                        scale: float | None = None, logit_softcap: float | None = None,
                         block_size: int | None = None, interpret: bool | None = None):
     """Fused attention on TPU (JAX's splash attention), with `flash_attention`'s semantics:
     `softmax(q k^T / sqrt(head_dim)) v`, float32 softmax, output in q's dtype.
@@ -150,7 +153,8 @@ def tpu_flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, slidi
     q: `[batch, seq, heads, head_dim]`; k, v: `[batch, seq, kv_heads, head_dim]` (GQA/MQA: heads a
     multiple of kv_heads). segment_ids: `[batch, seq]` ints or None; attention stays within a
     segment and segment 0 is padding (never attended; its rows output 0 with zero gradients).
-    sliding_window: a query attends to keys fewer than this many tokens back. Any seq (padded to the
+    sliding_window: a query attends to keys fewer than this many tokens back. scale replaces
+    1/sqrt(head_dim) (applied to q); logit_softcap is splash's `attn_logits_soft_cap`. Any seq (padded to the
     block inside), any head_dim (padded to a multiple of 128 inside), bfloat16 or float32 (float16 passes
     the checks but is untested: TPUs before v5 have no float16 matmul). Differentiable (splash's own
     backward kernels). Under a ('dp','fsdp','mp') mesh (`jax.set_mesh`) it runs per shard: batch
@@ -163,7 +167,7 @@ def tpu_flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, slidi
     if block_size is not None and (block_size < LANES or block_size % LANES):
         raise ValueError(f"block_size must be a multiple of {LANES} (the TPU lane width), got {block_size}.")
     fn = functools.partial(_local_splash, causal=causal, sliding_window=None if sliding_window is None else int(sliding_window),
-                           block=block_size, interpreter=_interpreter(interpret))
+                           scale=scale, logit_softcap=logit_softcap, block=block_size, interpreter=_interpreter(interpret))
     return _shard_per_device(fn, q, k, v, segment_ids)
 
 

@@ -37,6 +37,18 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale.astype(dtype) * x32.astype(dtype)
 
 
+def gemma_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: `x * (1 + w)`, all in float32, cast back to the input dtype at the end."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(x / cap)` (Gemma 2's logit soft-capping); x itself when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def dot_f32(a, b, contract_a: int = 1, contract_b: int = 0) -> jax.Array:
     """2-D dot with float32 accumulation, contracting the given dims (no transposed copy)."""
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
@@ -188,24 +200,27 @@ def attention_mask(
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
+                  logit_softcap: float | None = None) -> jax.Array:
     """Reference attention. q `[b, s, h, d]`, k/v `[b, t, kv_h, d]`, mask `[b, s, t]` -> `[b, s, h, d]`.
 
-    GQA without repeating K/V: query heads are grouped per KV head. Softmax in float32.
+    GQA without repeating K/V: query heads are grouped per KV head. Scores times `scale` (default
+    1/sqrt(head_dim)), soft-capped by `logit_softcap` if given, then masked; softmax in float32.
     """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(head_dim)
+    scores = soft_cap(scores * (1 / math.sqrt(head_dim) if scale is None else scale), logit_softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def _xla(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+def _xla(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window,
+         scale=None, logit_softcap=None):
     """The reference: a boolean mask from positions and segment ids, then `xla_attention`."""
     if q_segment_ids is None:
         q_segment_ids = jnp.ones(q_positions.shape, jnp.int32)
@@ -215,39 +230,47 @@ def _xla(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, c
         kv_segment_ids = jnp.ones(kv_positions.shape, jnp.int32)
     mask = attention_mask(q_positions, q_segment_ids, kv_positions, kv_segment_ids,
                           causal=causal, sliding_window=sliding_window)
-    return xla_attention(q, k, v, mask)
+    return xla_attention(q, k, v, mask, scale, logit_softcap)
 
 
-def _pallas(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+def _pallas(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window,
+            scale=None, logit_softcap=None):
     """easytune's fused kernel (`easytune.kernels.flash_attention`) for self-attention. Attention
     over a KV cache falls back to xla: a decode step has one query row, nothing for a flash kernel
     to tile, and chunked prefill into a used cache is rare."""
     if kv_positions is not None:
         return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
-                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
+                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
+                    logit_softcap=logit_softcap)
     from easytune import kernels
-    return kernels.flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids, sliding_window=sliding_window)
+    return kernels.flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids, sliding_window=sliding_window,
+                                   scale=scale, logit_softcap=logit_softcap)
 
 
-def _splash(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+def _splash(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window,
+            scale=None, logit_softcap=None):
     """JAX's Pallas TPU splash attention with easytune's semantics (`easytune.kernels.
     tpu_flash_attention`) for self-attention; attention over a KV cache falls back to xla, as pallas."""
     if kv_positions is not None:
         return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
-                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
+                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
+                    logit_softcap=logit_softcap)
     from easytune import kernels
     return kernels.tpu_flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids,
-                                       sliding_window=sliding_window)
+                                       sliding_window=sliding_window, scale=scale, logit_softcap=logit_softcap)
 
 
-def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window):
+def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window,
+           scale=None, logit_softcap=None):
     """cuDNN's fused attention through `jax.nn.dot_product_attention` for self-attention (KV-cache
     attention falls back to xla). That API has no segment-id input, so packed or padded batches pass
     the segment part of the mask densely (`[batch, 1, seq, seq]` booleans, applied as a bias);
-    causality and the window stay cuDNN's own, so it still skips the masked-out blocks."""
-    if kv_positions is not None:
+    causality and the window stay cuDNN's own, so it still skips the masked-out blocks. cuDNN has
+    no logit soft-capping: a soft-capped attention (Gemma 2) runs the xla reference instead."""
+    if kv_positions is not None or logit_softcap is not None:
         return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
-                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
+                    kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
+                    logit_softcap=logit_softcap)
     if jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU with cuDNN, but the backend is "
                          f"{jax.default_backend()}; use attention='xla' or 'auto'.")
@@ -255,7 +278,7 @@ def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids,
     if q_segment_ids is not None:
         mask = attention_mask(q_positions, q_segment_ids, q_positions, q_segment_ids, causal=False)[:, None]
     window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, local_window_size=window,
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, local_window_size=window,
                                         implementation="cudnn")
 
 
@@ -308,6 +331,8 @@ def attention(
     kv_segment_ids: jax.Array | None = None,
     causal: bool = True,
     sliding_window: int | None = None,
+    scale: float | None = None,
+    logit_softcap: float | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
     """Dispatch point for every attention in every model (`--attention=xla|pallas|splash|cudnn|auto`).
@@ -319,7 +344,8 @@ def attention(
     KV cache and every implementation computes the xla reference. The masking rule is
     `attention_mask`'s; the kernels apply causality and the window by index in the sequence,
     the same thing whenever positions rise by one per token within a segment (packing and
-    left-padded prompts do).
+    left-padded prompts do). Scores are `q k^T * scale` (default 1/sqrt(head_dim)), soft-capped
+    to `logit_softcap * tanh(scores / logit_softcap)` when that is given (Gemma 2), then masked.
     """
     check_attention(implementation)
     if q.shape[2] % k.shape[2]:
@@ -327,4 +353,5 @@ def attention(
                          f"key/value heads ({k.shape[2]}).")
     return ATTENTION_IMPLEMENTATIONS[implementation](
         q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
-        kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window)
+        kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
+        logit_softcap=logit_softcap)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +37,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from easytune.dtypes import parse_dtype
-from easytune.models import layers
-from easytune.models.llama import REMAT_POLICIES
+from easytune.models import common, layers
+from easytune.models.registry import Family, WeightEntry, compute_options, missing_fields, set_torch_dtype
+from easytune.safetensors_io import SafetensorsCheckpoint
 
 IS_ENCODER_DECODER = True
 
@@ -91,8 +94,7 @@ class T5Config:
                              f"'gated-<act>', e.g. 'relu' or 'gated-gelu'.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"T5 activation {self.activation!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+        common.check_remat(self.remat)
         if self.attention != "xla":
             raise ValueError(f"attention {self.attention!r} is not available for T5: its attention adds a relative "
                              f"position bias and has its own implementation; use attention='xla'.")
@@ -129,7 +131,7 @@ class T5Config:
         return parse_dtype(self.param_dtype)
 
 
-# Regexes searched in the '/'-joined parameter path; the first match wins (see llama.SHARDING_RULES).
+# Regexes searched in the '/'-joined parameter path; the first match wins (see decoder.SHARDING_RULES).
 SHARDING_RULES = (
     (r"relative_attention_bias/embedding$", P()),
     (r"embed/embedding$", P("mp", "fsdp")),
@@ -204,18 +206,12 @@ def _init_std(config: T5Config, name: str) -> float:
 def init_params(config: T5Config, key: jax.Array) -> dict:
     """Random parameters with HF's T5 initialization (unit norms). Jit with `out_shardings` to
     create them directly in their shards."""
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, shape), k in zip(leaves, keys):
-        name = jax.tree_util.keystr(path)
+    def init(name, key, shape, dtype):
         if "scale" in name:
-            out.append(jnp.ones(shape.shape, shape.dtype))
-        else:
-            std = _init_std(config, name)
-            out.append((std * jax.random.normal(k, shape.shape, jnp.float32)).astype(shape.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+            return jnp.ones(shape, dtype)
+        return common.normal(_init_std(config, name), key, shape, dtype)
+
+    return common.init_from_shapes(param_shapes(config), key, init)
 
 
 # ----------------------------------------------------------------------------- relative positions
@@ -307,12 +303,6 @@ def _feed_forward(config: T5Config, h, p):
     return layers.constrain(h, P(layers.BATCH_AXES, None, None))
 
 
-def _scan_layers(config: T5Config, body, carry, xs):
-    if config.remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
-    return jax.lax.scan(body, carry, xs)
-
-
 def _embed(config: T5Config, params, tokens):
     # clip: an out-of-vocab pad id must not turn into NaN.
     h = jnp.take(params["embed"]["embedding"], tokens, axis=0, mode="clip").astype(config.compute_dtype)
@@ -350,7 +340,7 @@ def encode(config: T5Config, params: dict, input_ids, segment_ids=None, position
         h = _attend_and_project(c, h, p["attn"], q, k, v, mask, bias)
         return _feed_forward(c, h, p), None
 
-    h, _ = _scan_layers(c, body, _embed(c, params, input_ids), stack["layers"])
+    h, _ = common.scan_layers(c.remat, body, _embed(c, params, input_ids), stack["layers"])
     return layers.rms_norm(h, stack["final_norm"]["scale"], c.layer_norm_epsilon)
 
 
@@ -434,7 +424,7 @@ def decoder_hidden_states(config: T5Config, params: dict, decoder_input_ids, enc
             h, _ = block(h, p, lambda k, v: (k, v, None), cross_k, cross_v)
             return h, None
 
-        h, _ = _scan_layers(c, body, h, (stack["layers"], *cross))
+        h, _ = common.scan_layers(c.remat, body, h, (stack["layers"], *cross))
         new_cache = None
     else:
         # Write the new keys/values into the cache in place, then attend over all its slots.
@@ -452,8 +442,8 @@ def decoder_hidden_states(config: T5Config, params: dict, decoder_input_ids, enc
             h, (cache_k, cache_v) = block(h, p, self_kv, cross_k, cross_v)
             return (h, cache_k, cache_v), None
 
-        (h, cache_k, cache_v), _ = _scan_layers(
-            c, body, (h, cache["k"], cache["v"]), (stack["layers"], layer_ids, *cross))
+        (h, cache_k, cache_v), _ = common.scan_layers(
+            c.remat, body, (h, cache["k"], cache["v"]), (stack["layers"], layer_ids, *cross))
         new_cache = {"k": cache_k, "v": cache_v, "positions": kv_positions, "segment_ids": kv_segments,
                      "index": cache["index"] + decoder_input_ids.shape[1]}
     h = layers.rms_norm(h, stack["final_norm"]["scale"], c.layer_norm_epsilon)
@@ -502,3 +492,120 @@ def shift_right(target_ids, decoder_start_token_id: int, segment_ids=None):
 
 
 Config = T5Config
+
+
+# ----------------------------------------------------------------------------- Hugging Face maps
+
+ARCHITECTURE = "T5ForConditionalGeneration"
+REQUIRED_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+
+
+def config_from_hf(hf: dict, directory: str | None = None, **compute: Any) -> T5Config:
+    """T5Config from an HF `config.json` dict, read as transformers reads it.
+
+    The lm_head is untied when the config says `tie_word_embeddings: false` or when the checkpoint
+    in `directory` holds an `lm_head.weight` (transformers 5 writes `tie_word_embeddings: true`
+    for every T5 and unties by content). The v1.0 rescale follows `scale_decoder_outputs`, or
+    else `tie_word_embeddings` (absent = true).
+    """
+    missing_fields(hf, REQUIRED_FIELDS, "t5")
+    if hf.get("is_encoder_decoder") is False or hf.get("is_decoder") is True:
+        raise ValueError("this T5 config is not an encoder-decoder (an encoder-only or decoder-only T5); "
+                         "easytune supports T5ForConditionalGeneration.")
+    tie = hf.get("tie_word_embeddings", True) is not False
+    if tie and directory is not None and "lm_head.weight" in SafetensorsCheckpoint(directory):
+        tie = False
+    scale = hf.get("scale_decoder_outputs")
+    if scale is None:
+        scale = hf.get("tie_word_embeddings", True) is not False
+    start = hf.get("decoder_start_token_id")
+    return T5Config(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["d_model"],
+        d_kv=hf["d_kv"],
+        d_ff=hf["d_ff"],
+        num_layers=hf["num_layers"],
+        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        num_heads=hf["num_heads"],
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+        feed_forward_proj=hf.get("feed_forward_proj", "relu"),
+        dense_act_fn=hf.get("dense_act_fn"),
+        tie_word_embeddings=tie,
+        scale_decoder_outputs=bool(scale),
+        decoder_start_token_id=int(start if start is not None else hf.get("pad_token_id") or 0),
+        **compute_options(compute),
+    )
+
+
+def config_to_hf(config: T5Config, base: dict | None = None, torch_dtype: str | None = None) -> dict:
+    """An HF `config.json` dict for `config`, keeping the fields of `base` (the imported config) so
+    that a round trip returns it unchanged."""
+    c = config
+    hf = dict(base or {})
+    fields = {
+        "architectures": [ARCHITECTURE],
+        "model_type": "t5",
+        "is_encoder_decoder": True,
+        "vocab_size": c.vocab_size,
+        "d_model": c.d_model,
+        "d_kv": c.d_kv,
+        "d_ff": c.d_ff,
+        "num_layers": c.num_layers,
+        "num_decoder_layers": c.num_decoder_layers,
+        "num_heads": c.num_heads,
+        "relative_attention_num_buckets": c.relative_attention_num_buckets,
+        "relative_attention_max_distance": c.relative_attention_max_distance,
+        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "feed_forward_proj": c.feed_forward_proj,
+        "decoder_start_token_id": c.decoder_start_token_id,
+    }
+    if c.dense_act_fn is not None:
+        fields["dense_act_fn"] = c.dense_act_fn
+    # Values transformers assumes when a key is absent: leave them absent.
+    implied = {"num_decoder_layers": c.num_layers, "relative_attention_num_buckets": 32,
+               "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu",
+               "decoder_start_token_id": hf.get("pad_token_id", 0), "is_encoder_decoder": True}
+    for key, value in fields.items():
+        if key in hf or key not in implied or implied[key] != value:
+            hf[key] = value
+    # An exported lm_head.weight unties by itself (see config_from_hf); only a new config needs the flag.
+    if "tie_word_embeddings" not in hf and not c.tie_word_embeddings:
+        hf["tie_word_embeddings"] = False
+    if "scale_decoder_outputs" in hf or c.scale_decoder_outputs != (hf.get("tie_word_embeddings", True) is not False):
+        hf["scale_decoder_outputs"] = c.scale_decoder_outputs
+    return set_torch_dtype(hf, torch_dtype)
+
+
+def weight_map(config: T5Config) -> list[WeightEntry]:
+    """Every parameter of a T5 config with the HF tensor it comes from. The relative attention
+    bias lives in block 0 of each stack (later blocks reuse it)."""
+    entries = [WeightEntry(("embed", "embedding"), "shared.weight", False, False)]
+    for stack in ("encoder", "decoder"):
+        prefix = f"{stack}.block.{{layer}}.layer."
+        entries.append(WeightEntry((stack, "relative_attention_bias", "embedding"),
+                                   f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False, False))
+        sublayers = [("attn", "0", "SelfAttention")]
+        if stack == "decoder":
+            sublayers.append(("cross_attn", "1", "EncDecAttention"))
+        for ours, index, theirs in sublayers:
+            entries.append(WeightEntry((stack, "layers", f"{ours}_norm", "scale"), prefix + f"{index}.layer_norm.weight",
+                                       True, False))
+            for proj in ("q", "k", "v", "o"):
+                entries.append(WeightEntry((stack, "layers", ours, proj, "kernel"),
+                                           prefix + f"{index}.{theirs}.{proj}.weight", True, True))
+        ff = "2" if stack == "decoder" else "1"
+        entries.append(WeightEntry((stack, "layers", "mlp_norm", "scale"), prefix + f"{ff}.layer_norm.weight", True, False))
+        mlp = (("gate", "wi_0"), ("up", "wi_1"), ("down", "wo")) if config.is_gated else (("up", "wi"), ("down", "wo"))
+        for ours, theirs in mlp:
+            entries.append(WeightEntry((stack, "layers", "mlp", ours, "kernel"),
+                                       prefix + f"{ff}.DenseReluDense.{theirs}.weight", True, True))
+        entries.append(WeightEntry((stack, "final_norm", "scale"), f"{stack}.final_layer_norm.weight", False, False))
+    if not config.tie_word_embeddings:
+        entries.append(WeightEntry(("lm_head", "kernel"), "lm_head.weight", False, True))
+    return entries
+
+
+FAMILY = Family(model_types=("t5",), module=sys.modules[__name__], config_from_hf=config_from_hf,
+                config_to_hf=config_to_hf, weight_map=weight_map)

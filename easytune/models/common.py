@@ -1,0 +1,45 @@
+"""Pieces every model family shares: remat policies, the scan over stacked layers, random init.
+
+A family file (`decoder.py`, `t5.py`) builds its blocks from `layers` and these; nothing here
+knows a family.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(remat: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+
+
+def scan_layers(remat: str, body, carry, xs):
+    """`jax.lax.scan(body, carry, xs)` over the stacked layers, each layer rematerialized under the
+    named policy (`REMAT_POLICIES`): compile time stays flat in depth."""
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, carry, xs)
+
+
+def init_from_shapes(shapes, key: jax.Array, init: Callable[[str, jax.Array, tuple, object], jax.Array]):
+    """Parameters for a pytree of `jax.ShapeDtypeStruct`: `init(path, key, shape, dtype)` per leaf
+    (path: the leaf's `keystr`), each leaf with its own key split from `key`."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+    out = [init(jax.tree_util.keystr(path), k, s.shape, s.dtype) for (path, s), k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def normal(std: float, key: jax.Array, shape, dtype) -> jax.Array:
+    """normal(0, std) drawn in float32, stored in `dtype`."""
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
