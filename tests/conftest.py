@@ -34,10 +34,11 @@ TINY_CONFIGS = {
     # Qwen3: per-head q/k RMSNorm; head_dim (32) not hidden / heads
     "qwen3_qk_norm": ("Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32, rope_theta=1e6)),
     # Gemma 2: (1 + w) norms, scaled embeddings, GeGLU, four norms per layer, sliding/global
-    # alternation with a window shorter than the sequence, and both soft-caps small enough to bite
+    # alternation with a window shorter than the sequence, and both soft-caps small enough (and the
+    # weights large enough) to bite
     "gemma2_softcap": ("Gemma2ForCausalLM", dict(
         num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
-        attn_logit_softcapping=0.5, final_logit_softcapping=1.5)),
+        attn_logit_softcapping=0.5, final_logit_softcapping=1.5, initializer_range=0.1)),
     # Gemma 3 text: q/k norms, local layers with their own RoPE base, global layers with linear scaling
     "gemma3_local_global": ("Gemma3ForCausalLM", dict(
         num_hidden_layers=3, num_key_value_heads=1, head_dim=16, sliding_window=5, query_pre_attn_scalar=16,
@@ -183,26 +184,32 @@ def hf_models(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory):
-    """A tiny random LLaMA with SmolLM2's vocabulary, tokenizer and chat template."""
+def make_chat_model(directory, class_name: str = "LlamaForCausalLM", **extra) -> str:
+    """A tiny random model of `class_name` with SmolLM2's vocabulary, tokenizer and chat template."""
     import shutil
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from easytune import assets
-    directory = tmp_path_factory.mktemp("tiny_chat")
+    model_class = getattr(transformers, class_name)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
+    config = model_class.config_class(**{
+        **dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+        **extra})
+    model_class(config).save_pretrained(str(directory))
     source = assets.smollm2_hf_dir()
     for name in os.listdir(source):
         if name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(os.path.join(source, name), directory)
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random LLaMA with SmolLM2's vocabulary, tokenizer and chat template."""
+    return make_chat_model(tmp_path_factory.mktemp("tiny_chat"))
 
 
 @pytest.fixture(scope="session")
@@ -217,15 +224,16 @@ def task_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def char_chat_model(tmp_path_factory):
-    """A tiny random LLaMA with a character-level tokenizer (54 tokens: digits, letters, a few
-    signs, specials) and a chat template: small enough that RL moves its sampling in a few steps."""
+def make_char_chat_model(directory, class_name: str = "LlamaForCausalLM", **extra) -> str:
+    """A tiny random `class_name` model with a character-level tokenizer (54 tokens: digits,
+    letters, a few signs, specials) and a chat template: small enough that RL moves its sampling in
+    a few steps."""
     import torch
+    import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    directory = str(tmp_path_factory.mktemp("char_chat"))
+    directory = str(directory)
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
     vocab = {token: i for i, token in enumerate(specials + list("0123456789abcdefghijklmnopqrstuvwxyz +-*?.,:'"))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -238,8 +246,17 @@ def char_chat_model(tmp_path_factory):
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     tokenizer.save_pretrained(directory)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model_class = getattr(transformers, class_name)
+    config = model_class.config_class(**{
+        **dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        **extra})
+    model_class(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def char_chat_model(tmp_path_factory):
+    """A tiny random LLaMA with a character-level tokenizer (`make_char_chat_model`)."""
+    return make_char_chat_model(tmp_path_factory.mktemp("char_chat"))

@@ -34,7 +34,8 @@ def test_unknown_model_type(tiny_dir):
     config = json.loads((tiny_dir / "config.json").read_text())
     config["model_type"] = "gpt2"
     (tiny_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unknown model_type 'gpt2'; easytune supports \['llama', 'mistral', 't5'\]") as excinfo:
+    with pytest.raises(ValueError, match=r"unknown model_type 'gpt2'; easytune supports \['gemma2', 'gemma3_text', 'llama', 'mistral', "
+                                         r"'qwen2', 'qwen3', 't5'\]") as excinfo:
         easytune.load(str(tiny_dir), tokenizer=False)
     assert_one_line(excinfo)
 

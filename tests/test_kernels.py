@@ -104,6 +104,36 @@ def test_values_and_gradients_match_reference(name):
         np.testing.assert_array_equal(np.asarray(padded_grads[0], np.float32)[~real], 0)
 
 
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_scale_and_softcap_match_reference(kernel):
+    """Gemma's attention: a scale other than 1/sqrt(head_dim) and soft-capped scores (cap 1.0, well
+    inside the scores' range), packed rows and a window; values and all three gradients."""
+    rng = np.random.RandomState(11)
+    q, k, v = random_qkv(rng, 2, 40, 4, 2, 64, jnp.float32)
+    segments = jnp.asarray(packed_segments(rng, 2, 40))
+    real = np.asarray(segments) != 0
+    cotangent = jnp.asarray(rng.randn(*q.shape), jnp.float32) * jnp.asarray(real, jnp.float32)[:, :, None, None]
+    scale, cap, window = 24 ** -0.5, 1.0, 9
+    attend = flash_attention if kernel == "pallas" else tpu_flash_attention
+    extra = dict(block_sizes=SMALL) if kernel == "pallas" else {}
+    fused = jax.jit(lambda q, k, v, ct: values_and_grads(
+        lambda q, k, v: attend(q, k, v, segment_ids=segments, sliding_window=window, scale=scale, logit_softcap=cap,
+                               **extra), q, k, v, ct), compiler_options=FAST_COMPILE)
+    out, grads = fused(q, k, v, cotangent)
+
+    def expected_fn(q, k, v, cap=cap):
+        positions = jnp.broadcast_to(jnp.arange(40), (2, 40))
+        mask = layers.attention_mask(positions, segments, positions, segments, causal=True, sliding_window=window)
+        return layers.xla_attention(q, k, v, mask, scale, cap)
+
+    expected, expected_grads = values_and_grads(expected_fn, q, k, v, cotangent)
+    assert_close(np.asarray(out)[real], np.asarray(expected)[real], jnp.float32, "output")
+    for grad, expected_grad, what in zip(grads, expected_grads, ("dq", "dk", "dv")):
+        assert_close(grad, expected_grad, jnp.float32, what)
+    uncapped = np.asarray(values_and_grads(lambda q, k, v: expected_fn(q, k, v, None), q, k, v, cotangent)[0])
+    assert np.abs(uncapped - np.asarray(expected))[real].max() > 1e-2  # the cap is active
+
+
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_other_head_dims_match_reference(head_dim):
     rng = np.random.RandomState(head_dim)
@@ -145,10 +175,10 @@ def test_score_matrix_is_never_materialized():
     assert max(largest) < seq, max(largest)
 
 
-@pytest.mark.parametrize("head_dim,dtype,window,packed", [
-    (64, jnp.bfloat16, None, False), (128, jnp.bfloat16, 100, True), (256, jnp.bfloat16, None, True),
-    (128, jnp.float32, None, False)])
-def test_kernels_lower_to_triton_for_gpu(head_dim, dtype, window, packed):
+@pytest.mark.parametrize("head_dim,dtype,window,packed,softcap", [
+    (64, jnp.bfloat16, None, False, None), (128, jnp.bfloat16, 100, True, None), (256, jnp.bfloat16, None, True, 50.0),
+    (128, jnp.float32, None, False, None)])
+def test_kernels_lower_to_triton_for_gpu(head_dim, dtype, window, packed, softcap):
     """Without a GPU: the forward and both backward kernels lower through Pallas' Triton path (an
     export for CUDA), so every primitive they use has a Triton lowering (PTX is compiled on a GPU)."""
     q = jax.ShapeDtypeStruct((2, 509, 4, head_dim), dtype)
@@ -157,7 +187,7 @@ def test_kernels_lower_to_triton_for_gpu(head_dim, dtype, window, packed):
 
     def forward_and_backward(q, k, v, segments):
         out, pullback = jax.vjp(lambda q, k, v: flash_attention(q, k, v, segment_ids=segments, sliding_window=window,
-                                                                 interpret=False), q, k, v)
+                                                                 logit_softcap=softcap, interpret=False), q, k, v)
         return out, pullback(out)
 
     exported = jax.export.export(
@@ -245,6 +275,15 @@ def mistral_dir(tmp_path_factory):
     return str(directory)
 
 
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+    """Tiny Gemma 2 (sliding/global layers, window 5, both soft-caps active) with head_dim 64."""
+    from conftest import make_hf_model
+    directory = tmp_path_factory.mktemp("gemma2_64")
+    make_hf_model("gemma2_softcap", directory, head_dim=64)
+    return str(directory)
+
+
 def load(directory, attention):
     return easytune.load(directory, tokenizer=False, devices=jax.devices()[:1], mesh_dim="1,1,1", attention=attention)
 
@@ -261,11 +300,13 @@ def packed_rows(rng, batch, seq, vocab):
             "segment_ids": segments, "positions": positions}
 
 
-@pytest.mark.parametrize("attention", ["pallas", "splash"])
-def test_model_forward_and_train_step_match_xla(mistral_dir, attention):
+@pytest.mark.parametrize("family,attention", [("mistral", "pallas"), ("mistral", "splash"), ("gemma2", "pallas")])
+def test_model_forward_and_train_step_match_xla(request, family, attention):
     """attention='pallas' (and 'splash', the TPU kernel, in interpret mode) under a 2x2x2 mesh (the
     kernel per shard inside the scanned, differentiated model) gives the logits and the SFT step of
-    attention='xla' on one device."""
+    attention='xla' on one device. Gemma 2: the soft-cap and the attention scale inside the kernel,
+    and sliding and global layers as the two branches of the per-layer switch."""
+    directory = request.getfixturevalue(f"{family}_dir")
     from ml_collections import ConfigDict
 
     from easytune import train
@@ -273,8 +314,8 @@ def test_model_forward_and_train_step_match_xla(mistral_dir, attention):
     from easytune.train_sft import DEFAULTS
 
     rows = packed_rows(np.random.RandomState(0), 4, 48, 128)
-    xla = load(mistral_dir, "xla")
-    pallas = easytune.load(mistral_dir, tokenizer=False, mesh_dim="2,2,2", attention=attention)
+    xla = load(directory, "xla")
+    pallas = easytune.load(directory, tokenizer=False, mesh_dim="2,2,2", attention=attention)
     optimizer, _ = train.make_optimizer(ConfigDict(DEFAULTS).optimizer, total_steps=10)
     forward = jax.jit(decoder.forward, static_argnums=0, compiler_options=FAST_COMPILE)
     results = []

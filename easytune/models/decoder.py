@@ -87,6 +87,14 @@ class DecoderConfig:
     head_chunk_size: int = 0        # > 0: losses run the LM head + log-softmax fused, this many tokens at a time
 
     def __post_init__(self):
+        # Hashable forms of the list and dict fields (a config read back from JSON has lists and dicts).
+        for name in ("rope_scaling", "local_rope_scaling"):
+            value = getattr(self, name)
+            if value is not None:
+                items = value.items() if isinstance(value, dict) else value
+                object.__setattr__(self, name, tuple(sorted((str(k), v) for k, v in items)))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})."
