@@ -5,6 +5,8 @@ Every function is pure; parameters arrive as nested dicts of arrays.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from typing import Any, Mapping
 
@@ -267,6 +269,8 @@ def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids,
     the segment part of the mask densely (`[batch, 1, seq, seq]` booleans, applied as a bias);
     causality and the window stay cuDNN's own, so it still skips the masked-out blocks. cuDNN has
     no logit soft-capping: a soft-capped attention (Gemma 2) runs the xla reference instead."""
+    if logit_softcap is not None:
+        _log_fallback_once("attention='cudnn' has no logit soft-capping: this model's attention runs xla instead.")
     if kv_positions is not None or logit_softcap is not None:
         return _xla(q, k, v, q_positions=q_positions, q_segment_ids=q_segment_ids, kv_positions=kv_positions,
                     kv_segment_ids=kv_segment_ids, causal=causal, sliding_window=sliding_window, scale=scale,
@@ -280,6 +284,11 @@ def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids,
     window = None if sliding_window is None else (sliding_window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, local_window_size=window,
                                         implementation="cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(reason: str) -> None:
+    logging.getLogger(__name__).warning(reason)
 
 
 def check_attention(implementation: str, head_dim: int | None = None) -> None:
