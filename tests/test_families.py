@@ -265,6 +265,8 @@ def write_config(directory, config: dict):
     ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
      "rope scaling type .yarn. is not supported"),
     ("qwen3_qk_norm", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for qwen3"),
+    ("qwen3_qk_norm", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
     ("gemma2_softcap", {"hidden_activation": "relu"}, "hidden_activation 'relu' is not supported for gemma2"),
     ("gemma2_softcap", {"layer_types": ["chunked_attention", "full_attention"]},
      "layer_types holds 'chunked_attention'"),

@@ -30,6 +30,9 @@ def rope_from_hf(hf: dict, layer_type: str | None = None, default_theta: float =
         scaling = dict(hf.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
+    if scaling.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor (RoPE on part of each head) is not supported; easytune rotates "
+                         "the whole head.")
     if scaling.get("rope_type", "default") == "default":
         return float(theta), None
     return float(theta), scaling
