@@ -1,0 +1,152 @@
+"""`python -m easytune.eval`: easytune as an lm-evaluation-harness backend, against lm-eval's own
+`hf` backend (transformers + torch, CPU) on the same local tasks and the same weights."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_chat_model
+
+lm_eval = pytest.importorskip("lm_eval")
+
+CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
+            ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Canada", "Ottawa")]
+CITIES = [city for _, city in CAPITALS]
+
+
+def write_tasks(directory) -> str:
+    """Three local tasks (the Hub is unreachable): multiple choice (loglikelihood), a generative
+    exact-match task (generate_until) and a perplexity task (loglikelihood_rolling)."""
+    from easytune import data
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    mc = []
+    for country, city in CAPITALS:
+        choices = [city] + [c for c in rng.permutation(CITIES).tolist() if c != city][:3]
+        order = rng.permutation(4).tolist()
+        mc.append({"country": country, "choices": [choices[i] for i in order], "label": order.index(0)})
+    records = data.make_task_records(8, seed=5)
+    gen = [{"question": r["messages"][0]["content"], "answer": r["answer"]} for r in records]
+    text = [{"text": " ".join(f"The capital of {c} is {city}." for c, city in CAPITALS[i:i + 3]) * (1 + i)}
+            for i in range(4)]
+    files = {"capitals_mc": mc, "tasks_gen": gen, "capitals_text": text}
+    for name, rows in files.items():
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\n"
+    (directory / "capitals_mc.yaml").write_text(
+        f"task: capitals_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {directory}/capitals_mc.jsonl\n"
+        "output_type: multiple_choice\ndoc_to_text: 'Question: What is the capital of {{country}}?\nAnswer:'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (directory / "tasks_gen.yaml").write_text(
+        f"task: tasks_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {directory}/tasks_gen.jsonl\n"
+        "output_type: generate_until\ndoc_to_text: 'Q: {{question}}\nA:'\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  until: ['\\n', 'Q:']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n    ignore_punctuation: true\n")
+    (directory / "capitals_text.yaml").write_text(
+        f"task: capitals_text\n{common}dataset_kwargs:\n  data_files:\n    test: {directory}/capitals_text.jsonl\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
+
+
+def run_hf(model_dir, task_dir, tasks, **kwargs):
+    from lm_eval.tasks import TaskManager
+    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=tasks,
+                                   task_manager=TaskManager(include_path=task_dir), log_samples=True, batch_size=4,
+                                   device="cpu", **kwargs)
+
+
+def run_easytune(model_dir, task_dir, tasks, extra=()):
+    from easytune.eval.__main__ import main
+    return main(["--model", model_dir, "--tasks", ",".join(tasks), "--include_path", task_dir, "--batch_size", "4",
+                 "--log_samples", "--output_path", str(task_dir) + "/out", *extra])
+
+
+def responses(results, task):
+    """Per-document responses in document order, as lm-eval logs them (values as strings)."""
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def loglikelihoods(results, task):
+    """Every request's `(loglikelihood, is_greedy)` (is_greedy None for rolling ones), in order."""
+    out = []
+    for doc in responses(results, task):
+        for (value,) in doc:
+            if isinstance(value, (list, tuple)):
+                out.append((float(value[0]), str(value[1]) == "True"))
+            else:
+                out.append((float(value), None))
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_same_requests_same_answers_as_lm_eval_hf(tmp_path_factory, task_dir, which):
+    """Loglikelihoods within 1e-4 (and the same greedy flags), identical greedy generations, equal
+    accuracies and perplexities, for a tiny random model and for SmolLM2-135M-Instruct (fp32)."""
+    if which == "tiny":
+        model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval"), max_position_embeddings=512)
+    else:
+        from easytune import assets
+        model_dir = assets.smollm2_hf_dir()
+    tasks = ["capitals_mc", "tasks_gen", "capitals_text"]
+    theirs = run_hf(model_dir, task_dir, tasks)
+    ours = run_easytune(model_dir, task_dir, tasks)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [s["doc"]["text"] for s in sorted(ours["samples"]["capitals_text"], key=lambda s: s["doc_id"])]
+    # A multiple-choice continuation is 1-3 tokens: 1e-4 each. A rolling document sums one float32
+    # log-prob per token (up to ~130 here, through SmolLM2's 30 layers): 1e-5 per token scored.
+    budgets = {"capitals_mc": lambda i: 1e-4, "capitals_text": lambda i: 1e-5 * len(tokenizer.encode(texts[i]))}
+    for task in ("capitals_mc", "capitals_text"):
+        a, b = loglikelihoods(ours, task), loglikelihoods(theirs, task)
+        assert len(a) == len(b) > 0
+        diffs = [abs(ll_a - ll_b) for (ll_a, _), (ll_b, _) in zip(a, b)]
+        print(f"{which} {task}: {len(a)} requests, max |loglikelihood diff| = {max(diffs):.2e}")
+        assert all(d <= budgets[task](i) for i, d in enumerate(diffs)), diffs
+        assert [greedy for _, greedy in a] == [greedy for _, greedy in b]
+    assert responses(ours, "tasks_gen") == responses(theirs, "tasks_gen")
+    for task, metric in (("capitals_mc", "acc,none"), ("capitals_mc", "acc_norm,none"),
+                         ("tasks_gen", "exact_match,none")):
+        assert ours["results"][task][metric] == theirs["results"][task][metric], (task, metric)
+    np.testing.assert_allclose(ours["results"]["capitals_text"]["word_perplexity,none"],
+                               theirs["results"]["capitals_text"]["word_perplexity,none"], rtol=1e-4)
+    if which == "smollm2":  # the real model knows some capitals: the task is not all chance
+        assert ours["results"]["capitals_mc"]["acc,none"] > 0.25
+
+
+def test_results_files_and_bad_input(tmp_path_factory, task_dir, tmp_path):
+    model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_files"), max_position_embeddings=512)
+    run_easytune(model_dir, task_dir, ["capitals_mc"], extra=["--limit", "3"])
+    written = list((tmp_path_factory.getbasetemp()).glob("**/out/**/results_*.json"))
+    assert written, "lm-eval's results JSON was not written"
+    results = json.loads(written[0].read_text())
+    assert "capitals_mc" in results["results"] and results["n-samples"]["capitals_mc"]["effective"] == 3
+    assert list(written[0].parent.glob("samples_capitals_mc_*.jsonl"))
+    from easytune.eval.__main__ import main
+    with pytest.raises(ValueError, match="unknown lm-eval task 'no_such_task'"):
+        main(["--model", model_dir, "--tasks", "no_such_task", "--include_path", task_dir])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "broken.yaml").write_text("task: broken\ndataset_path: [unclosed\n")
+    with pytest.raises(ValueError, match="task file .*broken.yaml does not parse"):
+        main(["--model", model_dir, "--tasks", "broken", "--include_path", str(tmp_path / "broken")])
+
+
+def test_registered_as_an_lm_eval_model_name(tmp_path_factory, task_dir):
+    """After `import easytune.eval.lm_eval_backend`, lm-eval builds the backend from its name and
+    model_args, as `lm_eval --model easytune --model_args ...` does."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    import easytune.eval.lm_eval_backend  # noqa: F401
+    model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_reg"), max_position_embeddings=512)
+    results = lm_eval.simple_evaluate(model="easytune", model_args=f"model={model_dir},mesh_dim=1x8x1",
+                                      tasks=["capitals_mc"], task_manager=TaskManager(include_path=task_dir),
+                                      limit=2)
+    assert get_model("easytune").__name__ == "EasytuneLM"
+    assert 0.0 <= results["results"]["capitals_mc"]["acc,none"] <= 1.0
