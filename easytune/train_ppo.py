@@ -7,7 +7,8 @@
 - **grpo**: no critic; each prompt's `--rollouts_per_prompt` completions are compared with their
   group's mean (divided by the std, `--scale_rewards`); KL as k3 in the loss (`--kl_in=loss`, the
   default) or in the reward.
-- **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward.
+- **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward (the
+  default) or, with `--kl_in=loss`, each sequence's summed k3 in the loss.
 
 The reward is a Python function over prompts and completions (`--reward_fn=module:function`, see
 `easytune.rewards`) or an easytune reward model (`--reward_model`: a train_reward run or an HF
@@ -120,8 +121,8 @@ DOCS = {
     "grad_accum_steps": "micro-batches accumulated per minibatch",
     "kl_coef": "KL coefficient beta (initial value with --adaptive_kl; 0 = no KL term)",
     "kl_estimator": "per-token KL estimator in the reward: k1 (log ratio), k2 or k3 (Schulman)",
-    "kl_in": "reward (fold beta*KL into the rewards) or loss (grpo: beta*k3 per token in the loss) (default: "
-             "loss for grpo, reward otherwise)",
+    "kl_in": "reward (fold beta*KL into the rewards) or loss (beta*k3 in the loss: per token for grpo, summed over "
+             "each sequence for rloo) (default: loss for grpo, reward otherwise)",
     "adaptive_kl": "adapt kl_coef towards kl_target (Ziegler et al. 2019)",
     "kl_target": "adaptive KL: target KL per completion (nats)",
     "kl_horizon": "adaptive KL: horizon in completions",

@@ -247,7 +247,8 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
     """The policy's loss for `train.Trainer`: `(sum, count, {metric: sum})`. PPO and GRPO average
     per-token losses over the minibatch's response tokens (TRL's PPO masked mean; GRPO's
     token-level "dapo"/"bnpo" normalization); RLOO averages per-sequence losses over sequences (as
-    TRL's RLOOTrainer). GRPO with --kl_in=loss adds kl_coef·k3 per token."""
+    TRL's RLOOTrainer). With --kl_in=loss, kl_coef·k3 is added to each unit: per token (PPO's
+    and GRPO's units), or summed over a sequence's tokens (RLOO's: the sequence's KL)."""
 
     def loss_fn(model_config, params, batch, reference=None):
         del reference  # reference log-probs were recorded at rollout time
@@ -260,14 +261,17 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
         old = batch["old_logprobs"]
         advantages = batch["advantages"]
         log_ratio = logps - old
+        kl = kl_coef_in_loss * kl_penalty(logps, batch["ref_logprobs"], "k3") if kl_coef_in_loss else None
         if options.sequence_ratio:  # one ratio per sequence: units are the sequences with a response
             losses, ratio, clipped = clipped_policy_loss(jnp.sum(logps * mask, -1), jnp.sum(old * mask, -1),
                                                          advantages[:, 0], options.cliprange, options.clip_high)
+            if kl is not None:  # a sequence's KL: the sum over its tokens
+                losses = losses + jnp.sum(kl * mask, -1)
             weight = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
         else:  # one ratio per token: units are the response tokens
             losses, ratio, clipped = clipped_policy_loss(logps, old, advantages, options.cliprange, options.clip_high)
-            if kl_coef_in_loss:
-                losses = losses + kl_coef_in_loss * kl_penalty(logps, batch["ref_logprobs"], "k3")
+            if kl is not None:
+                losses = losses + kl
             weight = mask
         total = lambda x: jnp.sum(x * weight)  # noqa: E731
         count = jnp.sum(weight)
