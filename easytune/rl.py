@@ -155,7 +155,8 @@ class RLLoop:
         return dict(zip(("old_logprobs", "ref_logprobs", "entropy", "old_values"), outputs))
 
     def advantages(self, rows: dict[str, np.ndarray], scores: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
-        """Advantages (and PPO's returns) `[batch, response]` and the iteration's reward metrics."""
+        """Advantages (and PPO's returns) `[batch, response]`, the iteration's KL coefficient
+        `kl_coef` `[batch, 1]` (the controller's value now), and the iteration's reward metrics."""
         o = self.options
         mask = jnp.asarray(rows["response_mask"], jnp.float32)
         scores = jnp.asarray(scores)
@@ -193,12 +194,13 @@ class RLLoop:
         metrics["objective/kl"] = float(jnp.mean(sequence_kl))
         metrics["objective/rlhf_reward"] = float(jnp.mean(scores - kl_coef * sequence_kl))
         metrics["kl_coef"] = kl_coef
+        out["kl_coef"] = np.full((len(scores), 1), kl_coef, np.float32)  # the loss's, when the KL is in it
         return out, metrics
 
     def update(self, rows: dict[str, np.ndarray]) -> list[dict]:
         """PPO epochs over shuffled minibatches; returns each optimizer step's metrics (host floats)."""
         train_keys = ("input_ids", "positions", "segment_ids", "response_mask", "old_logprobs", "ref_logprobs",
-                      "advantages", "returns", "old_values")
+                      "advantages", "returns", "old_values", "kl_coef")
         rng = np.random.default_rng([self.cfg.seed, self.iteration])
         step_metrics = []
         with jax.set_mesh(self.mesh):

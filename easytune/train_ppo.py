@@ -292,7 +292,7 @@ def run(cfg) -> dict:
     total_steps = cfg.iterations * steps_per_iteration
     policy_cfg = copy.deepcopy(cfg)
     policy_cfg.batch_size = cfg.rollout_batch_size // cfg.num_minibatches
-    policy = train.Trainer(policy_cfg, model, ppo.policy_loss_fn(options, cfg.kl_coef if kl_in == "loss" else 0.0),
+    policy = train.Trainer(policy_cfg, model, ppo.policy_loss_fn(options),
                            total_steps, reference=True,
                            count_name="sequences" if options.sequence_ratio else "response_tokens")
     critic, value_source = None, None

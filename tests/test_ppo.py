@@ -112,6 +112,26 @@ def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_mo
     assert policy.adapter is not None and policy.adapter.config.method == "lora"
 
 
+def test_grpo_adaptive_kl_coefficient_is_the_one_in_the_loss(char_chat_model, prompt_file, reward_module, tmp_path):
+    """GRPO's in-loss KL term uses the adaptive controller's current beta: two runs, adaptive and
+    fixed, start at the same beta and share iteration 1 exactly; in iteration 2 (one optimizer step
+    each, on the same rollout) their losses differ by exactly the change in beta times the step's
+    k3 KL to the reference (`policy/kl_ref`)."""
+    common = dict(algo="grpo", reward_fn=f"{reward_module}:digit_fraction", kl_coef=2.0, ppo_epochs=1,
+                  num_minibatches=1, **{"optimizer.lr": 1e-2})
+    run(make_cfg(char_chat_model, prompt_file, tmp_path / "adaptive", adaptive_kl=True, kl_target=6.0, kl_horizon=16,
+                 **common))
+    run(make_cfg(char_chat_model, prompt_file, tmp_path / "fixed", **common))
+    adaptive, fixed = logged(tmp_path / "adaptive"), logged(tmp_path / "fixed")
+    assert adaptive[0]["policy/loss"] == fixed[0]["policy/loss"]
+    # the KL (0 at the start) is under its target: beta *= 1 - 0.2 * 16 completions / horizon 16
+    assert fixed[1]["kl_coef"] == 2.0 and adaptive[1]["kl_coef"] == pytest.approx(1.6)
+    kl_ref = adaptive[1]["policy/kl_ref"]
+    assert kl_ref == fixed[1]["policy/kl_ref"] and kl_ref > 1e-3
+    assert adaptive[1]["policy/loss"] - fixed[1]["policy/loss"] == pytest.approx(
+        (adaptive[1]["kl_coef"] - fixed[1]["kl_coef"]) * kl_ref, rel=1e-3)
+
+
 @pytest.mark.parametrize("head_chunk_size", [0, 24])
 def test_temperature_is_the_same_at_rollout_and_in_training(char_chat_model, prompt_file, reward_module, tmp_path,
                                                             head_chunk_size):

@@ -509,8 +509,9 @@ def test_grpo_policy_loss_matches_trl(tiny_models):
                            cliprange=low, cliprange_high=high, group_size=4)
     batch = dict(input_ids=input_ids, positions=positions, segment_ids=segment_ids, response_mask=response_mask,
                  old_logprobs=old.numpy(), ref_logprobs=ref.numpy(),
-                 advantages=np.repeat(advantages.numpy()[:, None], RESPONSE, axis=1))
-    loss, metrics = ours(ppo.policy_loss_fn(options, kl_coef_in_loss=beta), policy, batch)
+                 advantages=np.repeat(advantages.numpy()[:, None], RESPONSE, axis=1),
+                 kl_coef=np.full((BATCH, 1), beta, np.float32))
+    loss, metrics = ours(ppo.policy_loss_fn(options), policy, batch)
     for loss_type in ("bnpo", "dapo"):
         theirs, logged = trl_compute_loss(
             GRPOTrainer, torch_policy, input_ids, positions, response_mask, temperature,
@@ -566,8 +567,13 @@ def test_rloo_kl_in_the_loss_adds_beta_times_each_sequences_k3(tiny_models):
     batch = {"input_ids": input_ids, "positions": positions, "segment_ids": segment_ids,
              "response_mask": response_mask, "old_logprobs": old.numpy(), "ref_logprobs": ref.numpy(),
              "advantages": np.repeat(advantages.numpy()[:, None], RESPONSE, axis=1)}
-    without, _ = ours(ppo.policy_loss_fn(options, kl_coef_in_loss=0.0), policy, batch)
-    with_kl, _ = ours(ppo.policy_loss_fn(options, kl_coef_in_loss=beta), policy, batch)
+
+    def loss_at(kl_coef):
+        loss, _ = ours(ppo.policy_loss_fn(options), policy,
+                       {**batch, "kl_coef": np.full((BATCH, 1), kl_coef, np.float32)})
+        return loss
+
+    without, with_kl = loss_at(0.0), loss_at(beta)
     log_ratio = ref - logps
     sequence_k3 = ((log_ratio.exp() - 1 - log_ratio) * torch.tensor(response_mask)).sum(1)
     assert sequence_k3.min() > 0

@@ -18,7 +18,8 @@ and the losses the training loop runs (`policy_loss_fn`, `value_loss_fn`), which
 batch: `input_ids`, `positions`, `segment_ids` `[batch, prompt + response]` (prompt left-padded,
 response right-padded) and per-response-token `[batch, response]` arrays: `response_mask` (1 up to
 and including the EOS), `old_logprobs` and `old_values` (recorded at rollout time, before any
-update), `ref_logprobs`, `advantages`, `returns`.
+update), `ref_logprobs`, `advantages`, `returns`; and `kl_coef` `[batch, 1]`, the iteration's KL
+coefficient (a traced input, so the adaptive controller's value reaches the loss).
 
 Conventions (where TRL's PPOTrainer is tied to its own padding, ours are stated):
 - A response's tokens run up to and including its first EOS; a response with no EOS runs to
@@ -243,12 +244,14 @@ def response_values(model_config, params, batch):
     return values[:, -response_length - 1:-1, 0].astype(jnp.float32)
 
 
-def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
+def policy_loss_fn(options: RLConfig):
     """The policy's loss for `train.Trainer`: `(sum, count, {metric: sum})`. PPO and GRPO average
     per-token losses over the minibatch's response tokens (TRL's PPO masked mean; GRPO's
     token-level "dapo"/"bnpo" normalization); RLOO averages per-sequence losses over sequences (as
     TRL's RLOOTrainer). With --kl_in=loss, kl_coef·k3 is added to each unit: per token (PPO's
-    and GRPO's units), or summed over a sequence's tokens (RLOO's: the sequence's KL)."""
+    and GRPO's units), or summed over a sequence's tokens (RLOO's: the sequence's KL). kl_coef is
+    the batch's `kl_coef` `[batch, 1]`, an input of the jitted step rather than a constant in it,
+    so that an adaptive controller's current value is the one trained with, without recompiling."""
 
     def loss_fn(model_config, params, batch, reference=None):
         del reference  # reference log-probs were recorded at rollout time
@@ -261,7 +264,7 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
         old = batch["old_logprobs"]
         advantages = batch["advantages"]
         log_ratio = logps - old
-        kl = kl_coef_in_loss * kl_penalty(logps, batch["ref_logprobs"], "k3") if kl_coef_in_loss else None
+        kl = batch["kl_coef"] * kl_penalty(logps, batch["ref_logprobs"], "k3") if options.kl_in == "loss" else None
         if options.sequence_ratio:  # one ratio per sequence: units are the sequences with a response
             losses, ratio, clipped = clipped_policy_loss(jnp.sum(logps * mask, -1), jnp.sum(old * mask, -1),
                                                          advantages[:, 0], options.cliprange, options.clip_high)
