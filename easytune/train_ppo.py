@@ -247,9 +247,8 @@ def run(cfg) -> dict:
         cfg.reward_fn = "easytune.rewards:exact_match"
     if bool(cfg.reward_fn) == bool(cfg.reward_model):
         raise ValueError("give the reward as exactly one of --reward_fn=module:function or --reward_model=DIR.")
-    kl_in = cfg.kl_in or ("loss" if cfg.algo == "grpo" else "reward")
     options = ppo.RLConfig(
-        algo=cfg.algo, temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_in=kl_in,
+        algo=cfg.algo, temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_in=cfg.kl_in,
         gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards, cliprange=cfg.cliprange,
         cliprange_high=cfg.cliprange_high, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
         scale_rewards=cfg.scale_rewards, normalize_advantages=cfg.normalize_advantages,
@@ -292,9 +291,8 @@ def run(cfg) -> dict:
     total_steps = cfg.iterations * steps_per_iteration
     policy_cfg = copy.deepcopy(cfg)
     policy_cfg.batch_size = cfg.rollout_batch_size // cfg.num_minibatches
-    policy = train.Trainer(policy_cfg, model, ppo.policy_loss_fn(options),
-                           total_steps, reference=True,
-                           count_name="sequences" if options.sequence_ratio else "response_tokens")
+    policy = train.Trainer(policy_cfg, model, ppo.policy_loss_fn(options), total_steps, reference=True,
+                           count_name=options.policy_loss.unit)
     critic, value_source = None, None
     if options.uses_critic:
         value_source = cfg.value_model or cfg.reward_model or model.source

@@ -174,6 +174,41 @@ def test_rloo_qlora_policy_scores_with_a_reward_model(char_chat_model, prompt_fi
     assert scores[0] != scores[1]
 
 
+def test_a_grpo_variant_is_one_registered_function(monkeypatch):
+    """A GRPO variant (Dr. GRPO's advantages: no division by the group's std) is one registered
+    estimator and one algorithm entry; RLConfig, the loop's advantages step and the loss take it by
+    name, unchanged. (Registered into copies of the registries, so no other test sees it.)"""
+    import copy
+    import dataclasses
+
+    from easytune.algos import ppo
+    for name in ("ADVANTAGE_ESTIMATORS", "ALGORITHMS"):
+        monkeypatch.setattr(ppo, name, copy.deepcopy(getattr(ppo, name)))
+
+    @ppo.advantage_estimator("unscaled_group", min_group_size=2)
+    def unscaled_group(options, scores, kl, kl_coef, mask, values):
+        return ppo.group_relative_advantages(dataclasses.replace(options, scale_rewards="none"), scores, kl, kl_coef,
+                                             mask, values)
+
+    ppo.ALGORITHMS.add("dr_grpo", ppo.Algorithm("unscaled_group", "per_token", ("loss", "reward")))
+    options = ppo.RLConfig(algo="dr_grpo", group_size=4)
+    assert options.kl_in == "loss" and not options.uses_critic and options.policy_loss.unit == "response_tokens"
+    with pytest.raises(ValueError, match="rollouts_per_prompt must be >= 2"):
+        ppo.RLConfig(algo="dr_grpo", group_size=1)
+    rng = np.random.default_rng(0)
+    mask = (np.arange(5)[None, :] < rng.integers(1, 6, (8, 1))).astype(np.int32)
+    rows = {"response_mask": mask, "old_logprobs": -rng.random((8, 5), np.float32),
+            "ref_logprobs": -rng.random((8, 5), np.float32), "old_values": np.zeros((8, 5), np.float32)}
+    scores = rng.normal(size=8).astype(np.float32)
+    stand_in = type("Loop", (), {"options": options, "kl": ppo.FixedKLController(0.1)})()
+    out, metrics = rl.RLLoop.advantages(stand_in, rows, scores)
+    grouped = scores.reshape(2, 4)
+    expected = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(-1)[:, None] * mask
+    np.testing.assert_allclose(out["advantages"], expected, rtol=1e-6, atol=1e-7)
+    assert np.all(out["returns"] == 0) and np.all(out["kl_coef"] == np.float32(0.1))
+    assert metrics["reward/group_std"] > 0
+
+
 def test_response_rows_mask_through_the_first_eos():
     tokens, positions, segments = rl.generate.left_pad([[5, 6, 7], [8]], length=4)
     responses = np.array([[10, 2, 11, 2], [12, 13, 14, 15]])
