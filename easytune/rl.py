@@ -11,8 +11,9 @@ One iteration:
    are not recomputed after updates, so the first update's ratio is exactly 1 and later ones are not;
 3. **score**: the reward function or reward model on the decoded completions (every process
    scores the same gathered batch), minus `missing_eos_penalty` for completions without EOS;
-4. **advantages** (`easytune.algos.ppo`): PPO folds the per-token KL into the rewards and runs
-   GAE (and whitening); GRPO and RLOO use group-relative or leave-one-out baselines;
+4. **advantages**: the algorithm's registered estimator (`easytune.algos.ppo.ADVANTAGE_ESTIMATORS`:
+   GAE for PPO, group-relative for GRPO, leave-one-out for RLOO), the rewards charged the KL where
+   the registered KL placement says so (`--kl_in`);
 5. **train**: `ppo_epochs` passes over the batch in `num_minibatches` shuffled minibatches, one
    optimizer step each for the policy (and the critic) through `train.Trainer`'s jitted step.
 """
@@ -155,50 +156,31 @@ class RLLoop:
         return dict(zip(("old_logprobs", "ref_logprobs", "entropy", "old_values"), outputs))
 
     def advantages(self, rows: dict[str, np.ndarray], scores: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
-        """Advantages (and PPO's returns) `[batch, response]` and the iteration's reward metrics."""
+        """Advantages and returns `[batch, response]` from the algorithm's registered estimator,
+        the iteration's KL coefficient `kl_coef` `[batch, 1]` (the controller's value now, read
+        by the loss when the KL is placed there), and the iteration's reward metrics."""
         o = self.options
         mask = jnp.asarray(rows["response_mask"], jnp.float32)
         scores = jnp.asarray(scores)
         kl = ppo.kl_penalty(jnp.asarray(rows["old_logprobs"]), jnp.asarray(rows["ref_logprobs"]),
                             o.kl_estimator) * mask
-        sequence_kl = jnp.sum(kl, axis=1)
         kl_coef = self.kl.value
-        metrics = {}
-        if o.algo == "ppo":
-            end_index = jnp.asarray(rows["response_mask"].sum(axis=1) - 1)
-            rewards, non_score = ppo.token_rewards(scores, kl, end_index, kl_coef, mask)
-            if o.whiten_rewards:
-                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False) * mask
-            values = jnp.asarray(rows["old_values"]) * mask
-            advantages, returns = ppo.gae(rewards, values, o.gamma, o.lam)
-            if o.whiten_advantages:
-                advantages = ppo.masked_whiten(advantages, mask)
-            advantages = advantages * mask
-            metrics["objective/non_score_reward"] = float(jnp.mean(jnp.sum(non_score, axis=1)))
-            metrics["value/explained_variance"] = float(ppo.explained_variance(values, returns, mask))
-            metrics["value/mean"] = float(ppo.masked_mean(values, mask))
-            out = {"advantages": np.asarray(advantages, np.float32), "returns": np.asarray(returns * mask, np.float32)}
-        else:
-            sequence_rewards = scores - kl_coef * sequence_kl if o.kl_in == "reward" else scores
-            if o.algo == "grpo":
-                per_sequence = ppo.group_advantages(sequence_rewards, o.group_size, o.scale_rewards)
-            else:
-                per_sequence = ppo.leave_one_out_advantages(sequence_rewards, o.group_size, o.normalize_advantages)
-            advantages = per_sequence[:, None] * mask
-            grouped = scores.reshape(-1, o.group_size)
-            metrics["reward/group_std"] = float(jnp.mean(jnp.std(grouped, axis=1)))
-            metrics["reward/zero_std_groups"] = float(jnp.mean(jnp.std(grouped, axis=1) == 0))
-            out = {"advantages": np.asarray(advantages, np.float32),
-                   "returns": np.zeros_like(rows["old_logprobs"], np.float32)}
+        charged = kl if o.kl_placement.in_reward else jnp.zeros_like(kl)
+        advantages, returns, metrics = o.advantage_estimator.estimate(o, scores, charged, kl_coef, mask,
+                                                                      jnp.asarray(rows["old_values"]))
+        metrics = {name: float(value) for name, value in metrics.items()}
+        sequence_kl = jnp.sum(kl, axis=1)
         metrics["objective/kl"] = float(jnp.mean(sequence_kl))
         metrics["objective/rlhf_reward"] = float(jnp.mean(scores - kl_coef * sequence_kl))
         metrics["kl_coef"] = kl_coef
+        out = {"advantages": np.asarray(advantages, np.float32), "returns": np.asarray(returns, np.float32),
+               "kl_coef": np.full((len(scores), 1), kl_coef, np.float32)}
         return out, metrics
 
     def update(self, rows: dict[str, np.ndarray]) -> list[dict]:
         """PPO epochs over shuffled minibatches; returns each optimizer step's metrics (host floats)."""
         train_keys = ("input_ids", "positions", "segment_ids", "response_mask", "old_logprobs", "ref_logprobs",
-                      "advantages", "returns", "old_values")
+                      "advantages", "returns", "old_values", "kl_coef")
         rng = np.random.default_rng([self.cfg.seed, self.iteration])
         step_metrics = []
         with jax.set_mesh(self.mesh):

@@ -85,7 +85,8 @@ DOCS = {
     "batch_size": "global batch in preference pairs (each is a chosen and a rejected sequence)",
     "seq_length": "maximum tokens per sequence (prompt + response), truncated on the right; rows are as long "
                   "as the longest pair needs, up to this",
-    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
+    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu; a builtin one is written into "
+                     "the run's and the exports' tokenizer",
     "loss_reduction": "mean: per pair over the global batch; sum: per micro-batch pair sum averaged over "
                       "accumulation steps",
     "loss_type": "sigmoid (DPO), ipo (length-normalized), hinge, robust, orpo (chosen-response NLL + beta * "
@@ -150,7 +151,7 @@ def run(cfg) -> dict:
         raise ValueError(f"--precompute_reference has nothing to compute: the {cfg.loss_type} loss"
                          f"{' with --reference_free' if cfg.reference_free else ''} uses no reference policy.")
     model = entry.load_causal_lm(cfg, "preference optimization", "preference training needs one to format the pairs")
-    template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
+    template = data.adopt_chat_template(model.tokenizer, cfg.chat_template)
     adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
     prompt_learning = adapter is not None and not adapter.config.is_lora
     if prompt_learning and cfg.export_hf:

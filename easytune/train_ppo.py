@@ -7,7 +7,8 @@
 - **grpo**: no critic; each prompt's `--rollouts_per_prompt` completions are compared with their
   group's mean (divided by the std, `--scale_rewards`); KL as k3 in the loss (`--kl_in=loss`, the
   default) or in the reward.
-- **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward.
+- **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward (the
+  default) or, with `--kl_in=loss`, each sequence's summed k3 in the loss.
 
 The reward is a Python function over prompts and completions (`--reward_fn=module:function`, see
 `easytune.rewards`) or an easytune reward model (`--reward_model`: a train_reward run or an HF
@@ -120,8 +121,8 @@ DOCS = {
     "grad_accum_steps": "micro-batches accumulated per minibatch",
     "kl_coef": "KL coefficient beta (initial value with --adaptive_kl; 0 = no KL term)",
     "kl_estimator": "per-token KL estimator in the reward: k1 (log ratio), k2 or k3 (Schulman)",
-    "kl_in": "reward (fold beta*KL into the rewards) or loss (grpo: beta*k3 per token in the loss) (default: "
-             "loss for grpo, reward otherwise)",
+    "kl_in": "reward (fold beta*KL into the rewards) or loss (beta*k3 in the loss: per token for grpo, summed over "
+             "each sequence for rloo) (default: loss for grpo, reward otherwise)",
     "adaptive_kl": "adapt kl_coef towards kl_target (Ziegler et al. 2019)",
     "kl_target": "adaptive KL: target KL per completion (nats)",
     "kl_horizon": "adaptive KL: horizon in completions",
@@ -246,9 +247,8 @@ def run(cfg) -> dict:
         cfg.reward_fn = "easytune.rewards:exact_match"
     if bool(cfg.reward_fn) == bool(cfg.reward_model):
         raise ValueError("give the reward as exactly one of --reward_fn=module:function or --reward_model=DIR.")
-    kl_in = cfg.kl_in or ("loss" if cfg.algo == "grpo" else "reward")
     options = ppo.RLConfig(
-        algo=cfg.algo, temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_in=kl_in,
+        algo=cfg.algo, temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_in=cfg.kl_in,
         gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards, cliprange=cfg.cliprange,
         cliprange_high=cfg.cliprange_high, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
         scale_rewards=cfg.scale_rewards, normalize_advantages=cfg.normalize_advantages,
@@ -291,9 +291,8 @@ def run(cfg) -> dict:
     total_steps = cfg.iterations * steps_per_iteration
     policy_cfg = copy.deepcopy(cfg)
     policy_cfg.batch_size = cfg.rollout_batch_size // cfg.num_minibatches
-    policy = train.Trainer(policy_cfg, model, ppo.policy_loss_fn(options, cfg.kl_coef if kl_in == "loss" else 0.0),
-                           total_steps, reference=True,
-                           count_name="sequences" if options.sequence_ratio else "response_tokens")
+    policy = train.Trainer(policy_cfg, model, ppo.policy_loss_fn(options), total_steps, reference=True,
+                           count_name=options.policy_loss.unit)
     critic, value_source = None, None
     if options.uses_critic:
         value_source = cfg.value_model or cfg.reward_model or model.source

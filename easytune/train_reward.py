@@ -71,7 +71,8 @@ DOCS = {
     "batch_size": "global batch in preference pairs (each is a chosen and a rejected sequence)",
     "seq_length": "maximum tokens per sequence (prompt + response), truncated on the right; rows are as long "
                   "as the longest pair needs, up to this",
-    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
+    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu; a builtin one is written into "
+                     "the run's and the exports' tokenizer",
     "loss_reduction": "mean: per pair over the global batch; sum: per micro-batch pair sum averaged over "
                       "accumulation steps",
     "center_rewards_coefficient": "reward centering: adds c * mean((r_chosen + r_rejected)^2) (0 = off; "
@@ -106,7 +107,7 @@ def run(cfg) -> dict:
         raise ValueError(f"{cfg.model} has no tokenizer; reward training needs one to format the pairs.")
     if model.is_encoder_decoder:
         raise ValueError(f"reward models here are decoder-only (LLaMA/Mistral); {cfg.model} is an encoder-decoder.")
-    template = data.resolve_chat_template(model.tokenizer, cfg.chat_template)
+    template = data.adopt_chat_template(model.tokenizer, cfg.chat_template)
 
     default_job = cfg.train_data is None
     eval_rows = None

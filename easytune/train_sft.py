@@ -69,7 +69,8 @@ DOCS = {
     "attention": "attention implementation: xla (reference), pallas (easytune's fused GPU kernel; interpret mode "
                  "on CPU), splash (JAX's TPU kernel; interpret mode on CPU), cudnn (NVIDIA GPUs) or auto (pallas on "
                  "GPU, splash on TPU, xla elsewhere)",
-    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu",
+    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu; a builtin one is written into "
+                     "the run's and the exports' tokenizer",
     "pack": "pack several samples per row (best fit; attention never crosses samples)",
     "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "
                       "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
@@ -126,7 +127,7 @@ def run(cfg) -> dict:
                           remat=cfg.remat, attention=cfg.attention, head_chunk_size=cfg.head_chunk_size)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer; SFT needs one to format and tokenize the data.")
-    template = None if model.is_encoder_decoder else data.resolve_chat_template(model.tokenizer, cfg.chat_template)
+    template = None if model.is_encoder_decoder else data.adopt_chat_template(model.tokenizer, cfg.chat_template)
     adapter = adapters.attach_from_flags(model, cfg, seed=cfg.seed)
     prompt_learning = adapter is not None and not adapter.config.is_lora
     if prompt_learning and cfg.export_hf:

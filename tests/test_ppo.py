@@ -112,6 +112,26 @@ def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_mo
     assert policy.adapter is not None and policy.adapter.config.method == "lora"
 
 
+def test_grpo_adaptive_kl_coefficient_is_the_one_in_the_loss(char_chat_model, prompt_file, reward_module, tmp_path):
+    """GRPO's in-loss KL term uses the adaptive controller's current beta: two runs, adaptive and
+    fixed, start at the same beta and share iteration 1 exactly; in iteration 2 (one optimizer step
+    each, on the same rollout) their losses differ by exactly the change in beta times the step's
+    k3 KL to the reference (`policy/kl_ref`)."""
+    common = dict(algo="grpo", reward_fn=f"{reward_module}:digit_fraction", kl_coef=2.0, ppo_epochs=1,
+                  num_minibatches=1, **{"optimizer.lr": 1e-2})
+    run(make_cfg(char_chat_model, prompt_file, tmp_path / "adaptive", adaptive_kl=True, kl_target=6.0, kl_horizon=16,
+                 **common))
+    run(make_cfg(char_chat_model, prompt_file, tmp_path / "fixed", **common))
+    adaptive, fixed = logged(tmp_path / "adaptive"), logged(tmp_path / "fixed")
+    assert adaptive[0]["policy/loss"] == fixed[0]["policy/loss"]
+    # the KL (0 at the start) is under its target: beta *= 1 - 0.2 * 16 completions / horizon 16
+    assert fixed[1]["kl_coef"] == 2.0 and adaptive[1]["kl_coef"] == pytest.approx(1.6)
+    kl_ref = adaptive[1]["policy/kl_ref"]
+    assert kl_ref == fixed[1]["policy/kl_ref"] and kl_ref > 1e-3
+    assert adaptive[1]["policy/loss"] - fixed[1]["policy/loss"] == pytest.approx(
+        (adaptive[1]["kl_coef"] - fixed[1]["kl_coef"]) * kl_ref, rel=1e-3)
+
+
 @pytest.mark.parametrize("head_chunk_size", [0, 24])
 def test_temperature_is_the_same_at_rollout_and_in_training(char_chat_model, prompt_file, reward_module, tmp_path,
                                                             head_chunk_size):
@@ -152,6 +172,41 @@ def test_rloo_qlora_policy_scores_with_a_reward_model(char_chat_model, prompt_fi
                                records[1]["messages"][:1] + [{"role": "assistant", "content": "ab"}]])
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
     assert scores[0] != scores[1]
+
+
+def test_a_grpo_variant_is_one_registered_function(monkeypatch):
+    """A GRPO variant (Dr. GRPO's advantages: no division by the group's std) is one registered
+    estimator and one algorithm entry; RLConfig, the loop's advantages step and the loss take it by
+    name, unchanged. (Registered into copies of the registries, so no other test sees it.)"""
+    import copy
+    import dataclasses
+
+    from easytune.algos import ppo
+    for name in ("ADVANTAGE_ESTIMATORS", "ALGORITHMS"):
+        monkeypatch.setattr(ppo, name, copy.deepcopy(getattr(ppo, name)))
+
+    @ppo.advantage_estimator("unscaled_group", min_group_size=2)
+    def unscaled_group(options, scores, kl, kl_coef, mask, values):
+        return ppo.group_relative_advantages(dataclasses.replace(options, scale_rewards="none"), scores, kl, kl_coef,
+                                             mask, values)
+
+    ppo.ALGORITHMS.add("dr_grpo", ppo.Algorithm("unscaled_group", "per_token", ("loss", "reward")))
+    options = ppo.RLConfig(algo="dr_grpo", group_size=4)
+    assert options.kl_in == "loss" and not options.uses_critic and options.policy_loss.unit == "response_tokens"
+    with pytest.raises(ValueError, match="rollouts_per_prompt must be >= 2"):
+        ppo.RLConfig(algo="dr_grpo", group_size=1)
+    rng = np.random.default_rng(0)
+    mask = (np.arange(5)[None, :] < rng.integers(1, 6, (8, 1))).astype(np.int32)
+    rows = {"response_mask": mask, "old_logprobs": -rng.random((8, 5), np.float32),
+            "ref_logprobs": -rng.random((8, 5), np.float32), "old_values": np.zeros((8, 5), np.float32)}
+    scores = rng.normal(size=8).astype(np.float32)
+    stand_in = type("Loop", (), {"options": options, "kl": ppo.FixedKLController(0.1)})()
+    out, metrics = rl.RLLoop.advantages(stand_in, rows, scores)
+    grouped = scores.reshape(2, 4)
+    expected = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(-1)[:, None] * mask
+    np.testing.assert_allclose(out["advantages"], expected, rtol=1e-6, atol=1e-7)
+    assert np.all(out["returns"] == 0) and np.all(out["kl_coef"] == np.float32(0.1))
+    assert metrics["reward/group_std"] > 0
 
 
 def test_response_rows_mask_through_the_first_eos():

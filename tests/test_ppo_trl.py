@@ -509,8 +509,9 @@ def test_grpo_policy_loss_matches_trl(tiny_models):
                            cliprange=low, cliprange_high=high, group_size=4)
     batch = dict(input_ids=input_ids, positions=positions, segment_ids=segment_ids, response_mask=response_mask,
                  old_logprobs=old.numpy(), ref_logprobs=ref.numpy(),
-                 advantages=np.repeat(advantages.numpy()[:, None], RESPONSE, axis=1))
-    loss, metrics = ours(ppo.policy_loss_fn(options, kl_coef_in_loss=beta), policy, batch)
+                 advantages=np.repeat(advantages.numpy()[:, None], RESPONSE, axis=1),
+                 kl_coef=np.full((BATCH, 1), beta, np.float32))
+    loss, metrics = ours(ppo.policy_loss_fn(options), policy, batch)
     for loss_type in ("bnpo", "dapo"):
         theirs, logged = trl_compute_loss(
             GRPOTrainer, torch_policy, input_ids, positions, response_mask, temperature,
@@ -549,6 +550,34 @@ def test_rloo_policy_loss_matches_trl(tiny_models):
     assert 0 < logged["clip_ratio/region_mean"] < 1
     close(metrics["policy/clipfrac"], logged["clip_ratio/region_mean"])
     close(metrics["policy/entropy"], logged["entropy"])
+
+
+def test_rloo_kl_in_the_loss_adds_beta_times_each_sequences_k3(tiny_models):
+    """--algo=rloo --kl_in=loss: each sequence's loss gains beta times its k3 KL to the reference
+    summed over its tokens (the sequence's KL, as --kl_in=reward charges it), averaged over the
+    sequences. The k3 term is computed here from the transformers model's log-probs
+    (TRL's selective_log_softmax), not from ours."""
+    torch_policy, _, policy, _ = tiny_models
+    input_ids, positions, segment_ids, response_mask = rollout_tokens(15)
+    temperature, beta = 0.7, 0.3
+    old, ref = _rollout_logprobs(torch_policy, input_ids, positions, temperature, seed=16, noise=0.15)
+    logps, _ = _rollout_logprobs(torch_policy, input_ids, positions, temperature, seed=0, noise=0.0)
+    advantages = torch.randn(BATCH, generator=torch.Generator().manual_seed(17))
+    options = ppo.RLConfig(algo="rloo", kl_in="loss", kl_coef=beta, temperature=temperature, group_size=4)
+    batch = {"input_ids": input_ids, "positions": positions, "segment_ids": segment_ids,
+             "response_mask": response_mask, "old_logprobs": old.numpy(), "ref_logprobs": ref.numpy(),
+             "advantages": np.repeat(advantages.numpy()[:, None], RESPONSE, axis=1)}
+
+    def loss_at(kl_coef):
+        loss, _ = ours(ppo.policy_loss_fn(options), policy,
+                       {**batch, "kl_coef": np.full((BATCH, 1), kl_coef, np.float32)})
+        return loss
+
+    without, with_kl = loss_at(0.0), loss_at(beta)
+    log_ratio = ref - logps
+    sequence_k3 = ((log_ratio.exp() - 1 - log_ratio) * torch.tensor(response_mask)).sum(1)
+    assert sequence_k3.min() > 0
+    close(with_kl - without, beta * sequence_k3.mean(), err_msg="the in-loss KL term")
 
 
 # ----------------------------------------------------------------------------- 6. GRPO and RLOO advantages

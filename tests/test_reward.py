@@ -147,6 +147,22 @@ def test_train_reward_matches_trl_and_exports_to_transformers(tiny_chat_model, p
     assert summary["train_state_bytes"]["frozen"] == 0
 
 
+def test_a_reward_run_scores_with_its_training_chat_template(tiny_chat_model, pair_file, tmp_path):
+    """--chat_template=tulu is the template of the reward run's tokenizer and of its export (what
+    train_ppo --reward_model reads completions with), as transformers loads them, and score renders
+    a conversation with it."""
+    from transformers import AutoTokenizer
+    run(make_cfg(tiny_chat_model, pair_file, tmp_path / "run", chat_template="tulu", export_hf=str(tmp_path / "hf")))
+    conversation = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    own = AutoTokenizer.from_pretrained(tiny_chat_model)
+    tulu = f"<|user|>\nWhat is 2 + 2?\n<|assistant|>\n4{own.eos_token}"  # Tulu ends an answer with the EOS
+    for directory in (tmp_path / "run", tmp_path / "hf"):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        assert tokenizer.apply_chat_template(conversation, tokenize=False) == tulu, directory
+        model = easytune.load(str(directory))
+        assert model.score(conversation) == model.score(own(tulu, add_special_tokens=False)["input_ids"]), directory
+
+
 @pytest.mark.parametrize("name", ["llama2", "mistral_sliding_window"])
 def test_score_head_export_matches_transformers(hf_models, tmp_path, name):
     """Untied LLaMA (its LM head is dropped) and sliding-window Mistral: the reward model's export

@@ -51,6 +51,40 @@ def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp
         assert torch.equal(value, again.state_dict()[key]), key
 
 
+def test_the_training_chat_template_is_saved_exported_and_used(tiny_chat_model, task_file, tmp_path, monkeypatch):
+    """--chat_template=chatml tokenizes the data and then is the template of the run's tokenizer and
+    of the HF export, as transformers loads them, so generate (the prompt tokens it decodes from)
+    and score render conversations as training did, not with SmolLM2's own template (which adds a
+    default system prompt)."""
+    from transformers import AutoTokenizer
+
+    from easytune import generate as generate_lib
+    from easytune.algos import reward as reward_lib
+    run(make_cfg(tiny_chat_model, task_file, tmp_path / "out", total_steps=1, chat_template="chatml",
+                 export_hf=str(tmp_path / "hf")))
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    chatml_prompt = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    own = AutoTokenizer.from_pretrained(tiny_chat_model)
+    assert own.apply_chat_template(question, tokenize=False, add_generation_prompt=True) != chatml_prompt
+    prompts = []
+    monkeypatch.setattr(generate_lib, "generate_tokens", lambda config, params, token_prompts, *args, **kwargs:
+                        prompts.extend(token_prompts) or [[] for _ in token_prompts])
+    for directory in (tmp_path / "out", tmp_path / "hf"):  # the run (e.g. an RL policy) and the export
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        rendered = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+        assert rendered == chatml_prompt, directory
+        easytune.load(str(directory)).generate(question)
+        assert prompts.pop() == tokenizer(chatml_prompt, add_special_tokens=False)["input_ids"], directory
+
+    scorer = easytune.load(str(tmp_path / "hf"))
+    reward_lib.to_reward_model(scorer, seed=3)
+    answered = question + [{"role": "assistant", "content": "4"}]
+    chatml_ids = own(chatml_prompt + "4<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    own_ids = own.apply_chat_template(answered, tokenize=True, return_dict=True)["input_ids"]
+    assert scorer.score(own_ids) != scorer.score(chatml_ids)
+    assert scorer.score(answered) == scorer.score(chatml_ids)
+
+
 def trainer_losses(model, steps, rows, **cfg_overrides):
     cfg = make_cfg(None, None, "/tmp/unused", **cfg_overrides)
     trainer = train.Trainer(cfg, model, sft.loss_sums, total_steps=steps)

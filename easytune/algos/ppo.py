@@ -14,11 +14,20 @@ Each piece matches TRL's definition on identical tensors (tests/test_ppo_trl.py)
     clipped_value_loss(...)                          ½·max((v − R)², (clip(v, v_old ± ε_v) − R)²) per token
     AdaptiveKLController                             Ziegler et al. 2019's proportional controller
 
-and the losses the training loop runs (`policy_loss_fn`, `value_loss_fn`), which read a rollout
+An algorithm (`ALGORITHMS`: ppo, grpo, rloo) names its registered pieces (`easytune.algos.registry`,
+as google/tunix): an advantage estimator (`ADVANTAGE_ESTIMATORS`: gae, group, leave_one_out), a
+policy loss (`POLICY_LOSSES`: per_token, per_sequence) and the KL placements it takes
+(`KL_PLACEMENTS`: reward, loss). The RL loop and the losses look the pieces up by name and never
+ask which algorithm runs, so a variant (say Dr. GRPO's unscaled advantages, or GSPO's sequence
+ratio) is one function registered with `@advantage_estimator(...)` or `@policy_loss(...)` and one
+`ALGORITHMS.add(name, Algorithm(...))` line beside it.
+
+The losses the training loop runs (`policy_loss_fn`, `value_loss_fn`) read a rollout
 batch: `input_ids`, `positions`, `segment_ids` `[batch, prompt + response]` (prompt left-padded,
 response right-padded) and per-response-token `[batch, response]` arrays: `response_mask` (1 up to
 and including the EOS), `old_logprobs` and `old_values` (recorded at rollout time, before any
-update), `ref_logprobs`, `advantages`, `returns`.
+update), `ref_logprobs`, `advantages`, `returns`; and `kl_coef` `[batch, 1]`, the iteration's KL
+coefficient (a traced input, so the adaptive controller's value reaches the loss).
 
 Conventions (where TRL's PPOTrainer is tied to its own padding, ours are stated):
 - A response's tokens run up to and including its first EOS; a response with no EOS runs to
@@ -30,17 +39,97 @@ Conventions (where TRL's PPOTrainer is tied to its own padding, ours are stated)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from easytune import models
 from easytune.algos.logprobs import entropy_from_logits, model_logprobs  # noqa: F401 (entropy_from_logits: this module's API too)
+from easytune.algos.registry import Registry
 
-ALGOS = ("ppo", "grpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WHITEN_EPS = 1e-8       # TRL's masked_whiten
 GROUP_STD_EPS = 1e-4    # TRL's GRPO/RLOO advantage scaling
+
+
+# ----------------------------------------------------------------------------- variants by name
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageEstimator:
+    """`estimate(options, scores, kl, kl_coef, mask, values) -> (advantages, returns, metrics)`.
+
+    scores `[batch]` (a prompt's completions consecutive); kl `[batch, response]` the per-token KL
+    the rewards are charged (0 where the placement charges it in the loss, or past a response);
+    kl_coef the controller's beta; mask `[batch, response]`; values `[batch, response]` the
+    critic's at rollout time (zeros without a critic). advantages and returns `[batch, response]`,
+    0 past each response; metrics: name -> scalar, logged with the iteration."""
+
+    estimate: Callable
+    uses_critic: bool = False   # reads values: a critic is trained beside the policy
+    min_group_size: int = 1     # compares a prompt's completions: --rollouts_per_prompt >= this
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLoss:
+    """`losses(options, logps, old_logprobs, advantages, mask, kl) -> (losses, ratio, clipped, weight)`.
+
+    logps, old_logprobs, advantages, mask `[batch, response]`; kl `[batch, response]` the per-token
+    in-loss KL term (beta already applied) or None when the placement puts none in the loss. The
+    outputs are per unit (`[batch, response]` for tokens, `[batch]` for sequences): the loss,
+    the importance ratio, where the clip was active, and the unit's weight (0 for padding)."""
+
+    losses: Callable
+    unit: str                   # what the loss averages over: the count's name in the metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class KLPlacement:
+    """Where beta * KL(π || π_ref) is charged: folded into the rewards before the advantages
+    (per token, with --kl_estimator), and/or added to the policy loss per token with
+    `loss_estimator` (beta the batch's traced `kl_coef`)."""
+
+    in_reward: bool
+    loss_estimator: str | None
+    description: str            # what it does, for errors
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """An RL algorithm as the names of its registered pieces; the first KL placement is its
+    default --kl_in."""
+
+    advantage_estimator: str
+    policy_loss: str
+    kl_placements: tuple[str, ...]
+
+    def __post_init__(self):  # a misspelt piece fails at registration, not in the first iteration
+        ADVANTAGE_ESTIMATORS.get(self.advantage_estimator)
+        POLICY_LOSSES.get(self.policy_loss)
+        for name in self.kl_placements:
+            KL_PLACEMENTS.get(name)
+
+
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+KL_PLACEMENTS: Registry[KLPlacement] = Registry("--kl_in")
+ALGORITHMS: Registry[Algorithm] = Registry("--algo")
+
+
+def advantage_estimator(name: str, *, uses_critic: bool = False, min_group_size: int = 1):
+    """Registers the decorated `estimate` (see `AdvantageEstimator`) as advantage estimator `name`."""
+    def register(estimate):
+        ADVANTAGE_ESTIMATORS.add(name, AdvantageEstimator(estimate, uses_critic, min_group_size))
+        return estimate
+    return register
+
+
+def policy_loss(name: str, *, unit: str):
+    """Registers the decorated `losses` (see `PolicyLoss`) as policy loss `name`, averaged per `unit`."""
+    def register(losses):
+        POLICY_LOSSES.add(name, PolicyLoss(losses, unit))
+        return losses
+    return register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +140,7 @@ class RLConfig:
     temperature: float = 1.0
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
-    kl_in: str = "reward"            # reward (PPO, RLOO) or loss (GRPO's k3 term)
+    kl_in: str | None = None          # a KL_PLACEMENTS name; None: the algorithm's default
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
@@ -65,21 +154,25 @@ class RLConfig:
     group_size: int = 1               # completions per prompt
 
     def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"unknown --algo {self.algo!r}; use one of {', '.join(ALGOS)}.")
+        algorithm = ALGORITHMS.get(self.algo)
+        if self.kl_in is None:
+            object.__setattr__(self, "kl_in", algorithm.kl_placements[0])
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown --kl_estimator {self.kl_estimator!r}; use k1, k2 or k3.")
-        if self.kl_in not in ("reward", "loss"):
-            raise ValueError(f"--kl_in must be reward or loss, got {self.kl_in!r}.")
-        if self.algo == "ppo" and self.kl_in != "reward":
-            raise ValueError("PPO folds the KL penalty into the rewards; --kl_in=loss is for grpo and rloo.")
+        KL_PLACEMENTS.get(self.kl_in)
+        if self.kl_in not in algorithm.kl_placements:
+            default = KL_PLACEMENTS.get(algorithm.kl_placements[0])
+            takers = [name for name in ALGORITHMS if self.kl_in in ALGORITHMS.get(name).kl_placements]
+            raise ValueError(f"{self.algo.upper()} {default.description}; --kl_in={self.kl_in} is for "
+                             f"{' and '.join(takers)}.")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0 for RL rollouts (sampling), got {self.temperature}.")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"--scale_rewards must be group, batch or none, got {self.scale_rewards!r}.")
-        if self.algo in ("grpo", "rloo") and self.group_size < 2:
-            raise ValueError(f"{self.algo} compares the completions of a prompt: --rollouts_per_prompt must be >= 2, "
-                             f"got {self.group_size}.")
+        minimum = self.advantage_estimator.min_group_size
+        if self.group_size < minimum:
+            raise ValueError(f"{self.algo} compares the completions of a prompt: --rollouts_per_prompt must be "
+                             f">= {minimum}, got {self.group_size}.")
         if not 0 < self.cliprange < 1:
             raise ValueError(f"--cliprange must be in (0, 1), got {self.cliprange}.")
         if self.kl_coef < 0:
@@ -90,13 +183,20 @@ class RLConfig:
         return self.cliprange_high or self.cliprange
 
     @property
-    def uses_critic(self) -> bool:
-        return self.algo == "ppo"
+    def advantage_estimator(self) -> AdvantageEstimator:
+        return ADVANTAGE_ESTIMATORS.get(ALGORITHMS.get(self.algo).advantage_estimator)
 
     @property
-    def sequence_ratio(self) -> bool:
-        """RLOO (as TRL's RLOOTrainer) clips one importance ratio per sequence: exp(Σ log ratio)."""
-        return self.algo == "rloo"
+    def policy_loss(self) -> PolicyLoss:
+        return POLICY_LOSSES.get(ALGORITHMS.get(self.algo).policy_loss)
+
+    @property
+    def kl_placement(self) -> KLPlacement:
+        return KL_PLACEMENTS.get(self.kl_in)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator.uses_critic
 
 
 # ----------------------------------------------------------------------------- masked statistics
@@ -243,11 +343,16 @@ def response_values(model_config, params, batch):
     return values[:, -response_length - 1:-1, 0].astype(jnp.float32)
 
 
-def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
-    """The policy's loss for `train.Trainer`: `(sum, count, {metric: sum})`. PPO and GRPO average
-    per-token losses over the minibatch's response tokens (TRL's PPO masked mean; GRPO's
-    token-level "dapo"/"bnpo" normalization); RLOO averages per-sequence losses over sequences (as
-    TRL's RLOOTrainer). GRPO with --kl_in=loss adds kl_coef·k3 per token."""
+def policy_loss_fn(options: RLConfig):
+    """The policy's loss for `train.Trainer`: `(sum, count, {metric: sum})`, averaged over the units
+    of the algorithm's registered policy loss: the minibatch's response tokens for PPO and GRPO
+    (TRL's PPO masked mean; GRPO's token-level "dapo"/"bnpo" normalization), its sequences for
+    RLOO (as TRL's RLOOTrainer). Where the KL placement puts it in the loss (--kl_in=loss), the
+    per-token term is the batch's `kl_coef` `[batch, 1]` times k3: an input of the jitted step
+    rather than a constant in it, so an adaptive controller's current value is the one trained
+    with, without recompiling."""
+    losses_of = options.policy_loss.losses
+    loss_estimator = options.kl_placement.loss_estimator
 
     def loss_fn(model_config, params, batch, reference=None):
         del reference  # reference log-probs were recorded at rollout time
@@ -257,18 +362,11 @@ def policy_loss_fn(options: RLConfig, kl_coef_in_loss: float = 0.0):
         # update's ratio is exactly 1. Fused with the backward, XLA reorders it (~1e-7 apart).
         logps, entropy = jax.checkpoint(
             lambda p: response_logprobs(model_config, p, batch, options.temperature, with_entropy=True))(params)
-        old = batch["old_logprobs"]
-        advantages = batch["advantages"]
-        log_ratio = logps - old
-        if options.sequence_ratio:  # one ratio per sequence: units are the sequences with a response
-            losses, ratio, clipped = clipped_policy_loss(jnp.sum(logps * mask, -1), jnp.sum(old * mask, -1),
-                                                         advantages[:, 0], options.cliprange, options.clip_high)
-            weight = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
-        else:  # one ratio per token: units are the response tokens
-            losses, ratio, clipped = clipped_policy_loss(logps, old, advantages, options.cliprange, options.clip_high)
-            if kl_coef_in_loss:
-                losses = losses + kl_coef_in_loss * kl_penalty(logps, batch["ref_logprobs"], "k3")
-            weight = mask
+        log_ratio = logps - batch["old_logprobs"]
+        kl = (None if loss_estimator is None
+              else batch["kl_coef"] * kl_penalty(logps, batch["ref_logprobs"], loss_estimator))
+        losses, ratio, clipped, weight = losses_of(options, logps, batch["old_logprobs"], batch["advantages"],
+                                                   mask, kl)
         total = lambda x: jnp.sum(x * weight)  # noqa: E731
         count = jnp.sum(weight)
         loss_sum = total(losses)
@@ -306,6 +404,84 @@ def value_loss_fn(options: RLConfig):
         return options.vf_coef * total(losses), jnp.sum(mask), metrics
 
     return loss_fn
+
+
+# ----------------------------------------------------------------------------- registered variants
+
+@advantage_estimator("gae", uses_critic=True)
+def gae_advantages(options: RLConfig, scores, kl, kl_coef, mask, values):
+    """PPO (TRL's PPOTrainer): per-token rewards -beta·KL with the score on each response's last
+    token (optionally whitened), GAE(γ, λ) over the critic's values, whitened advantages."""
+    end_index = jnp.sum(mask, axis=1).astype(jnp.int32) - 1
+    rewards, non_score = token_rewards(scores, kl, end_index, kl_coef, mask)
+    if options.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+    values = values * mask
+    advantages, returns = gae(rewards, values, options.gamma, options.lam)
+    if options.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    metrics = {"objective/non_score_reward": jnp.mean(jnp.sum(non_score, axis=1)),
+               "value/explained_variance": explained_variance(values, returns, mask),
+               "value/mean": masked_mean(values, mask)}
+    return advantages * mask, returns * mask, metrics
+
+
+def _sequence_advantages(per_sequence, scores, mask, group_size: int):
+    """A per-sequence advantage `[batch]` on each of its response tokens, no returns (no critic),
+    and how much the scores vary within the prompt groups (a group that all scored the same
+    teaches nothing)."""
+    group_std = jnp.std(scores.reshape(-1, group_size), axis=1)
+    metrics = {"reward/group_std": jnp.mean(group_std), "reward/zero_std_groups": jnp.mean(group_std == 0)}
+    return per_sequence[:, None] * mask, jnp.zeros_like(mask), metrics
+
+
+@advantage_estimator("group", min_group_size=2)
+def group_relative_advantages(options: RLConfig, scores, kl, kl_coef, mask, values):
+    """GRPO: each completion's score (less beta·its KL when the KL is in the reward) against its
+    prompt group's mean, scaled per --scale_rewards."""
+    del values
+    rewards = scores - kl_coef * jnp.sum(kl, axis=1)
+    return _sequence_advantages(group_advantages(rewards, options.group_size, options.scale_rewards), scores, mask,
+                                options.group_size)
+
+
+@advantage_estimator("leave_one_out", min_group_size=2)
+def leave_one_out_sequence_advantages(options: RLConfig, scores, kl, kl_coef, mask, values):
+    """RLOO: each completion's score (less beta·its KL when the KL is in the reward) against the
+    mean of its prompt's other completions, optionally standardized (--normalize_advantages)."""
+    del values
+    rewards = scores - kl_coef * jnp.sum(kl, axis=1)
+    return _sequence_advantages(leave_one_out_advantages(rewards, options.group_size, options.normalize_advantages),
+                                scores, mask, options.group_size)
+
+
+@policy_loss("per_token", unit="response_tokens")
+def per_token_clipped_losses(options: RLConfig, logps, old_logprobs, advantages, mask, kl):
+    """PPO's and GRPO's: one clipped ratio per token, the in-loss KL per token."""
+    losses, ratio, clipped = clipped_policy_loss(logps, old_logprobs, advantages, options.cliprange, options.clip_high)
+    return (losses if kl is None else losses + kl), ratio, clipped, mask
+
+
+@policy_loss("per_sequence", unit="sequences")
+def per_sequence_clipped_losses(options: RLConfig, logps, old_logprobs, advantages, mask, kl):
+    """RLOO's (TRL's RLOOTrainer): one clipped ratio per sequence, exp(Σ log ratio), with the
+    sequence's advantage; the in-loss KL summed over its tokens (the sequence's KL, the scale
+    --kl_in=reward charges). Units are the sequences with a response."""
+    losses, ratio, clipped = clipped_policy_loss(jnp.sum(logps * mask, -1), jnp.sum(old_logprobs * mask, -1),
+                                                 advantages[:, 0], options.cliprange, options.clip_high)
+    if kl is not None:
+        losses = losses + jnp.sum(kl * mask, -1)
+    return losses, ratio, clipped, (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+
+
+KL_PLACEMENTS.add("reward", KLPlacement(in_reward=True, loss_estimator=None,
+                                        description="folds the KL penalty into the rewards"))
+KL_PLACEMENTS.add("loss", KLPlacement(in_reward=False, loss_estimator="k3",
+                                      description="adds beta * k3 per token to the policy loss"))
+
+ALGORITHMS.add("ppo", Algorithm("gae", "per_token", ("reward",)))
+ALGORITHMS.add("grpo", Algorithm("group", "per_token", ("loss", "reward")))
+ALGORITHMS.add("rloo", Algorithm("leave_one_out", "per_sequence", ("reward", "loss")))
 
 
 # ----------------------------------------------------------------------------- KL coefficient

@@ -1,7 +1,9 @@
 """Chat templates: the tokenizer's own, or a builtin one chosen with --chat_template.
 
 Templates are Jinja strings rendered by `tokenizer.apply_chat_template`, which provides
-`messages`, `add_generation_prompt`, `bos_token` and `eos_token`.
+`messages`, `add_generation_prompt`, `bos_token` and `eos_token`. The template a run trains with
+becomes its tokenizer's own (`adopt_chat_template`), so that the run's and the export's tokenizer
+files carry it and everything that renders a conversation afterwards uses it.
 """
 from __future__ import annotations
 
@@ -44,3 +46,14 @@ def resolve_chat_template(tokenizer, name: str | None) -> str:
     if name in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[name]
     raise ValueError(f"unknown chat template {name!r}; choose one of {', '.join(TEMPLATE_CHOICES)}.")
+
+
+def adopt_chat_template(tokenizer, name: str | None) -> str:
+    """`resolve_chat_template(tokenizer, name)`, made the tokenizer's own `chat_template` when it is
+    a builtin: a model trained on one format must be prompted in it. Held-out eval, generate,
+    score and RL prompts render with the tokenizer's template, and `save_pretrained` writes it
+    (`chat_template.jinja`, as transformers saves it) into the run and every export."""
+    template = resolve_chat_template(tokenizer, name)
+    if name in BUILTIN_TEMPLATES:
+        tokenizer.chat_template = template
+    return template
