@@ -62,10 +62,10 @@ def run_hf(model_dir, task_dir, tasks, **kwargs):
                                    device="cpu", **kwargs)
 
 
-def run_easytune(model_dir, task_dir, tasks, extra=()):
+def run_easytune(model_dir, task_dir, tasks, output_path, extra=()):
     from easytune.eval.__main__ import main
     return main(["--model", model_dir, "--tasks", ",".join(tasks), "--include_path", task_dir, "--batch_size", "4",
-                 "--log_samples", "--output_path", str(task_dir) + "/out", *extra])
+                 "--log_samples", "--output_path", str(output_path), *extra])
 
 
 def responses(results, task):
@@ -86,7 +86,7 @@ def loglikelihoods(results, task):
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
-def test_same_requests_same_answers_as_lm_eval_hf(tmp_path_factory, task_dir, which):
+def test_same_requests_same_answers_as_lm_eval_hf(tmp_path_factory, task_dir, tmp_path, which):
     """Loglikelihoods within 1e-4 (and the same greedy flags), identical greedy generations, equal
     accuracies and perplexities, for a tiny random model and for SmolLM2-135M-Instruct (fp32)."""
     if which == "tiny":
@@ -96,7 +96,7 @@ def test_same_requests_same_answers_as_lm_eval_hf(tmp_path_factory, task_dir, wh
         model_dir = assets.smollm2_hf_dir()
     tasks = ["capitals_mc", "tasks_gen", "capitals_text"]
     theirs = run_hf(model_dir, task_dir, tasks)
-    ours = run_easytune(model_dir, task_dir, tasks)
+    ours = run_easytune(model_dir, task_dir, tasks, tmp_path / "out")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [s["doc"]["text"] for s in sorted(ours["samples"]["capitals_text"], key=lambda s: s["doc_id"])]
@@ -122,8 +122,8 @@ def test_same_requests_same_answers_as_lm_eval_hf(tmp_path_factory, task_dir, wh
 
 def test_results_files_and_bad_input(tmp_path_factory, task_dir, tmp_path):
     model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_files"), max_position_embeddings=512)
-    run_easytune(model_dir, task_dir, ["capitals_mc"], extra=["--limit", "3"])
-    written = list((tmp_path_factory.getbasetemp()).glob("**/out/**/results_*.json"))
+    run_easytune(model_dir, task_dir, ["capitals_mc"], tmp_path / "out", extra=["--limit", "3"])
+    written = list((tmp_path / "out").glob("**/results_*.json"))
     assert written, "lm-eval's results JSON was not written"
     results = json.loads(written[0].read_text())
     assert "capitals_mc" in results["results"] and results["n-samples"]["capitals_mc"]["effective"] == 3
