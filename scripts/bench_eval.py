@@ -13,16 +13,12 @@ noisy and only a GPU/TPU figure counts for absolute speed.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jax
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def main():
@@ -33,15 +29,16 @@ def main():
 
     import lm_eval
     from lm_eval.tasks import TaskManager
-    from test_eval import write_tasks
 
     from easytune import assets
     from easytune.eval.lm_eval_backend import EasytuneLM
+    from easytune.eval.local_tasks import write_local_tasks
     model_dir = assets.smollm2_hf_dir()
-    task_dir = write_tasks(Path(tempfile.mkdtemp()) / "tasks")
+    task_dir = write_local_tasks(Path(tempfile.mkdtemp()) / "tasks")
     tasks = ["capitals_mc", "tasks_gen", "capitals_text"]
     manager = TaskManager(include_path=task_dir)
     ours = EasytuneLM(model=model_dir, mesh_dim=f"1,{len(jax.devices())},1", batch_size=args.batch_size)
+    print(f"easytune on {len(jax.devices())} {jax.default_backend()} device(s); hf on torch's CPU threads")
     from lm_eval.models.huggingface import HFLM
     theirs = HFLM(pretrained=model_dir, dtype="float32", batch_size=args.batch_size, device="cpu")
 

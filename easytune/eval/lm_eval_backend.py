@@ -6,7 +6,7 @@ lm-eval's own `hf` backend (`HFLM`) so that both score the same tokens:
 
 - `loglikelihood` (via `TemplateLM`'s context/continuation split) and `loglikelihood_rolling`
   (lm-eval's rolling windows): rows sorted by length, right-padded to a power-of-two length and
-  a fixed batch, so a whole task compiles a handful of shapes; the log-softmax, the target
+  a power-of-two batch, so a whole task compiles a handful of shapes; the log-softmax, the target
   gather and the greedy check run inside the jit, so only `[batch, seq]` floats leave the device.
 - `generate_until`: easytune's KV-cache generator (greedy unless the task samples), stopped at
   `max_gen_toks` or EOS, the text cut at the first stop sequence as `HFLM` cuts it.
@@ -31,7 +31,7 @@ from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix, normali
 import easytune
 from easytune import sharding
 
-MIN_BUCKET = 16
+MIN_BUCKET = 8
 
 
 def bucket_length(length: int) -> int:
@@ -132,13 +132,14 @@ class EasytuneLM(TemplateLM):
             chunk = order[start:start + self.batch_size]
             sequences = [(rows[i][0] + rows[i][1])[-(self.max_length + 1):] for i in chunk]
             width = bucket_length(max(len(s) for s in sequences) - 1)
-            tokens = np.zeros((self.batch_size, width), np.int32)
-            targets = np.zeros((self.batch_size, width), np.int32)
-            segments = np.zeros((self.batch_size, width), np.int32)
+            rows_padded = self._batch_rows(len(sequences))
+            tokens = np.zeros((rows_padded, width), np.int32)
+            targets = np.zeros((rows_padded, width), np.int32)
+            segments = np.zeros((rows_padded, width), np.int32)
             for row, sequence in enumerate(sequences):
                 n = len(sequence) - 1
                 tokens[row, :n], targets[row, :n], segments[row, :n] = sequence[:-1], sequence[1:], 1
-            put = functools.partial(jax.device_put, device=sharding.input_sharding(self.model.mesh, self.batch_size))
+            put = functools.partial(jax.device_put, device=sharding.input_sharding(self.model.mesh, rows_padded))
             with jax.set_mesh(self.model.mesh):
                 logps, greedy = _target_logprobs(family, config, params, put(tokens), put(segments), put(targets))
             logps, greedy = np.asarray(jax.device_get(logps)), np.asarray(jax.device_get(greedy))
@@ -146,6 +147,13 @@ class EasytuneLM(TemplateLM):
                 n, m = len(sequence) - 1, len(rows[i][1])
                 results[i] = (float(logps[row, n - m:n].sum()), bool(greedy[row, n - m:n].all()))
         return results
+
+    def _batch_rows(self, rows: int) -> int:
+        """Rows of a scoring batch: a power of two (few compiled shapes; a last, short batch is not
+        padded to the full batch size) and a multiple of the mesh's batch shards."""
+        shards = self.model.mesh.shape["dp"] * self.model.mesh.shape["fsdp"]
+        padded = 1 << (max(rows, 1) - 1).bit_length()
+        return -(-max(padded, shards) // shards) * shards
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         scores = self._score_rows([(context, continuation) for _, context, continuation in requests])
