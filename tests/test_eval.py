@@ -110,3 +110,39 @@ def test_registered_as_an_lm_eval_model_name(tmp_path_factory, task_dir):
                                       limit=2)
     assert get_model("easytune").__name__ == "EasytuneLM"
     assert 0.0 <= results["results"]["capitals_mc"]["acc,none"] <= 1.0
+
+
+CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+coordinator, process_id, model_dir, task_dir, out_dir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id)
+from easytune.eval.__main__ import main
+results = main(["--model", model_dir, "--tasks", "capitals_mc,tasks_gen,capitals_text", "--include_path", task_dir,
+                "--batch_size", "4", "--mesh_dim", "2,2,1", "--output_path", out_dir, "--log_samples"])
+print("CHILD_RESULTS", process_id, json.dumps(results["results"], sort_keys=True, default=str))
+"""
+
+
+def test_two_processes_give_the_results_of_one(tmp_path_factory, task_dir, tmp_path):
+    """`python -m easytune.eval` launched as a 2-process jax.distributed job (2 devices each, the
+    batch sharded over both processes) reports what one process reports; process 0 writes the files."""
+    import os
+    import sys
+
+    from conftest import run_processes
+    model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_mp"), max_position_embeddings=512)
+    single = run_easytune(model_dir, task_dir, ["capitals_mc", "tasks_gen", "capitals_text"], tmp_path / "one")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    outputs = run_processes(lambda address: [[sys.executable, "-c", CHILD, address, str(i), model_dir, task_dir,
+                                              str(tmp_path / "two")] for i in range(2)],
+                            env, timeout=400, output_dir=tmp_path)
+    for i, text in enumerate(outputs):
+        line = next(line for line in text.splitlines() if line.startswith(f"CHILD_RESULTS {i} "))
+        theirs = json.loads(line.split(" ", 2)[2])
+        for task, metrics in single["results"].items():
+            for name, value in metrics.items():
+                if isinstance(value, float):
+                    np.testing.assert_allclose(theirs[task][name], value, rtol=1e-5, err_msg=f"{task} {name}")
+    assert len(list((tmp_path / "two").glob("**/results_*.json"))) == 1  # written once, by process 0

@@ -30,6 +30,7 @@ from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix, normali
 
 import easytune
 from easytune import sharding
+from easytune.distributed import host_array
 
 MIN_BUCKET = 8
 
@@ -142,7 +143,7 @@ class EasytuneLM(TemplateLM):
             put = functools.partial(jax.device_put, device=sharding.input_sharding(self.model.mesh, rows_padded))
             with jax.set_mesh(self.model.mesh):
                 logps, greedy = _target_logprobs(family, config, params, put(tokens), put(segments), put(targets))
-            logps, greedy = np.asarray(jax.device_get(logps)), np.asarray(jax.device_get(greedy))
+            logps, greedy = host_array(logps), host_array(greedy)  # gathered from every process
             for row, (i, sequence) in enumerate(zip(chunk, sequences)):
                 n, m = len(sequence) - 1, len(rows[i][1])
                 results[i] = (float(logps[row, n - m:n].sum()), bool(greedy[row, n - m:n].all()))
