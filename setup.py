@@ -36,10 +36,12 @@ setup(
         # only; the runtime range above stays open. Pin torch also because an unpinned torch pulls
         # several GB of CUDA wheels. Move these together, after running the suite on the new set.
         "test": ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "accelerate==1.15.0",
-                 "bitsandbytes==0.50.2", "lm_eval==0.4.13", "pytest", "pytest-xdist", "tensorboard"],
+                 "bitsandbytes==0.50.2", "lm_eval==0.4.13", "langdetect==1.0.9", "immutabledict==4.3.1",
+                 "pytest", "pytest-xdist", "tensorboard"],
         # python -m easytune.eval: lm-evaluation-harness drives the tasks (its `hf` backend is the
-        # tests' oracle for this one).
-        "eval": ["lm_eval>=0.4.9,<0.5"],
+        # tests' oracle for this one); langdetect and immutabledict are what its IFEval checkers
+        # (easytune.eval.verifiers) import.
+        "eval": ["lm_eval>=0.4.9,<0.5", "langdetect", "immutabledict"],
         "gpu": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],
     },

@@ -146,3 +146,66 @@ def test_two_processes_give_the_results_of_one(tmp_path_factory, task_dir, tmp_p
                 if isinstance(value, float):
                     np.testing.assert_allclose(theirs[task][name], value, rtol=1e-5, err_msg=f"{task} {name}")
     assert len(list((tmp_path / "two").glob("**/results_*.json"))) == 1  # written once, by process 0
+
+
+# ----------------------------------------------------------------------------- verifiable checks
+
+def test_gsm8k_last_number_and_pass_at_k():
+    from itertools import combinations
+
+    from easytune.eval.verifiers import gsm8k_reward, last_number, pass_at_k
+    assert last_number("so 3 + 4 = 7, and the answer is 1,234.") == "1234"
+    assert last_number("It is -12.50 dollars") == "-12.50" and last_number("no digits") is None
+    assert last_number("#### 18.0") == "18"
+    assert gsm8k_reward(["q"] * 3, ["The answer is 18.", "about 17", "none"], answer=["#### 18", "18", "18"]) == [
+        1.0, 0.0, 0.0]
+    # the estimator equals the fraction of k-subsets of n samples holding at least one correct one
+    for n, c, k in [(5, 2, 1), (5, 2, 3), (6, 0, 2), (6, 5, 2), (10, 3, 4)]:
+        samples = [True] * c + [False] * (n - c)
+        subsets = list(combinations(range(n), k))
+        exact = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+        assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12), (n, c, k)
+    with pytest.raises(ValueError, match="pass@k needs"):
+        pass_at_k(3, 4, 1)
+
+
+def test_ifeval_reward_is_lm_evals_checker_as_a_reward_function():
+    """The reward is the fraction of instructions lm-eval's IFEval checker says are followed, through
+    easytune's reward-function interface (prompt file columns as keyword lists)."""
+    from easytune import rewards
+    from easytune.eval.local_tasks import IFEVAL_PROMPTS
+    from lm_eval.tasks.ifeval.utils import InputExample, test_instruction_following_strict
+    completions = ["the sea is calm and blue today", "Cats Sleep. They purr.", "An apple, a pear and a plum.",
+                   "* red\n* blue", '{"greeting": "hello"}', "Hello! Is there anything else I can help with?",
+                   "Dear Sam, see you soon.", "Drops of water fall from grey clouds."]
+    prompts = [p for p, _, _ in IFEVAL_PROMPTS]
+    columns = {"instruction_id_list": [ids for _, ids, _ in IFEVAL_PROMPTS],
+               "kwargs": [kw for _, _, kw in IFEVAL_PROMPTS]}
+    fn = rewards.load_reward_fn("easytune.eval.verifiers:ifeval_reward")
+    ours = rewards.call_reward_fn(fn, prompts, completions, [[0]] * len(prompts), columns)
+    expected = []
+    for prompt, completion, ids, kw in zip(prompts, completions, columns["instruction_id_list"], columns["kwargs"]):
+        example = InputExample(0, ids, prompt, kw)
+        followed = test_instruction_following_strict(example, completion).follow_instruction_list
+        expected.append(sum(followed) / len(followed))
+    np.testing.assert_allclose(ours, expected)
+    assert expected == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]  # followed and broken constraints both present
+
+
+def test_ifeval_errors_name_the_instruction():
+    from easytune.eval.verifiers import follows_instructions
+    with pytest.raises(ValueError, match="unknown IFEval instruction 'keywords:nonsense'"):
+        follows_instructions("p", "r", ["keywords:nonsense"], [{}])
+
+
+def test_ifeval_local_task_same_in_both_backends(tmp_path_factory, task_dir, tmp_path):
+    """IFEval as an lm-eval task (its own checker and metrics) over local prompts: identical greedy
+    generations and metrics from easytune's backend and lm-eval's hf backend."""
+    model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_ifeval"), max_position_embeddings=512)
+    theirs = run_hf(model_dir, task_dir, ["ifeval_local"])
+    ours = run_easytune(model_dir, task_dir, ["ifeval_local"], tmp_path / "out")
+    assert responses(ours, "ifeval_local") == responses(theirs, "ifeval_local")
+    for metric in ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                   "inst_level_loose_acc"):
+        key = f"{metric},none"
+        assert ours["results"]["ifeval_local"][key] == theirs["results"]["ifeval_local"][key]

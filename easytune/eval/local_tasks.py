@@ -20,10 +20,10 @@ CITIES = [city for _, city in CAPITALS]
 
 
 def write_local_tasks(directory) -> str:
-    """Write three lm-eval tasks (YAML + JSONL, absolute data paths) into `directory` and return it
-    for `--include_path`: `capitals_mc` (multiple choice: loglikelihood), `tasks_gen` (easytune's
-    verifiable tasks, exact match: generate_until) and `capitals_text` (perplexity:
-    loglikelihood_rolling)."""
+    """Write the local lm-eval tasks (YAML + JSONL, absolute data paths) into `directory` and return
+    it for `--include_path`: `capitals_mc` (multiple choice: loglikelihood), `tasks_gen` (easytune's
+    verifiable tasks, exact match: generate_until), `capitals_text` (perplexity:
+    loglikelihood_rolling) and `ifeval_local` (IFEval instruction checks, `write_ifeval_task`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(0)
@@ -54,4 +54,50 @@ def write_local_tasks(directory) -> str:
         f"task: capitals_text\n{common}dataset_kwargs:\n  data_files:\n    test: {directory}/capitals_text.jsonl\n"
         "output_type: loglikelihood_rolling\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    write_ifeval_task(directory)
+    return str(directory)
+
+
+IFEVAL_PROMPTS = [
+    ("Describe the sea in one short paragraph. Do not use any commas.",
+     ["punctuation:no_comma"], [{}]),
+    ("Write two sentences about cats, all in lowercase letters.",
+     ["change_case:english_lowercase"], [{}]),
+    ("Name three fruits in fewer than 20 words, and mention the word apple.",
+     ["length_constraints:number_words", "keywords:existence"],
+     [{"relation": "less than", "num_words": 20}, {"keywords": ["apple"]}]),
+    ("List two colours as a markdown bullet list with exactly 2 bullets.",
+     ["detectable_format:number_bullet_lists"], [{"num_bullets": 2}]),
+    ("Give a greeting in JSON format.", ["detectable_format:json_format"], [{}]),
+    ("Say hello. End your reply with the exact phrase: Is there anything else I can help with?",
+     ["startend:end_checker"], [{"end_phrase": "Is there anything else I can help with?"}]),
+    ("Write a short note to a friend and add a postscript starting with P.S.",
+     ["detectable_content:postscript"], [{"postscript_marker": "P.S."}]),
+    ("Describe rain without using the words wet or water.",
+     ["keywords:forbidden_words"], [{"forbidden_words": ["wet", "water"]}]),
+]
+
+
+def write_ifeval_task(directory, max_gen_toks: int = 48) -> str:
+    """`ifeval_local`: IFEval's format, checker and metrics (lm-eval's `ifeval` task code) over a
+    few local prompts whose instructions need no downloaded data, greedy, up to `max_gen_toks`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"key": i, "prompt": p, "instruction_id_list": ids, "kwargs": kw}
+            for i, (p, ids, kw) in enumerate(IFEVAL_PROMPTS)]
+    (directory / "ifeval_local.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "ifeval_local_utils.py").write_text(
+        "from lm_eval.tasks.ifeval.utils import agg_inst_level_acc, process_results  # noqa: F401\n")
+    (directory / "ifeval_local.yaml").write_text(
+        f"task: ifeval_local\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory}/ifeval_local.jsonl\noutput_type: generate_until\nnum_fewshot: 0\n"
+        f"doc_to_text: prompt\ndoc_to_target: 0\n"
+        f"generation_kwargs:\n  until: []\n  do_sample: false\n  temperature: 0.0\n  max_gen_toks: {max_gen_toks}\n"
+        "process_results: !function ifeval_local_utils.process_results\nmetric_list:\n"
+        "  - metric: prompt_level_strict_acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: inst_level_strict_acc\n    aggregation: !function ifeval_local_utils.agg_inst_level_acc\n"
+        "    higher_is_better: true\n"
+        "  - metric: prompt_level_loose_acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: inst_level_loose_acc\n    aggregation: !function ifeval_local_utils.agg_inst_level_acc\n"
+        "    higher_is_better: true\n")
     return str(directory)
