@@ -11,7 +11,6 @@ A training run (`easytune.train`): `<run>/checkpoints/<step>/` holds orbax items
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -19,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from easytune import models, sharding
+from easytune.models import common
 
 MARKER = "easytune.json"
 FORMAT_VERSION = 1
@@ -43,11 +43,11 @@ def abstract_target(tree, shardings):
 
 def architecture_dict(config) -> dict:
     """The config's fields minus the compute options (those are chosen at load time)."""
-    from easytune.hf import COMPUTE_FIELDS
-    out = {k: v for k, v in dataclasses.asdict(config).items() if k not in COMPUTE_FIELDS}
+    out = common.architecture(config)
     out["param_dtype"] = config.param_dtype  # the stored dtype: what `load` restores by default
-    if out.get("rope_scaling") is not None:
-        out["rope_scaling"] = dict(config.rope_scaling)
+    for name in ("rope_scaling", "local_rope_scaling"):  # (key, value) pairs, written as the dicts they are
+        if out.get(name) is not None:
+            out[name] = dict(out[name])
     return out
 
 
@@ -110,10 +110,8 @@ def stored_param_dtype(meta: dict) -> str:
 def config_from_meta(meta: dict, **compute):
     arch = dict(meta["config"])
     family = models.family(arch.get("model_type"))
-    if arch.get("rope_scaling") is not None:
-        arch["rope_scaling"] = tuple(sorted(arch["rope_scaling"].items()))
-    arch.update({k: v for k, v in compute.items() if v is not None})
-    return family.Config(**arch)
+    arch.update(common.compute_options(compute))
+    return family.Config(**arch)  # the config makes its JSON lists and dicts hashable itself
 
 
 def restore_params(params_path: str, config, mesh):

@@ -27,7 +27,6 @@ from easytune.safetensors_io import SafetensorsCheckpoint, write_safetensors
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "head_chunk_size")
 
 
 # ----------------------------------------------------------------------------- config and weight entries

@@ -13,6 +13,7 @@ columns as keyword lists) and return one float per completion.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Sequence
@@ -55,14 +56,21 @@ def _check_instructions(instruction_ids: Sequence[str]) -> None:
         raise ValueError(f"unknown IFEval instruction {unknown[0]!r}; known: "
                          f"{sorted(instructions_registry.INSTRUCTION_DICT)}.")
     needs = sorted(set(instruction_ids) & NEEDS_PUNKT)
-    if needs:
-        import nltk
-        try:
-            nltk.data.find("tokenizers/punkt_tab")
-        except LookupError:
-            raise ValueError(f"IFEval instruction {needs[0]!r} counts sentences with nltk's punkt_tab data, which "
-                             f"is not installed; run `python -m nltk.downloader punkt_tab` where the Internet is "
-                             f"reachable, or leave that instruction out.") from None
+    if needs and not _have_punkt():
+        raise ValueError(f"IFEval instruction {needs[0]!r} counts sentences with nltk's punkt_tab data, which "
+                         f"is not installed; run `python -m nltk.downloader punkt_tab` where the Internet is "
+                         f"reachable, or leave that instruction out.")
+
+
+@functools.lru_cache(maxsize=None)
+def _have_punkt() -> bool:
+    """Looked up once: a reward function runs this for every completion of every rollout."""
+    import nltk
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        return False
+    return True
 
 
 def follows_instructions(prompt: str, response: str, instruction_ids: Sequence[str],

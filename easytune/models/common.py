@@ -5,10 +5,13 @@ knows a family.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from easytune.dtypes import parse_dtype
 
 REMAT_POLICIES = {
     "none": None,
@@ -16,6 +19,32 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# Config fields chosen at load time, not stored with a checkpoint's architecture.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "head_chunk_size")
+
+
+class ComputeDtypes:
+    """`compute_dtype` and `weight_dtype` of a config with `dtype` and `param_dtype` fields."""
+
+    @property
+    def compute_dtype(self):
+        return parse_dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return parse_dtype(self.param_dtype)
+
+
+def compute_options(compute: dict) -> dict:
+    """The compute options that were set (None: the config's default)."""
+    return {k: v for k, v in compute.items() if v is not None}
+
+
+def architecture(config) -> dict:
+    """A config's fields minus the compute options: what two configs of one model share."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in COMPUTE_FIELDS}
 
 
 def check_remat(remat: str) -> None:

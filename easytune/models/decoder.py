@@ -41,7 +41,7 @@ NORM_STYLES = ("llama", "gemma")
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(common.ComputeDtypes):
     """Architecture plus compute options. Frozen and hashable: it is a static jit argument."""
 
     vocab_size: int
@@ -161,14 +161,6 @@ class DecoderConfig:
     @property
     def attention_scale(self) -> float | None:
         return None if self.query_pre_attn_scalar is None else float(self.query_pre_attn_scalar) ** -0.5
-
-    @property
-    def compute_dtype(self):
-        return parse_dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return parse_dtype(self.param_dtype)
 
 
 # Sharding rules: regex searched in the '/'-joined parameter path (so optimizer moments whose

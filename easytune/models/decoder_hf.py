@@ -4,14 +4,13 @@ attention kinds, and the one weight map (which tensors exist follows the config'
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Callable
 
+from easytune.models import common
 from easytune.models.decoder import FULL, SLIDING, DecoderConfig
-from easytune.models.registry import WeightEntry, compute_options, missing_fields
+from easytune.models.registry import WeightEntry, missing_fields, set_torch_dtype
 
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "attention", "head_chunk_size")
 
 
 def rope_from_hf(hf: dict, layer_type: str | None = None, default_theta: float = 10000.0
@@ -56,28 +55,31 @@ def check_activation(hf: dict, keys: tuple[str, ...], allowed: dict[str, str], m
     return next(iter(allowed.values()))
 
 
-def layer_types_of(hf: dict, num_layers: int, sliding_window: int | None, default) -> tuple[str, ...] | None:
-    """Per-layer kinds as transformers reads them: `layer_types` if written, else `default(i)`;
-    None when no layer slides (no window) or the list is uniform and the window applies to all."""
+def layer_kinds_of(hf: dict, num_layers: int, sliding_window: int | None, default
+                   ) -> tuple[tuple[str, ...] | None, int | None]:
+    """`(layer_types, sliding_window)` as DecoderConfig takes them, read as transformers reads them:
+    `layer_types` if written, else `default(i)` per layer. A window no layer uses is dropped, and a
+    list where every layer slides becomes None (the window alone says so)."""
     if sliding_window is None:
-        return None
+        return None, None
     types = hf.get("layer_types") or [default(i) for i in range(num_layers)]
     unknown = sorted(set(types) - {FULL, SLIDING})
     if unknown:
         raise ValueError(f"layer_types holds {unknown[0]!r}; easytune implements {FULL!r} and {SLIDING!r} layers.")
     if len(types) != num_layers:
         raise ValueError(f"layer_types lists {len(types)} layers but num_hidden_layers is {num_layers}.")
-    return tuple(types)
+    if SLIDING not in types:
+        return None, None
+    return (None if FULL not in types else tuple(types)), sliding_window
 
 
-def common_fields(hf: dict, *, head_dim_default: int | None = None, tie_default: bool = False,
-                  rope_layer_type: str | None = None) -> dict[str, Any]:
+def common_fields(hf: dict, *, head_dim_default: int | None = None, tie_default: bool = False) -> dict[str, Any]:
     """DecoderConfig fields every decoder-only config.json has, with the family's defaults for
     the head size (None: hidden_size // heads) and for tied embeddings."""
     model_type = hf.get("model_type")
     missing_fields(hf, REQUIRED_FIELDS, model_type)
     num_heads = hf["num_attention_heads"]
-    theta, scaling = rope_from_hf(hf, rope_layer_type)
+    theta, scaling = rope_from_hf(hf)
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -99,12 +101,18 @@ def common_fields(hf: dict, *, head_dim_default: int | None = None, tie_default:
 
 
 def make_config(fields: dict, compute: dict) -> DecoderConfig:
-    return DecoderConfig(**fields, **compute_options(compute))
+    return DecoderConfig(**fields, **common.compute_options(compute))
 
 
-def architecture(config: DecoderConfig) -> dict:
-    """The architecture part of a config (compute options dropped), for comparing two configs."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in COMPUTE_FIELDS}
+def export_config(config: DecoderConfig, base: dict | None, torch_dtype: str | None,
+                  config_from_hf: Callable[[dict], DecoderConfig], write: Callable[[dict], None]) -> dict:
+    """An HF `config.json` dict for `config`: `base` (the imported config) unchanged when the family
+    reads it as this architecture (an exact round trip), else base with `write(hf)` setting every
+    architecture field; then the labels and the checkpoint dtype."""
+    hf = dict(base or {})
+    if not base or common.architecture(config_from_hf(base)) != common.architecture(config):
+        write(hf)
+    return set_torch_dtype(set_labels(hf, config), torch_dtype)
 
 
 def hf_fields(config: DecoderConfig, architectures: dict[str, str], classifiers: dict[str, str]) -> dict:

@@ -13,7 +13,7 @@ from typing import Any
 
 from easytune.models import decoder, decoder_hf
 from easytune.models.decoder import FULL, SLIDING, DecoderConfig
-from easytune.models.registry import Family, set_torch_dtype
+from easytune.models.registry import Family
 
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 CLASSIFIER_ARCHITECTURES = {"gemma2": "Gemma2ForSequenceClassification",
@@ -51,12 +51,8 @@ def config_from_hf(hf: dict, directory: str | None = None, **compute: Any) -> De
     act = decoder_hf.check_activation(hf, ("hidden_activation",), {"gelu_pytorch_tanh": "gelu_tanh"}, model_type)
     window = hf.get("sliding_window", 4096)
     period = 2 if not gemma3 else hf.get("sliding_window_pattern", 6)
-    types = decoder_hf.layer_types_of(hf, fields["num_layers"], window,
-                                      lambda i: SLIDING if (i + 1) % period else FULL)
-    if types is not None and SLIDING not in types:
-        types, window = None, None
-    elif types is not None and FULL not in types:
-        types = None
+    types, window = decoder_hf.layer_kinds_of(hf, fields["num_layers"], window,
+                                              lambda i: SLIDING if (i + 1) % period else FULL)
     fields.update(_ropes(hf, gemma3))
     fields.update(
         sliding_window=window, layer_types=types, qk_norm=gemma3, norm_style="gemma", embed_scale=True,
@@ -72,8 +68,8 @@ def config_to_hf(config: DecoderConfig, base: dict | None = None, torch_dtype: s
     """An HF `config.json` dict for `config`: `base` (the imported config) unchanged when it
     describes this architecture, else base with every architecture field written out."""
     c = config
-    hf = dict(base or {})
-    if not base or decoder_hf.architecture(config_from_hf(base)) != decoder_hf.architecture(c):
+
+    def write(hf):
         for key in LEGACY_ROPE_KEYS:
             hf.pop(key, None)
         if c.model_type == "gemma3_text":
@@ -86,7 +82,8 @@ def config_to_hf(config: DecoderConfig, base: dict | None = None, torch_dtype: s
                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=c.query_pre_attn_scalar,
                   sliding_window=c.sliding_window, layer_types=list(c.layer_kinds), rope_parameters=rope,
                   attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap)
-    return set_torch_dtype(decoder_hf.set_labels(hf, c), torch_dtype)
+
+    return decoder_hf.export_config(c, base, torch_dtype, config_from_hf, write)
 
 
 FAMILY = Family(model_types=("gemma2", "gemma3_text"), module=decoder, config_from_hf=config_from_hf,

@@ -7,7 +7,7 @@ from typing import Any
 
 from easytune.models import decoder, decoder_hf
 from easytune.models.decoder import FULL, SLIDING, DecoderConfig
-from easytune.models.registry import Family, set_torch_dtype
+from easytune.models.registry import Family
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 CLASSIFIER_ARCHITECTURES = {"qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
@@ -22,12 +22,8 @@ def config_from_hf(hf: dict, directory: str | None = None, **compute: Any) -> De
     decoder_hf.check_activation(hf, ("hidden_act",), {"silu": "silu"}, model_type)
     window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
     first_sliding = hf.get("max_window_layers", 28)
-    types = decoder_hf.layer_types_of(hf, fields["num_layers"], window,
-                                      lambda i: SLIDING if i >= first_sliding else FULL)
-    if types is not None and SLIDING not in types:
-        types, window = None, None   # a window no layer uses
-    elif types is not None and FULL not in types:
-        types = None                 # every layer slides: the window alone says so
+    types, window = decoder_hf.layer_kinds_of(hf, fields["num_layers"], window,
+                                              lambda i: SLIDING if i >= first_sliding else FULL)
     fields.update(sliding_window=window, layer_types=types, qk_norm=qwen3)
     if not qwen3:  # Qwen2: q, k, v always carry a bias, o never (no attention_bias field)
         fields.update(attention_bias=False, qkv_bias=True)
@@ -38,8 +34,8 @@ def config_to_hf(config: DecoderConfig, base: dict | None = None, torch_dtype: s
     """An HF `config.json` dict for `config`: `base` (the imported config) unchanged when it
     describes this architecture, else base with every architecture field written out."""
     c = config
-    hf = dict(base or {})
-    if not base or decoder_hf.architecture(config_from_hf(base)) != decoder_hf.architecture(c):
+
+    def write(hf):
         fields = decoder_hf.hf_fields(c, ARCHITECTURES, CLASSIFIER_ARCHITECTURES)
         if c.model_type == "qwen2":
             del fields["attention_bias"]
@@ -48,7 +44,8 @@ def config_to_hf(config: DecoderConfig, base: dict | None = None, torch_dtype: s
         hf.update(fields, hidden_act="silu", rope_parameters=decoder_hf.rope_to_hf(c.rope_theta, c.rope_scaling_dict),
                   use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
                   layer_types=list(c.layer_kinds))
-    return set_torch_dtype(decoder_hf.set_labels(hf, c), torch_dtype)
+
+    return decoder_hf.export_config(c, base, torch_dtype, config_from_hf, write)
 
 
 FAMILY = Family(model_types=("qwen2", "qwen3"), module=decoder, config_from_hf=config_from_hf,

@@ -48,8 +48,3 @@ def missing_fields(hf: dict, required: tuple[str, ...], model_type: str) -> None
     if missing:
         raise ValueError(f"config.json lacks {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else "")
                          + f"; a {model_type} config needs {list(required)}.")
-
-
-def compute_options(compute: dict) -> dict:
-    """The compute options (dtype, param_dtype, remat, attention, head_chunk_size) that were set."""
-    return {k: v for k, v in compute.items() if v is not None}

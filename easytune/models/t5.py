@@ -38,7 +38,8 @@ from jax.sharding import PartitionSpec as P
 
 from easytune.dtypes import parse_dtype
 from easytune.models import common, layers
-from easytune.models.registry import Family, WeightEntry, compute_options, missing_fields, set_torch_dtype
+from easytune.models.common import compute_options
+from easytune.models.registry import Family, WeightEntry, missing_fields, set_torch_dtype
 from easytune.safetensors_io import SafetensorsCheckpoint
 
 IS_ENCODER_DECODER = True
@@ -61,7 +62,7 @@ def activation_of(feed_forward_proj: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(common.ComputeDtypes):
     """Architecture plus compute options. Frozen and hashable: it is a static jit argument."""
 
     vocab_size: int
@@ -121,14 +122,6 @@ class T5Config:
     @property
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
-
-    @property
-    def compute_dtype(self):
-        return parse_dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return parse_dtype(self.param_dtype)
 
 
 # Regexes searched in the '/'-joined parameter path; the first match wins (see decoder.SHARDING_RULES).
