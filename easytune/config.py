@@ -87,36 +87,151 @@ def read_config(defaults: Mapping, flag_values=flags.FLAGS) -> ConfigDict:
     return ConfigDict(tree)
 
 
-# Flag docs of the trainers whose loss reads the LM head (SFT, DPO family, RL).
+# ----------------------------------------------------------------------------- the shared flags
+# Every recipe's flags are SHARED plus the groups it names (`Recipe.flag_groups`) plus its own
+# (`Recipe.defaults`, which may also change a shared default, e.g. the learning rate), merged by
+# `recipe_flags`. A shared flag is declared and documented here once.
+
+SHARED_DEFAULTS = {
+    "model": None,
+    "train_data": None,
+    "output_dir": "outputs/run",
+    "mesh_dim": "1,-1,1",
+    "grad_accum_steps": 1,
+    "dtype": "float32",
+    "param_dtype": "float32",
+    "remat": "none",
+    "attention": "xla",
+    "loss_reduction": "mean",
+    "optimizer": {
+        "lr": 1e-4, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
+        "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad_norm": 1.0,
+    },
+    "seed": 0,
+    "log_steps": 1,
+    "save_steps": 0,
+    "keep_checkpoints": 2,
+    "resume": False,
+    "export_hf": None,
+    "logger": "tensorboard",
+    "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
+}
+
+SHARED_DOCS = {
+    "model": "HF directory, hub id, or easytune checkpoint/run directory (default: bundled SmolLM2-135M-Instruct)",
+    "train_data": "training data: .jsonl/.json/.parquet or a `datasets` name (default: generated verifiable tasks)",
+    "output_dir": "where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go",
+    "mesh_dim": "device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts",
+    "grad_accum_steps": "micro-batches accumulated per optimizer step (batch_size must divide by it)",
+    "dtype": "compute dtype (float32, bfloat16)",
+    "param_dtype": "stored (master) weight dtype",
+    "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
+    "attention": "attention implementation: xla (reference), pallas (easytune's fused GPU kernel; interpret mode "
+                 "on CPU), splash (JAX's TPU kernel; interpret mode on CPU), cudnn (NVIDIA GPUs) or auto (pallas on "
+                 "GPU, splash on TPU, xla elsewhere)",
+    "loss_reduction": "mean: per unit (trained token, pair, ...) over the global batch; sum: per micro-batch sum "
+                      "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
+    "optimizer.lr": "peak learning rate (AdamW)",
+    "optimizer.schedule": "cosine, linear or constant after warmup",
+    "optimizer.warmup_steps": "warmup steps (0 = use warmup_ratio)",
+    "optimizer.warmup_ratio": "warmup as a fraction of total_steps",
+    "optimizer.min_lr_ratio": "final learning rate as a fraction of lr",
+    "optimizer.weight_decay": "AdamW weight decay (matrices only)",
+    "optimizer.b1": "AdamW beta1",
+    "optimizer.b2": "AdamW beta2",
+    "optimizer.eps": "AdamW epsilon",
+    "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off)",
+    "seed": "data order and initialization seed",
+    "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
+    "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
+    "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
+    "resume": "continue from the newest readable checkpoint in output_dir",
+    "export_hf": "write a Hugging Face directory here at the end, adapters merged (default job: <output_dir>/hf)",
+    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
+    "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
+    "jax_distributed.num_processes": "number of processes (0 = auto)",
+    "jax_distributed.process_id": "this process's index (-1 = auto)",
+}
+
+# Trainers over a fixed dataset, stepped in epochs (SFT, DPO family, reward models).
+DATA_DEFAULTS = {
+    "eval_data": None,
+    "total_steps": 0,
+    "num_epochs": 1,
+    "batch_size": 8,
+    "seq_length": 256,
+    "eval_steps": 0,
+    "chat_template": None,
+}
+
+DATA_DOCS = {
+    "eval_data": "evaluation data, the training data's formats (default: none)",
+    "total_steps": "optimizer steps; 0 = num_epochs over the training data",
+    "num_epochs": "epochs when total_steps is 0",
+    "batch_size": "global batch in sequences, across all hosts and accumulation steps",
+    "seq_length": "tokens per row; longer samples are truncated on the right",
+    "eval_steps": "evaluate on eval_data every N steps (0 = only at the end)",
+    "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu; a builtin one is written into "
+                     "the run's and the exports' tokenizer",
+}
+
+# Trainers whose loss reads the LM head (SFT, DPO family, RL).
+LM_HEAD_DEFAULTS = {"head_chunk_size": 0}
+
 LM_HEAD_DOCS = {
-    'head_chunk_size': "tokens per chunk of the fused LM head + log-softmax in the loss (0 = off: full logits); "
+    "head_chunk_size": "tokens per chunk of the fused LM head + log-softmax in the loss (0 = off: full logits); "
                        "saves the [tokens, vocab] logits' memory at large vocabularies, costs one more head matmul",
 }
 
-# Flag docs shared by every training entry point; an entry point's own DOCS override them.
-COMMON_DOCS = {
-    'output_dir': 'where checkpoints, metrics.jsonl, TensorBoard logs and the tokenizer go',
-    'mesh_dim': 'device mesh dp,fsdp,mp (one may be -1) or dp:2,fsdp:-1,mp:1, over all devices of all hosts',
-    'grad_accum_steps': 'micro-batches accumulated per optimizer step (batch_size must divide by it)',
-    'dtype': 'compute dtype (float32, bfloat16)',
-    'param_dtype': 'stored (master) weight dtype',
-    'remat': 'rematerialization per layer: none, full, dots, dots_no_batch',
-    'attention': 'attention implementation: xla, pallas (GPU kernel), splash (TPU kernel), cudnn or auto',
-    'optimizer.schedule': 'cosine, linear or constant after warmup',
-    'optimizer.warmup_steps': 'warmup steps (0 = use warmup_ratio)',
-    'optimizer.warmup_ratio': 'warmup as a fraction of total_steps',
-    'optimizer.min_lr_ratio': 'final learning rate as a fraction of lr',
-    'optimizer.weight_decay': 'AdamW weight decay (matrices only)',
-    'optimizer.b1': 'AdamW beta1',
-    'optimizer.b2': 'AdamW beta2',
-    'optimizer.eps': 'AdamW epsilon',
-    'optimizer.clip_grad_norm': 'clip gradients to this global norm (0 = off)',
-    'log_steps': 'log every N steps (progress bar, metrics.jsonl, TensorBoard)',
-    'save_steps': 'checkpoint every N steps and at the end (0 = only at the end)',
-    'keep_checkpoints': 'keep the newest N checkpoints (0 = all)',
-    'resume': 'continue from the newest readable checkpoint in output_dir',
-    'logger': 'tensorboard, wandb or none (metrics.jsonl is always written)',
-    'jax_distributed.coordinator_address': 'host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)',
-    'jax_distributed.num_processes': 'number of processes (0 = auto)',
-    'jax_distributed.process_id': "this process's index (-1 = auto)",
+# Trainers that can train an adapter instead of all weights (`easytune.run.attach_adapter` reads them).
+PEFT_DEFAULTS = {
+    "peft": "none",
+    "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": "all-linear", "use_rslora": False},
+    "prompt": {"num_virtual_tokens": 20, "encoder_type": "mlp", "encoder_hidden_size": 0, "init_text": ""},
+    "peft_adapter": None,
+    "export_peft": None,
 }
+
+PEFT_DOCS = {
+    "peft": "parameter-efficient fine-tuning: none (full), lora, qlora (NF4 base + LoRA), dora, prompt, "
+            "prefix, ptuning",
+    "lora.rank": "LoRA rank r (lora, qlora, dora)",
+    "lora.alpha": "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)",
+    "lora.dropout": "dropout on the LoRA input during training",
+    "lora.target_modules": "comma-separated module names (q_proj,v_proj or attn/q), all-linear (every linear "
+                           "but the output head), or re:<regex> over HF module names",
+    "lora.use_rslora": "rank-stabilized scaling alpha / sqrt(r)",
+    "prompt.num_virtual_tokens": "virtual tokens (prompt, prefix, ptuning)",
+    "prompt.encoder_type": "ptuning: mlp or lstm reparameterization; prefix: mlp (prefix projection) or none",
+    "prompt.encoder_hidden_size": "hidden size of the ptuning/prefix encoder (0 = the token dim, as peft)",
+    "prompt.init_text": "prompt tuning: initialise the virtual tokens from this text's embeddings "
+                        "(default: embeddings of random vocabulary tokens)",
+    "peft_adapter": "start from this peft adapter directory (LoRA/DoRA/prompt/prefix) instead of a fresh one",
+    "export_peft": "write the trained adapter here as a peft adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors)",
+}
+
+FLAG_GROUPS = {
+    "data": (DATA_DEFAULTS, DATA_DOCS),
+    "lm_head": (LM_HEAD_DEFAULTS, LM_HEAD_DOCS),
+    "peft": (PEFT_DEFAULTS, PEFT_DOCS),
+}
+
+
+def _merge(base: Mapping, override: Mapping) -> dict:
+    """`base` with `override` laid over it; nested dicts merge key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merge(out[key], value) if nested else value
+    return out
+
+
+def recipe_flags(groups, defaults: Mapping, docs: Mapping) -> tuple[dict, dict]:
+    """`(defaults, docs)` of a recipe: the shared flags, its `groups` (names in FLAG_GROUPS), then its
+    own `defaults` and `docs`, each layer overriding the ones before."""
+    all_defaults, all_docs = dict(SHARED_DEFAULTS), dict(SHARED_DOCS)
+    for name in groups:
+        group_defaults, group_docs = FLAG_GROUPS[name]
+        all_defaults, all_docs = _merge(all_defaults, group_defaults), {**all_docs, **group_docs}
+    return _merge(all_defaults, defaults), {**all_docs, **docs}

@@ -186,6 +186,24 @@ def right_pad(prompts: Sequence[Sequence[int]], length: int | None = None):
     return tokens, segment_ids
 
 
+def generate(config, params, inputs: Sequence[jax.Array], sampling: SamplingConfig, eos_ids: Sequence[int],
+             pad_id: int, key: jax.Array) -> jax.Array:
+    """Completions `[batch, max_new_tokens]` (int32), left on the device(s) the inputs are on; a
+    row is `pad_id` after its first id in `eos_ids`. The one generation call: `generate_tokens`,
+    `Model.generate`, RL rollouts and evaluation all come here.
+
+    inputs: decoder-only, `(tokens, positions, segment_ids)` `[batch, prompt]` left-padded (see
+    `left_pad`); encoder-decoder, `(input_ids, segment_ids)` right-padded (see `right_pad`).
+    Recompiles only for new shapes and sampling switches (greedy, top_k, whether top_p is on):
+    temperature and top_p are traced."""
+    seq2seq = models.is_encoder_decoder(config.model_type)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    return (_generate_seq2seq if seq2seq else _generate)(
+        config, sampling.max_new_tokens, sampling.top_k, sampling.temperature == 0.0, sampling.top_p < 1.0,
+        params, *inputs, eos, jnp.int32(pad_id), key,
+        jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+
+
 def generate_tokens(
     config,
     params,
@@ -216,12 +234,7 @@ def generate_tokens(
         from easytune import sharding
         spec = sharding.input_sharding(mesh, len(prompts))
         inputs = [jax.device_put(x, spec) for x in inputs]
-    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    out = (_generate_seq2seq if seq2seq else _generate)(
-        config, sampling.max_new_tokens, sampling.top_k, sampling.temperature == 0.0, sampling.top_p < 1.0,
-        params, *inputs, eos, jnp.int32(pad_id), jax.random.key(seed),
-        jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
-    )
+    out = generate(config, params, inputs, sampling, eos_ids, pad_id, jax.random.key(seed))
     results = []
     eos_set = set(eos_ids)
     for row in host_array(out).tolist():

@@ -143,3 +143,21 @@ def input_sharding(mesh: Mesh, batch_size: int, ndim: int = 2) -> NamedSharding:
     if batch_size % data_parallel_size(mesh) == 0:
         return batch_sharding(mesh, ndim)
     return NamedSharding(mesh, P())
+
+
+# Batches are [grad_accum_steps, micro_batch, seq]: micro-batch rows over the data-parallel axes.
+BATCH_SPEC = P(None, ("dp", "fsdp"), None)
+
+
+def global_batch(mesh, rows: dict[str, np.ndarray], grad_accum_steps: int) -> dict[str, jax.Array]:
+    """Host rows `[batch, seq]` (the same on every process) -> global arrays
+    `[accum, batch / accum, seq]`, micro-batch rows split over dp x fsdp. Each process transfers
+    only the rows its devices hold. (Any `[batch, k]` row works: per-row values such as
+    precomputed reference log-probs are `[batch, 1]`.)"""
+    out = {}
+    spec = NamedSharding(mesh, BATCH_SPEC)
+    for key, value in rows.items():
+        batch, seq = value.shape
+        value = value.reshape(grad_accum_steps, batch // grad_accum_steps, seq)
+        out[key] = jax.make_array_from_callback(value.shape, spec, lambda index, v=value: v[index])
+    return out

@@ -1,15 +1,15 @@
-"""The one training loop. An algorithm supplies a loss over `(model_config, params, batch)` that
-returns `(sum of per-unit losses, number of units)` (units: trained tokens for SFT, preference
-pairs for DPO), optionally with a dict of further per-unit sums to log as means (`rewards/chosen`,
-`accuracy`, ...); this module owns everything else: the sharded train state, the jitted step
-(gradient accumulation, clipping, AdamW, donation), evaluation, logging, orbax checkpoints and
-exact resume.
+"""The Trainer: the sharded train state of one model and its jitted step, evaluation and orbax
+checkpoints with exact resume. The run driver (`easytune.run`) owns the loop around it.
 
-A loss that compares against a reference policy (DPO) is built with `Trainer(..., reference=True)`
-and called as `loss_fn(model_config, params, batch, reference_params)`. The reference is the
-frozen input of the jitted step: with an adapter it is the base model itself (adapters off, no
-copy); without one it is a copy of the initial parameters, sharded like them, without optimizer
-state.
+An algorithm supplies a `Loss`: a function over `(model_config, params, batch)` that returns
+`(sum of per-unit losses, number of units)` (units: trained tokens for SFT, preference pairs for
+DPO), optionally with a dict of further per-unit sums to log as means (`rewards/chosen`,
+`accuracy`, ...). A loss with `needs_reference` compares against a reference policy and is
+called as `fn(model_config, params, batch, reference_params)`. The reference is the frozen input
+of the jitted step: with an adapter it is the base model itself (adapters off, no copy); without
+one it is a copy of the initial parameters, sharded like them, without optimizer state.
+
+The Trainer takes a typed `TrainConfig` (the driver builds it from the flags), never the flag tree.
 
 Checkpoint layout: `<output_dir>/checkpoints/<step>/` with orbax items `params`, `opt_state`,
 `data` (the data iterator's position) and `model` (config, HF config, generation config), so any
@@ -17,26 +17,63 @@ step loads with `easytune.load` and exports with `easytune.export_hf`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from easytune import adapters, checkpoint, sharding
+from easytune.data.batching import count_tokens, eval_batches  # noqa: F401 (the loop's batch helpers)
+from easytune.recipe import Loss
+from easytune.sharding import BATCH_SPEC, global_batch
 
 logger = logging.getLogger("easytune")
 
-LossFn = Callable[..., tuple]  # -> (loss_sum, count) or (loss_sum, count, {name: per-unit sum})
-# Batches are [grad_accum_steps, micro_batch, seq]: micro-batch rows over the data-parallel axes.
-BATCH_SPEC = P(None, ("dp", "fsdp"), None)
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup and decay (`--optimizer.*`)."""
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What a Trainer needs: where its checkpoints go, the global batch (in the loss's units of
+    rows: sequences or pairs) and its accumulation, the loss reduction, the optimizer, the seed
+    (adapter dropout), how many checkpoints to keep and whether resuming is intended."""
+    output_dir: str
+    batch_size: int
+    grad_accum_steps: int = 1
+    loss_reduction: str = "mean"
+    optimizer: OptimizerConfig = OptimizerConfig()
+    seed: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+
+    @classmethod
+    def from_flags(cls, cfg, **changes) -> "TrainConfig":
+        """From a run's flag tree (`--output_dir`, `--batch_size`, `--optimizer.*`, ...), with `changes`."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"optimizer"}
+        values = {name: cfg[name] for name in fields if name in cfg}
+        values["optimizer"] = OptimizerConfig(**{f.name: cfg.optimizer[f.name]
+                                                 for f in dataclasses.fields(OptimizerConfig)})
+        return cls(**{**values, **changes})
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -89,18 +126,18 @@ def split_loss_output(output) -> tuple[jax.Array, jax.Array, dict]:
     return loss_sum, count, {}
 
 
-def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, grad_accum_steps: int,
-                     combine=None, seed: int = 0, reference: bool = False, count_name: str = "trained_tokens"):
+def build_train_step(model_config, loss: Loss, optimizer, reduction: str, grad_accum_steps: int,
+                     combine=None, seed: int = 0):
     """`step(params, opt_state, frozen, batch, step_index) -> (params, opt_state, metrics)`; batch
     leaves are `[grad_accum_steps, micro_batch, ...]`.
 
     `params` are what is trained (all weights, or an adapter's); `combine(frozen, params, rng)`
     builds the model's parameter tree from them (default: `params` itself). rng is
-    `fold_in(key(seed), step_index)` per micro-batch, for adapter dropout. With `reference`, the
-    loss also gets `frozen` (the reference policy's parameters) as a fourth argument.
+    `fold_in(key(seed), step_index)` per micro-batch, for adapter dropout. A loss that
+    `needs_reference` also gets `frozen` (the reference policy's parameters).
 
     The loss's extra sums (if any) are logged as means per unit: `sum / count` over the global
-    batch, whatever the reduction. metrics[count_name] is the number of units.
+    batch, whatever the reduction. metrics[loss.unit] is the number of units.
 
     reduction 'mean': every trained token of the global batch weighs the same (sum / tokens).
     reduction 'sum': token losses summed per micro-batch and averaged over accumulation steps
@@ -115,9 +152,7 @@ def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, g
 
         def loss_and_extras(p, micro_batch, rng):
             model_params = combine(frozen, p, rng)
-            output = (loss_fn(model_config, model_params, micro_batch, frozen) if reference
-                      else loss_fn(model_config, model_params, micro_batch))
-            loss_sum, count, extras = split_loss_output(output)
+            loss_sum, count, extras = split_loss_output(loss(model_config, model_params, micro_batch, frozen))
             return loss_sum, (count, extras)
 
         def micro(carry, xs):
@@ -140,27 +175,11 @@ def build_train_step(model_config, loss_fn: LossFn, optimizer, reduction: str, g
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), count_name: count,
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), loss.unit: count,
                    **{name: value / jnp.maximum(count, 1.0) for name, value in extras.items()}}
         return params, opt_state, metrics
 
     return step
-
-
-# ----------------------------------------------------------------------------- batches
-
-def global_batch(mesh, rows: dict[str, np.ndarray], grad_accum_steps: int) -> dict[str, jax.Array]:
-    """Host rows `[batch, seq]` (the same on every process) -> global arrays
-    `[accum, batch / accum, seq]`, micro-batch rows split over dp x fsdp. Each process transfers
-    only the rows its devices hold. (Any `[batch, k]` row works: per-row values such as
-    precomputed reference log-probs are `[batch, 1]`.)"""
-    out = {}
-    spec = NamedSharding(mesh, BATCH_SPEC)
-    for key, value in rows.items():
-        batch, seq = value.shape
-        value = value.reshape(grad_accum_steps, batch // grad_accum_steps, seq)
-        out[key] = jax.make_array_from_callback(value.shape, spec, lambda index, v=value: v[index])
-    return out
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -175,31 +194,24 @@ def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
 
 
 class Trainer:
-    """Runs `loss_fn` over batches from `train_batches` with everything a run needs.
+    """Trains `loss` on one model: the trained params (all weights, or the attached adapter's),
+    their optimizer state and the frozen inputs (an adapter's base, or a reference copy), the
+    jitted step, evaluation and checkpoints in `<config.output_dir>/checkpoints`."""
 
-    cfg: the entry point's ConfigDict (optimizer.*, total_steps, batch_size, grad_accum_steps,
-    loss_reduction, save_steps, keep_checkpoints, eval_steps, log_steps, output_dir, resume).
-    """
-
-    def __init__(self, cfg, model, loss_fn: LossFn, total_steps: int, metrics_logger=None, *,
-                 reference: bool = False, count_name: str = "trained_tokens"):
-        """reference: the loss takes the reference policy (see the module doc). count_name: what
-        the loss's count is called in the metrics (`trained_tokens`, `pairs`); eval perplexity is
-        reported only for per-token losses (`trained_tokens`)."""
-        self.cfg, self.model, self.loss_fn = cfg, model, loss_fn
-        self.reference, self.count_name = reference, count_name
+    def __init__(self, config: TrainConfig, model, loss: Loss, total_steps: int):
+        self.config, self.model, self.loss = config, model, loss
         self.mesh, self.model_config = model.mesh, model.config
         self.total_steps = total_steps
-        if cfg.batch_size % cfg.grad_accum_steps:
-            raise ValueError(f"--batch_size ({cfg.batch_size}) must be a multiple of --grad_accum_steps "
-                             f"({cfg.grad_accum_steps}).")
-        micro = cfg.batch_size // cfg.grad_accum_steps
+        if config.batch_size % config.grad_accum_steps:
+            raise ValueError(f"--batch_size ({config.batch_size}) must be a multiple of --grad_accum_steps "
+                             f"({config.grad_accum_steps}).")
+        micro = config.batch_size // config.grad_accum_steps
         data_parallel = sharding.data_parallel_size(self.mesh)
         if micro % data_parallel:
-            raise ValueError(f"the micro-batch ({cfg.batch_size} / {cfg.grad_accum_steps} accumulation steps = "
+            raise ValueError(f"the micro-batch ({config.batch_size} / {config.grad_accum_steps} accumulation steps = "
                              f"{micro}) must divide over dp x fsdp = {data_parallel} devices; change "
                              f"--batch_size, --grad_accum_steps or --mesh_dim.")
-        self.optimizer, self.schedule = make_optimizer(cfg.optimizer, total_steps)
+        self.optimizer, self.schedule = make_optimizer(config.optimizer, total_steps)
         rules = adapters.rules_for(self.model_config)
         self.adapter = model.adapter
         if self.adapter is not None:
@@ -212,7 +224,7 @@ class Trainer:
         else:
             self.frozen, self.params, combine = None, model.params, None
         self.param_shardings = sharding.tree_shardings(self.params, rules, self.mesh)
-        if reference and self.adapter is None:
+        if loss.needs_reference and self.adapter is None:
             # the reference policy: a copy of the initial weights (training donates and replaces
             # the originals), in the same shards, never updated and without optimizer state
             with jax.set_mesh(self.mesh):
@@ -223,8 +235,8 @@ class Trainer:
         self.opt_shardings = sharding.tree_shardings(opt_shapes, rules, self.mesh)
         with jax.set_mesh(self.mesh):
             self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
-        step = build_train_step(self.model_config, loss_fn, self.optimizer, cfg.loss_reduction, cfg.grad_accum_steps,
-                                combine, seed=cfg.seed, reference=reference, count_name=count_name)
+        step = build_train_step(self.model_config, loss, self.optimizer, config.loss_reduction,
+                                config.grad_accum_steps, combine, seed=config.seed)
         batch_sharding = NamedSharding(self.mesh, BATCH_SPEC)
         self._step = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, frozen_shardings,
                                                  batch_sharding, None),
@@ -233,16 +245,12 @@ class Trainer:
         combine = combine or (lambda frozen, params, rng: params)
 
         def evaluate(params, frozen, batch):
-            model_params = combine(frozen, params, None)
-            output = (loss_fn(self.model_config, model_params, batch, frozen) if reference
-                      else loss_fn(self.model_config, model_params, batch))
-            return split_loss_output(output)
+            return split_loss_output(loss(self.model_config, combine(frozen, params, None), batch, frozen))
 
         self._eval = jax.jit(evaluate)
         self.step = 0
-        self.metrics_logger = metrics_logger
-        self.manager = checkpoint_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.keep_checkpoints)
-        if not cfg.resume and self.manager.all_steps():
+        self.manager = checkpoint_manager(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
+        if not config.resume and self.manager.all_steps():
             raise ValueError(f"{self.manager.directory} already holds checkpoints (steps "
                              f"{list(self.manager.all_steps())}); pass --resume to continue that run, or choose a "
                              f"new --output_dir.")
@@ -291,7 +299,7 @@ class Trainer:
             for bad_step, _ in failures:  # so this run's own saves at those steps are not refused
                 self.manager.delete(bad_step)
             self.params, self.opt_state, self.step = restored["params"], restored["opt_state"], step
-            self._publish()
+            self.publish()
             logger.info("resumed from step %d", step)
             return dict(restored["data"])
         if failures:  # nothing restores: a different model or optimizer, not a torn file
@@ -316,10 +324,14 @@ class Trainer:
                     extras[name] = extras.get(name, 0.0) + float(value)
         loss = total / max(count, 1.0)
         out = {"eval_loss": loss}
-        if self.count_name == "trained_tokens":
+        if self.loss.perplexity:
             out["eval_perplexity"] = math.exp(min(loss, 50.0))
         out.update({f"eval_{name}": value / max(count, 1.0) for name, value in extras.items()})
         return out
+
+    def learning_rate(self) -> float:
+        """The learning rate of the last step taken."""
+        return float(self.schedule(max(self.step - 1, 0)))
 
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on a global batch (see `global_batch`); returns the step's metrics
@@ -329,71 +341,9 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def train(self, train_batches, eval_batches: Callable[[], Iterator[dict]] | None = None,
-              progress=None, flops_per_token: float | None = None, peak_flops: float | None = None) -> list[dict]:
-        """Run until `total_steps`. `train_batches` yields host rows `[batch_size, seq]` and has
-        `state()` (saved with each checkpoint). Returns the logged metrics."""
-        cfg = self.cfg
-        history = []
-        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        with jax.set_mesh(self.mesh):
-            while self.step < self.total_steps:
-                rows = next(train_batches)
-                batch = global_batch(self.mesh, rows, cfg.grad_accum_steps)
-                step_start = time.perf_counter()
-                metrics = self.train_step(batch)
-                window_steps += 1
-                window_tokens += count_tokens(rows)
-                log_now = self.step % cfg.log_steps == 0 or self.step == self.total_steps
-                eval_now = (eval_batches is not None and cfg.eval_steps > 0 and self.step % cfg.eval_steps == 0)
-                if log_now or eval_now:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": self.step, **metrics,
-                              "learning_rate": float(self.schedule(self.step - 1)),
-                              "tokens_per_second": window_tokens / elapsed,
-                              "step_seconds": elapsed / window_steps}
-                    if self.step == 1:
-                        record["first_step_seconds"] = time.perf_counter() - step_start
-                    if flops_per_token and peak_flops:
-                        record["mfu"] = record["tokens_per_second"] * flops_per_token / (peak_flops * jax.device_count())
-                    if eval_now:
-                        record.update(self.evaluate(eval_batches()))
-                    history.append(record)
-                    if self.metrics_logger is not None:
-                        self.metrics_logger.log(self.step, {k: v for k, v in record.items() if k != "step"})
-                    if progress is not None:
-                        progress.update(self.step, record)
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-                if cfg.save_steps > 0 and (self.step % cfg.save_steps == 0 or self.step == self.total_steps):
-                    self.save(train_batches.state())
-                    # checkpoint time is not training throughput
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        self._publish()
-        return history
-
-    def _publish(self) -> None:
+    def publish(self) -> None:
         """Hand the trained weights back to the model handle (for generation and export)."""
         if self.adapter is not None:
             self.adapter.params = self.params
         else:
             self.model.params = self.params
-
-
-def count_tokens(rows: dict[str, np.ndarray]) -> int:
-    """Real (non-padding) tokens in host rows: every `segment_ids` array (SFT's, or a preference
-    pair's `chosen_segment_ids` and `rejected_segment_ids`)."""
-    return sum(int((v > 0).sum()) for k, v in rows.items() if k == "segment_ids" or k.endswith("_segment_ids"))
-
-
-def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """All eval rows in order, `batch_size` at a time; the last batch is padded with rows whose
-    loss_mask is 0 (so every device gets a full batch and padding adds nothing). Rows: any dict of
-    `[num_rows, k]` arrays (SFT's, or preference pairs')."""
-    num_rows = len(next(iter(rows.values())))
-    for start in range(0, num_rows, batch_size):
-        batch = {k: v[start:start + batch_size] for k, v in rows.items()}
-        missing = batch_size - len(next(iter(batch.values())))
-        if missing:
-            batch = {k: np.concatenate([v, np.zeros((missing, v.shape[1]), v.dtype)]) for k, v in batch.items()}
-        yield batch

@@ -19,6 +19,7 @@ import easytune
 from easytune import adapters, data, train
 from easytune.algos import dpo
 from easytune.data import preference
+from easytune.run import attach_adapter
 from easytune.train_dpo import DEFAULTS, DOCS, run
 
 BETA = 0.1
@@ -285,8 +286,8 @@ def test_reference_copy_and_precomputed_reference_train_alike(tiny_chat_model, p
 def test_lora_reference_is_the_base_without_a_copy(tiny_chat_model, pair_file, tmp_path):
     model = easytune.load(tiny_chat_model)
     cfg = make_cfg(tiny_chat_model, pair_file, tmp_path / "probe", peft="lora")
-    adapters.attach_from_flags(model, cfg)
-    trainer = train.Trainer(cfg, model, dpo.make_loss(dpo.PreferenceConfig()), 1, reference=True, count_name="pairs")
+    attach_adapter(model, cfg)
+    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), model, dpo.make_loss(dpo.PreferenceConfig()), 1)
     assert trainer.frozen is model.params  # the reference is the base the adapter sits on: no copy
     assert trainer.state_bytes()["frozen"] == adapters.nbytes(model.params)
     assert trainer.state_bytes()["params"] == adapters.nbytes(model.adapter.params)

@@ -54,10 +54,13 @@ def test_lora_starts_at_base_trains_only_adapter_and_exports(tiny_chat_model, ta
 
     # only adapter parameters carry optimizer state: AdamW's two moments per adapter leaf
     from easytune import train
+    from easytune.recipe import Loss
+    from easytune.run import attach_adapter
     trainer_cfg = make_cfg(tiny_chat_model, task_file, tmp_path / "probe", peft="lora")
     probe = easytune.load(tiny_chat_model, tokenizer=False)
-    adapters.attach_from_flags(probe, trainer_cfg)
-    trainer = train.Trainer(trainer_cfg, probe, lambda c, p, b: (0.0, 1.0), total_steps=1)
+    attach_adapter(probe, trainer_cfg)
+    trainer = train.Trainer(train.TrainConfig.from_flags(trainer_cfg), probe, Loss(lambda c, p, b: (0.0, 1.0)),
+                            total_steps=1)
     moments = [x for x in jax.tree.leaves(trainer.opt_state) if x.ndim > 0]
     assert sum(x.size for x in moments) == 2 * adapters.count(probe.adapter.params)
 

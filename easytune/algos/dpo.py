@@ -5,7 +5,8 @@ Pure functions in layers, so each can be checked against TRL on identical tensor
     token_logps(logits, target_ids)              -> [batch, seq] log p(target)
     sequence_logps(token_logps, mask)            -> (sum over the response [batch], response tokens [batch])
     preference_losses(options, policy/reference logps, lengths) -> (loss, chosen reward, rejected reward) [pairs]
-    make_loss(options)                           -> loss_fn(model_config, params, batch[, reference]) for train.Trainer
+    make_loss(options, precomputed)              -> the training loss (`easytune.recipe.Loss`)
+    RECIPE                                       -> `python -m easytune.train_dpo` (flags, rows, figures)
 
 With Δ = (π_c − ref_c) − (π_r − ref_r), the difference of summed response log-prob ratios, n the
 response lengths and avg = summed log-probs / n:
@@ -31,17 +32,22 @@ forward, interleaved on the batch axis (which keeps each device's rows on that d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easytune import recipe
 from easytune.algos.logprobs import model_logprobs, token_logps  # noqa: F401 (token_logps: this module's API too)
 from easytune.data.packing import ROW_KEYS
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")  # these never use a reference policy
 SIDES = ("chosen", "rejected")
+logger = logging.getLogger("easytune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +155,11 @@ def preference_losses(options: PreferenceConfig, policy_chosen: jax.Array, polic
     return (losses, jax.lax.stop_gradient(beta * chosen_ratio), jax.lax.stop_gradient(beta * rejected_ratio))
 
 
-def make_loss(options: PreferenceConfig):
-    """The training loop's loss: `loss_fn(model_config, params, batch, reference_params=None) ->
-    (sum of pair losses, number of pairs, {metric: sum over pairs})`. Reference log-probs come
-    from the batch (`ref_chosen_logps`, precomputed) or from a forward of `reference_params`;
-    rows with no response token (eval padding) count for nothing."""
+def make_loss(options: PreferenceConfig, precomputed: bool = False) -> recipe.Loss:
+    """The training loss: `fn(model_config, params, batch, reference_params=None) -> (sum of pair
+    losses, number of pairs, {metric: sum over pairs})`, per pair. Reference log-probs come from
+    the batch (`ref_chosen_logps`, `precomputed`) or from a forward of `reference_params` (then the
+    Loss `needs_reference`); rows with no response token (eval padding) count for nothing."""
 
     def loss_fn(model_config, params, batch, reference_params=None):
         policy = pair_logps(model_config, params, batch)
@@ -168,7 +174,7 @@ def make_loss(options: PreferenceConfig):
                 reference = jax.lax.stop_gradient(pair_logps(model_config, reference_params, batch))
             else:
                 raise ValueError(f"the {options.loss_type} loss needs reference log-probs: a reference model "
-                                 f"(Trainer(reference=True)) or precomputed ref_chosen_logps/ref_rejected_logps.")
+                                 f"(make_loss(precomputed=False)) or precomputed ref_chosen_logps/ref_rejected_logps.")
         losses, chosen_rewards, rejected_rewards = preference_losses(
             options, safe(policy["chosen"]), safe(policy["rejected"]),
             jnp.where(valid, policy["chosen_count"], 1.0), jnp.where(valid, policy["rejected_count"], 1.0),
@@ -182,7 +188,7 @@ def make_loss(options: PreferenceConfig):
                    "logps/rejected": total(jax.lax.stop_gradient(policy["rejected"]))}
         return total(losses), jnp.sum(weight), metrics
 
-    return loss_fn
+    return recipe.Loss(loss_fn, "pairs", needs_reference=options.uses_reference and not precomputed)
 
 
 # ----------------------------------------------------------------------------- precomputed reference
@@ -194,16 +200,174 @@ def reference_logps(model_config, params, rows: dict[str, np.ndarray], mesh, bat
     float32, to add to the rows (then the loss needs no reference model)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from easytune import train
+    from easytune import data, sharding
     replicated = NamedSharding(mesh, P())
     compute = jax.jit(lambda p, b: pair_logps(model_config, p, b), out_shardings=replicated)
     num_pairs = len(rows["chosen_input_ids"])
     model_rows = {k: v for k, v in rows.items() if k.startswith(SIDES)}
     out = {side: [] for side in SIDES}
     with jax.set_mesh(mesh):
-        for host_rows in train.eval_batches(model_rows, batch_size):
-            batch = {k: v[0] for k, v in train.global_batch(mesh, host_rows, 1).items()}
+        for host_rows in data.eval_batches(model_rows, batch_size):
+            batch = {k: v[0] for k, v in sharding.global_batch(mesh, host_rows, 1).items()}
             logps = jax.device_get(compute(params, batch))
             for side in SIDES:
                 out[side].append(np.asarray(logps[side], np.float32))
     return {f"ref_{side}_logps": np.concatenate(out[side])[:num_pairs, None] for side in SIDES}
+
+
+def cached_reference_logps(path: str, rows: dict, compute) -> dict:
+    """Reference log-probs for `rows` from `path` if it holds them for these very rows, else
+    `compute()` (saved to `path`)."""
+    digest = hashlib.sha256()
+    for key in ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"):
+        digest.update(np.ascontiguousarray(rows[key]).tobytes())
+    fingerprint = digest.hexdigest()
+    if os.path.exists(path):
+        with np.load(path) as cached:
+            if str(cached["fingerprint"]) == fingerprint:
+                logger.info("reference log-probs from %s", path)
+                return {k: cached[k] for k in ("ref_chosen_logps", "ref_rejected_logps")}
+    values = compute()
+    if jax.process_index() == 0:
+        np.savez(path, fingerprint=np.array(fingerprint), **values)
+    return values
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+PAIR_DATA_DOCS = {
+    "train_data": "preference pairs: .jsonl/.json/.parquet or a `datasets` name; {prompt, chosen, rejected} as "
+                  "strings, or chosen/rejected as message lists (whole conversations incl. the prompt turn, as "
+                  "UltraFeedback-binarized, or the assistant turns only) (default: pairs from generated tasks)",
+    "eval_data": "evaluation pairs, same layouts (default: none)",
+    "total_steps": "optimizer steps; 0 = num_epochs over the training pairs",
+    "num_epochs": "epochs when total_steps is 0",
+    "batch_size": "global batch in preference pairs (each is a chosen and a rejected sequence)",
+    "seq_length": "maximum tokens per sequence (prompt + response), truncated on the right; rows are as long "
+                  "as the longest pair needs, up to this",
+    "loss_reduction": "mean: per pair over the global batch; sum: per micro-batch pair sum averaged over "
+                      "accumulation steps",
+    "tasks.num_train": "default job: generated training tasks (one preference pair each)",
+    "tasks.max_new_tokens": "default job: generation budget per answer (held-out and the model's own answers)",
+    "tasks.rejected": "default job: the rejected answer: model (the model's own greedy answer when wrong, else "
+                      "a perturbed one) or perturb (a nearby number, a mis-sorted list, ...)",
+}
+
+
+def pair_data(ctx: recipe.Context, source: str, records, locations=None):
+    """`(rows, stats)` of preference pairs, the drop count said on stderr."""
+    from easytune import data
+    cfg = ctx.cfg
+    rows, stats = data.pair_rows(records, ctx.model.tokenizer, ctx.template, cfg.seq_length, source, locations)
+    if stats.num_dropped:
+        recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped} of {stats.num_records} pairs whose chosen "
+                                    f"({stats.num_dropped_chosen}) or rejected ({stats.num_dropped_rejected}) "
+                                    f"response is empty after truncation to seq_length={cfg.seq_length}")
+    return rows, stats
+
+
+def eval_pair_rows(ctx: recipe.Context):
+    """Rows of --eval_data's pairs, or None."""
+    from easytune import data
+    if not ctx.cfg.eval_data:
+        return None
+    records, locations = data.load_pairs(ctx.cfg.eval_data)
+    return data.pair_rows(records, ctx.model.tokenizer, ctx.template, ctx.cfg.seq_length, ctx.cfg.eval_data,
+                          locations)[0]
+
+
+class DPORecipe(recipe.Recipe):
+    """Preference optimization on (prompt, chosen, rejected) pairs with the DPO family, ORPO or
+    SimPO. The reference policy: the base with the adapter off (an adapter run: no copy), a frozen
+    copy of the initial weights (--peft=none), or log-probs precomputed in one pass."""
+
+    name = "preference optimization"
+    flag_groups = ("data", "lm_head", "peft")
+    adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
+    defaults = {
+        "output_dir": "outputs/dpo",
+        "seq_length": 512,
+        "loss_type": "sigmoid",
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+        "reference_free": False,
+        "simpo_gamma": 0.5,
+        "precompute_reference": False,
+        "optimizer": {"lr": 5e-4, "warmup_ratio": 0.1},
+        "tasks": {"num_train": 192, "num_heldout": 100, "max_new_tokens": 16, "rejected": "model"},
+        "peft": "lora",
+    }
+    docs = {
+        **PAIR_DATA_DOCS,
+        "model": "HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: bundled "
+                 "SmolLM2-135M-Instruct)",
+        "loss_type": "sigmoid (DPO), ipo (length-normalized), hinge, robust, orpo (chosen-response NLL + beta * "
+                     "odds-ratio term), simpo (length-averaged, margin simpo_gamma, no NLL)",
+        "beta": "DPO beta (ipo: tau; orpo: lambda; simpo: beta, the paper uses 2.0-2.5)",
+        "label_smoothing": "sigmoid: conservative DPO (cDPO) label noise; robust: label-flip rate in [0, 0.5); "
+                           "simpo: label smoothing",
+        "reference_free": "DPO family: reference log-probs of 0 (no reference policy)",
+        "simpo_gamma": "SimPO target reward margin gamma",
+        "precompute_reference": "compute the reference log-probs in one pass before training (cached in "
+                                "<output_dir>/reference_logps_*.npz) instead of holding a reference during training",
+        "optimizer.lr": "peak learning rate (AdamW); the default suits LoRA on the embedded job, full DPO "
+                        "usually wants 5e-7 to 5e-6",
+        "seed": "data order and adapter init seed",
+        "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
+        "peft": "parameter-efficient fine-tuning: lora (default: the reference is the base, no copy), qlora, dora, "
+                "prompt, prefix, ptuning, or none (all weights; the reference is a frozen copy unless "
+                "--precompute_reference)",
+    }
+
+    @staticmethod
+    def options(cfg) -> PreferenceConfig:
+        return PreferenceConfig(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                reference_free=cfg.reference_free, simpo_gamma=cfg.simpo_gamma)
+
+    def validate(self, cfg) -> None:
+        if cfg.precompute_reference and not self.options(cfg).uses_reference:
+            raise ValueError(f"--precompute_reference has nothing to compute: the {cfg.loss_type} loss"
+                             f"{' with --reference_free' if cfg.reference_free else ''} uses no reference policy.")
+
+    def setup(self, ctx: recipe.Context) -> recipe.Job:
+        from easytune import data
+        cfg, model = ctx.cfg, ctx.model
+        options = self.options(cfg)
+        heldout = None
+        if cfg.train_data is None:
+            task_records, heldout = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout, seed=cfg.seed)
+            records = data.task_pairs_from_model(model, task_records, cfg.tasks.rejected, cfg.tasks.max_new_tokens,
+                                                 cfg.seed)
+            source, locations = f"generated task pairs ({len(records)} train, {len(heldout)} held out)", None
+            ctx.write_jsonl("train_pairs.jsonl", records)
+        else:
+            source = cfg.train_data
+            records, locations = data.load_pairs(source)
+        rows, stats = pair_data(ctx, source, records, locations)
+        logger.info("train data %s: %s; rows of %d tokens", source, stats.summary(), rows["chosen_input_ids"].shape[1])
+        eval_rows = eval_pair_rows(ctx)
+        precomputed = cfg.precompute_reference and options.uses_reference
+        if precomputed:  # the reference: the initial model, adapters off
+            micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
+            for name, these in (("train", rows), ("eval", eval_rows)):
+                if these is not None:
+                    these.update(cached_reference_logps(
+                        os.path.join(cfg.output_dir, f"reference_logps_{name}.npz"), these,
+                        lambda these=these: reference_logps(model.config, model.params, these, model.mesh,
+                                                            micro_batch)))
+        reference = ("none" if not options.uses_reference else "precomputed" if precomputed
+                     else "base (adapter off)" if model.adapter is not None else "copy")
+
+        def report(history, summary):
+            return {k: v for k, v in history[-1].items() if k.startswith("rewards/")} if history else {}
+
+        return recipe.Job(
+            model=model, rows=rows, eval_rows=eval_rows, loss=make_loss(options, precomputed),
+            summary={"train_pairs": stats.num_records, "train_pairs_dropped": stats.num_dropped,
+                     "loss_type": cfg.loss_type, "reference": reference},
+            heldout=(None if heldout is None else
+                     lambda: recipe.heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)),
+            report=report)
+
+
+RECIPE = DPORecipe()

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from easytune import models
+from easytune import models, recipe
 from easytune.algos.logprobs import entropy_from_logits, model_logprobs  # noqa: F401 (entropy_from_logits: this module's API too)
 from easytune.algos.registry import Registry
 
@@ -343,8 +343,8 @@ def response_values(model_config, params, batch):
     return values[:, -response_length - 1:-1, 0].astype(jnp.float32)
 
 
-def policy_loss_fn(options: RLConfig):
-    """The policy's loss for `train.Trainer`: `(sum, count, {metric: sum})`, averaged over the units
+def policy_loss_fn(options: RLConfig) -> recipe.Loss:
+    """The policy's loss: `(sum, count, {metric: sum})`, averaged over the units
     of the algorithm's registered policy loss: the minibatch's response tokens for PPO and GRPO
     (TRL's PPO masked mean; GRPO's token-level "dapo"/"bnpo" normalization), its sequences for
     RLOO (as TRL's RLOOTrainer). Where the KL placement puts it in the loss (--kl_in=loss), the
@@ -387,11 +387,12 @@ def policy_loss_fn(options: RLConfig):
         metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
         return loss_sum, count, metrics
 
-    return loss_fn
+    # needs_reference: the Trainer holds the reference policy (the rollout records its log-probs)
+    return recipe.Loss(loss_fn, options.policy_loss.unit, needs_reference=True)
 
 
-def value_loss_fn(options: RLConfig):
-    """The critic's loss for `train.Trainer`: vf_coef · clipped value loss, averaged over the
+def value_loss_fn(options: RLConfig) -> recipe.Loss:
+    """The critic's loss: vf_coef · clipped value loss, averaged over the
     minibatch's value positions (`response_mask`)."""
 
     def loss_fn(model_config, params, batch):
@@ -403,7 +404,7 @@ def value_loss_fn(options: RLConfig):
                    "value/clipfrac": total(clipped.astype(jnp.float32))}
         return options.vf_coef * total(losses), jnp.sum(mask), metrics
 
-    return loss_fn
+    return recipe.Loss(loss_fn, "value_tokens")
 
 
 # ----------------------------------------------------------------------------- registered variants

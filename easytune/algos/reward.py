@@ -3,7 +3,8 @@
     to_reward_model(model, seed)                  a causal LM handle -> a reward model (score head, no LM head)
     sequence_scores(model_config, params, ...)    [batch, num_labels] at each row's last real token
     bradley_terry_losses(chosen, rejected, ...)   [pairs]
-    make_loss(center_rewards_coefficient)         loss_fn(model_config, params, batch) for train.Trainer
+    make_loss(center_rewards_coefficient)         the training loss (`easytune.recipe.Loss`, per pair)
+    RECIPE                                        `python -m easytune.train_reward` (flags, rows, figures)
 
 The model is `DecoderConfig(num_labels=1)`: `score.kernel [hidden, 1]` on the final hidden states,
 exported as transformers' `LlamaForSequenceClassification` / `MistralForSequenceClassification`,
@@ -19,14 +20,16 @@ of this sum).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from easytune import models
+from easytune import models, recipe
 from easytune.algos.dpo import both_sides
 from easytune.data.packing import ROW_KEYS
 
+logger = logging.getLogger("easytune")
 SCORE_INIT_STD = 0.02  # transformers' initializer_range for a fresh score head
 
 
@@ -92,7 +95,7 @@ def pair_scores(model_config, params, batch) -> tuple[jax.Array, jax.Array]:
     return scores[:, 0], scores[:, 1]
 
 
-def make_loss(center_rewards_coefficient: float = 0.0):
+def make_loss(center_rewards_coefficient: float = 0.0) -> recipe.Loss:
     """The training loop's loss: `(sum of pair losses, number of pairs, {metric: sum over pairs})`
     with metrics accuracy (chosen scored above rejected), margin, rewards/chosen and
     rewards/rejected. All-padding rows (eval padding) count for nothing."""
@@ -108,5 +111,83 @@ def make_loss(center_rewards_coefficient: float = 0.0):
                    "rewards/chosen": total(chosen), "rewards/rejected": total(rejected)}
         return total(losses), jnp.sum(valid.astype(jnp.float32)), metrics
 
-    return loss_fn
+    return recipe.Loss(loss_fn, "pairs")
 
+
+# ----------------------------------------------------------------------------- the recipe
+
+class RewardRecipe(recipe.Recipe):
+    """A reward model on preference pairs: a score head on the starting causal LM (or a reward
+    model's, continued), Bradley–Terry loss, pairwise accuracy as the eval figure."""
+
+    name = "reward training"
+    flag_groups = ("data",)
+    score_head = True
+    defaults = {
+        "output_dir": "outputs/reward",
+        "seq_length": 512,
+        "center_rewards_coefficient": 0.0,
+        "optimizer": {"lr": 5e-5, "warmup_ratio": 0.1},
+        "tasks": {"num_train": 128, "num_heldout": 100, "max_new_tokens": 16, "rejected": "model"},
+    }
+
+    @property
+    def docs(self):
+        from easytune.algos.dpo import PAIR_DATA_DOCS
+        return {
+            **PAIR_DATA_DOCS,
+            "model": "HF directory, hub id, or easytune checkpoint/run directory: a causal LM (its LM head is "
+                     "replaced by a new score head) or a reward model to continue (default: bundled "
+                     "SmolLM2-135M-Instruct)",
+            "train_data": "preference pairs (the layouts of train_dpo), optionally with a numeric `margin` field "
+                          "(default: pairs from generated tasks)",
+            "eval_data": "evaluation pairs, same layouts; eval_accuracy is the pairwise accuracy (default job: the "
+                         "held-out task pairs)",
+            "center_rewards_coefficient": "reward centering: adds c * mean((r_chosen + r_rejected)^2) (0 = off; "
+                                          "the paper suggests 0.01)",
+            "optimizer.lr": "peak learning rate (AdamW; all weights and the score head train)",
+            "seed": "data order and score head init seed",
+            "export_hf": "write a Hugging Face *ForSequenceClassification directory here at the end (default job: "
+                         "<output_dir>/hf)",
+            "tasks.num_heldout": "default job: held-out tasks (pairs) for pairwise accuracy",
+            "tasks.max_new_tokens": "default job: generation budget of the model's own answers",
+        }
+
+    def setup(self, ctx: recipe.Context) -> recipe.Job:
+        from easytune import data
+        from easytune.algos.dpo import eval_pair_rows, pair_data
+        cfg, model = ctx.cfg, ctx.model
+        eval_rows = None
+        if cfg.train_data is None:  # pairs from the causal LM's own answers, before it becomes a reward model
+            if getattr(model.config, "num_labels", 0):
+                raise ValueError("the default job builds its pairs from a causal LM's answers; give --train_data to "
+                                 "continue training a reward model.")
+            task_records, heldout_tasks = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout,
+                                                                 seed=cfg.seed)
+            records, heldout_records = (
+                data.task_pairs_from_model(model, these, cfg.tasks.rejected, cfg.tasks.max_new_tokens, cfg.seed)
+                for these in (task_records, heldout_tasks))
+            source = f"generated task pairs ({len(records)} train, {len(heldout_records)} held out)"
+            rows, stats = pair_data(ctx, source, records)
+            eval_rows = data.pair_rows(heldout_records, model.tokenizer, ctx.template, cfg.seq_length,
+                                       "held-out task pairs")[0]
+            ctx.write_jsonl("train_pairs.jsonl", records)
+            ctx.write_jsonl("heldout_pairs.jsonl", heldout_records)
+        else:
+            source = cfg.train_data
+            rows, stats = pair_data(ctx, source, *data.load_pairs(source))
+        eval_rows = eval_pair_rows(ctx) if cfg.eval_data else eval_rows
+        logger.info("train data %s: %s; rows of %d tokens", source, stats.summary(), rows["chosen_input_ids"].shape[1])
+
+        def report(history, summary):
+            return {"last_accuracy": history[-1]["accuracy"]} if history else {}
+
+        reward_model = to_reward_model(model, seed=cfg.seed)
+        return recipe.Job(
+            model=reward_model, rows=rows, eval_rows=eval_rows, eval_before=True,
+            loss=make_loss(cfg.center_rewards_coefficient), report=report,
+            summary={"train_pairs": stats.num_records, "train_pairs_dropped": stats.num_dropped},
+            flops_per_token=models.flops_per_token(reward_model.config, cfg.seq_length))
+
+
+RECIPE = RewardRecipe()

@@ -1,6 +1,8 @@
 """A deterministic, resumable iterator of batches over rows from `make_rows`."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 
@@ -81,3 +83,22 @@ class BatchIterator:
                 taken = np.concatenate([taken, padding])
             batch[key] = taken
         return batch
+
+
+def count_tokens(rows: dict[str, np.ndarray]) -> int:
+    """Real (non-padding) tokens in host rows: every `segment_ids` array (SFT's, or a preference
+    pair's `chosen_segment_ids` and `rejected_segment_ids`)."""
+    return sum(int((v > 0).sum()) for k, v in rows.items() if k == "segment_ids" or k.endswith("_segment_ids"))
+
+
+def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """All eval rows in order, `batch_size` at a time; the last batch is padded with rows whose
+    loss_mask is 0 (so every device gets a full batch and padding adds nothing). Rows: any dict of
+    `[num_rows, k]` arrays (SFT's, or preference pairs')."""
+    num_rows = len(next(iter(rows.values())))
+    for start in range(0, num_rows, batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+        missing = batch_size - len(next(iter(batch.values())))
+        if missing:
+            batch = {k: np.concatenate([v, np.zeros((missing, v.shape[1]), v.dtype)]) for k, v in batch.items()}
+        yield batch

@@ -1,10 +1,12 @@
-"""The RL loop behind `train_ppo`: rollouts, scoring, advantages, and PPO epochs over minibatches.
+"""RL iterations as a step source of the run driver (`easytune.run`): each `advance()` is one
+iteration of rollouts, scoring, advantages and PPO epochs over minibatches, so RL gets the
+driver's log/eval/save cadence, resume and logging like any other recipe.
 
 One iteration:
 1. **generate**: `rollout_batch_size` completions (each prompt `rollouts_per_prompt` times, a
-   prompt's completions consecutive) with the jitted KV-cache generator (`generate._generate`: one
-   prefill and a `lax.while_loop`, inputs sharded over the mesh's batch axes, no host round trip
-   per token), sampling at `temperature` from the current policy;
+   prompt's completions consecutive) with the one generation call (`easytune.generate.generate`:
+   one prefill and a `lax.while_loop`, inputs sharded over the mesh's batch axes, no host round
+   trip per token), sampling at `temperature` from the current policy;
 2. **record**: in one jitted pass over the rollout batch, in the training step's micro-batch
    shape, the policy's log-probs and entropy, the reference's log-probs (adapters off, or the
    frozen copy) and, for PPO, the critic's values. These are the "old" log-probs and values: they
@@ -19,6 +21,7 @@ One iteration:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Callable, Sequence
@@ -27,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easytune import generate, train
-from easytune.distributed import host_array
+from easytune import generate, sharding, train
 from easytune.algos import ppo
+from easytune.distributed import host_array
 
 logger = logging.getLogger("easytune")
 
@@ -72,26 +75,62 @@ def completion_ids(rows: dict[str, np.ndarray]) -> list[list[int]]:
     return [row[mask > 0].tolist() for row, mask in zip(responses, rows["response_mask"])]
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the iterations
 
-class RLLoop:
-    """Runs iterations of rollouts and updates. `policy` is a `train.Trainer` over the policy model
-    (adapter or all weights; built with `reference=True`, so its `frozen` input is the reference:
-    the base with an adapter, else a copy); `critic` a Trainer over the value model (PPO) or None.
-    `score(prompt_records, completions, completion_ids)` returns float32 scores `[batch]`."""
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """The shape of an iteration: completions per iteration, their length, optimizer passes over
+    them, and what completions without EOS pay."""
+    rollout_batch_size: int
+    max_new_tokens: int
+    ppo_epochs: int = 1
+    num_minibatches: int = 1
+    grad_accum_steps: int = 1
+    missing_eos_penalty: float = 0.0
+    seed: int = 0
 
-    def __init__(self, cfg, options: ppo.RLConfig, model, policy: train.Trainer, critic: train.Trainer | None,
-                 score: Callable, prompt_ids: Callable[[dict], list[int]], records: Sequence[dict],
-                 kl_controller):
-        self.cfg, self.options, self.model = cfg, options, model
+    def __post_init__(self):
+        for name in ("rollout_batch_size", "max_new_tokens", "ppo_epochs", "num_minibatches", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.rollout_batch_size % self.num_minibatches:
+            raise ValueError(f"--rollout_batch_size ({self.rollout_batch_size}) must divide into --num_minibatches "
+                             f"({self.num_minibatches}).")
+
+    @property
+    def minibatch(self) -> int:
+        return self.rollout_batch_size // self.num_minibatches
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps per iteration."""
+        return self.ppo_epochs * self.num_minibatches
+
+
+class RLSteps:
+    """RL iterations, a step source of the run driver (`step` = iterations done). `policy` is a
+    `train.Trainer` over the policy model whose loss `needs_reference`, so its `frozen` input is
+    the reference (the base with an adapter, else a copy); `critic` a Trainer over the value model
+    (PPO) or None. `score(prompt_records, completion_ids)` returns float32 scores `[batch]`;
+    `prompt_ids(record)` a record's prompt as token ids. Every iteration's metrics are kept in
+    `iterations` (the driver logs only every --log_steps)."""
+
+    def __init__(self, settings: RolloutConfig, options: ppo.RLConfig, model, policy: train.Trainer,
+                 critic: train.Trainer | None, score: Callable, prompt_ids: Callable[[dict], list[int]],
+                 records: Sequence[dict], kl_controller):
+        if settings.rollout_batch_size % options.group_size:
+            raise ValueError(f"--rollout_batch_size ({settings.rollout_batch_size}) must be a multiple of "
+                             f"--rollouts_per_prompt ({options.group_size}).")
+        self.settings, self.options, self.model = settings, options, model
         self.policy, self.critic, self.score = policy, critic, score
         self.prompt_ids, self.records, self.kl = prompt_ids, list(records), kl_controller
-        self.prompts = prompt_batches(self.records, cfg.rollout_batch_size // options.group_size, cfg.seed)
+        self.prompts = prompt_batches(self.records, settings.rollout_batch_size // options.group_size, settings.seed)
         self.mesh = model.mesh
-        self.iteration = 0
-        self.rollout_batch = cfg.rollout_batch_size
-        self.minibatch = self.rollout_batch // cfg.num_minibatches
-        self.micro = self.minibatch // cfg.grad_accum_steps
+        self.step = 0
+        self.iterations: list[dict] = []
+        self.rollout_batch = settings.rollout_batch_size
+        self.minibatch = settings.minibatch
+        self.micro = self.minibatch // settings.grad_accum_steps
         self.eos_ids = model.eos_token_ids
         if not self.eos_ids:
             raise ValueError("the policy has no EOS token id (generation_config / tokenizer); RL needs one to end "
@@ -132,16 +171,14 @@ class RLLoop:
         # a multiple of 16, not generate's power of two: every rollout row is trained on, and
         # prompts of similar lengths still share one compiled program
         tokens, positions, segments = generate.left_pad(prompts, -(-max(map(len, prompts)) // 16) * 16)
-        from easytune import sharding
         spec = sharding.input_sharding(self.mesh, len(prompts))
         inputs = [jax.device_put(x, spec) for x in (tokens, positions, segments)]
-        key = jax.random.fold_in(jax.random.key(self.cfg.seed), self.iteration)
+        key = jax.random.fold_in(jax.random.key(self.settings.seed), self.step)
+        sampling = generate.SamplingConfig(self.settings.max_new_tokens, temperature=self.options.temperature)
         with jax.set_mesh(self.mesh):
             params = self._combine(self.policy.frozen, self.policy.params)
-            responses = generate._generate(
-                self.model.config, self.cfg.max_new_tokens, 0, False, False, params, *inputs,
-                jnp.asarray(self.eos_ids, jnp.int32), jnp.int32(self.model.pad_token_id), key,
-                jnp.float32(self.options.temperature), jnp.float32(1.0))
+            responses = generate.generate(self.model.config, params, inputs, sampling, self.eos_ids,
+                                          self.model.pad_token_id, key)
         return response_rows(tokens, positions, segments, host_array(responses), self.eos_ids)
 
     def record(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -149,7 +186,7 @@ class RLLoop:
         chunks = self.rollout_batch // self.micro
         model_rows = {k: rows[k] for k in ("input_ids", "positions", "segment_ids", "response_mask")}
         with jax.set_mesh(self.mesh):
-            batch = train.global_batch(self.mesh, model_rows, chunks)
+            batch = sharding.global_batch(self.mesh, model_rows, chunks)
             outputs = self._record(self.policy.params, self.policy.frozen,
                                    None if self.critic is None else self.critic.params, batch)
             outputs = [host_array(x).reshape(self.rollout_batch, -1) for x in outputs]
@@ -181,15 +218,15 @@ class RLLoop:
         """PPO epochs over shuffled minibatches; returns each optimizer step's metrics (host floats)."""
         train_keys = ("input_ids", "positions", "segment_ids", "response_mask", "old_logprobs", "ref_logprobs",
                       "advantages", "returns", "old_values", "kl_coef")
-        rng = np.random.default_rng([self.cfg.seed, self.iteration])
+        rng = np.random.default_rng([self.settings.seed, self.step])
         step_metrics = []
         with jax.set_mesh(self.mesh):
-            for _ in range(self.cfg.ppo_epochs):
+            for _ in range(self.settings.ppo_epochs):
                 order = rng.permutation(self.rollout_batch)
                 for start in range(0, self.rollout_batch, self.minibatch):
                     index = order[start:start + self.minibatch]
-                    batch = train.global_batch(self.mesh, {k: rows[k][index] for k in train_keys},
-                                               self.cfg.grad_accum_steps)
+                    batch = sharding.global_batch(self.mesh, {k: rows[k][index] for k in train_keys},
+                                               self.settings.grad_accum_steps)
                     metrics = dict(self.policy.train_step(batch))
                     if self.critic is not None:
                         value_metrics = self.critic.train_step(batch)
@@ -198,8 +235,8 @@ class RLLoop:
                     step_metrics.append(metrics)
         return [{k: float(v) for k, v in m.items()} for m in jax.device_get(step_metrics)]
 
-    def run_iteration(self) -> dict:
-        """One rollout batch and its updates; returns the iteration's metrics."""
+    def advance(self) -> tuple[dict, None]:
+        """One rollout batch and its updates; returns the iteration's metrics (host floats)."""
         timings = {}
         start = time.perf_counter()
         records = [self.records[i] for i in next(self.prompts)["index"][:, 0]]
@@ -216,7 +253,7 @@ class RLLoop:
         scores = np.asarray(self.score(expanded, ids), np.float32)
         raw_scores = scores.copy()
         has_eos = rows["has_eos"][:, 0] > 0
-        scores = ppo.penalize_missing_eos(scores, has_eos, np.float32(self.cfg.missing_eos_penalty))
+        scores = ppo.penalize_missing_eos(scores, has_eos, np.float32(self.settings.missing_eos_penalty))
         timings["time/reward"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -238,19 +275,18 @@ class RLLoop:
             metrics[name if "/" in name else f"policy/{name}"] = float(np.mean([m[name] for m in step_metrics]))
         metrics["policy/ratio_deviation_first_step"] = step_metrics[0]["policy/ratio_deviation"]
         self.kl.update(metrics["objective/kl"], self.rollout_batch)
-        self.iteration += 1
+        self.step += 1
         timings["time/iteration"] = time.perf_counter() - start
         metrics.update(timings)
-        metrics["episodes"] = self.iteration * self.rollout_batch
-        return metrics
+        metrics["episodes"] = self.step * self.rollout_batch
+        self.iterations.append(metrics)
+        return metrics, None
+
+    def learning_rate(self) -> float:
+        return self.policy.learning_rate()
 
     def state(self) -> dict:
-        return {"iteration": self.iteration, "prompts": self.prompts.state(), "kl_coef": self.kl.value}
-
-    def restore(self, state: dict) -> None:
-        self.iteration = int(state["iteration"])
-        self.prompts.restore(state["prompts"])
-        self.kl.value = float(state["kl_coef"])
+        return {"iteration": self.step, "prompts": self.prompts.state(), "kl_coef": self.kl.value}
 
     def save(self) -> None:
         state = self.state()
@@ -258,6 +294,22 @@ class RLLoop:
         if self.critic is not None:
             self.critic.save(state)
 
+    def restore(self) -> bool:
+        """The policy's newest checkpoint and the critic's of the same iteration."""
+        state = self.policy.restore_latest()
+        if state is None:
+            return False
+        value_state = self.critic.restore_latest() if self.critic is not None else state
+        if value_state is None or value_state["iteration"] != state["iteration"]:
+            raise ValueError(f"the policy checkpoint in {self.policy.manager.directory} is at iteration "
+                             f"{state['iteration']} but the critic's is at "
+                             f"{None if value_state is None else value_state['iteration']}; resume needs both from "
+                             f"the same save.")
+        self.step = int(state["iteration"])
+        self.prompts.restore(state["prompts"])
+        self.kl.value = float(state["kl_coef"])
+        return True
+
     def publish(self) -> None:
         """Hand the trained policy back to the model handle (generation, eval, export)."""
-        self.policy._publish()
+        self.policy.publish()

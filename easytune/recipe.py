@@ -1,0 +1,173 @@
+"""What an algorithm declares to the run driver (`easytune.run`): its flags, its loss as a small
+value, and what a run of it is (`Job`). Declarations only: an algorithm's file imports this
+module, never the loop (`easytune.train`, `easytune.run`), so algorithms stay below the loop.
+
+    class MyRecipe(Recipe):
+        name = "KTO"
+        flag_groups = ("data", "lm_head", "peft")     # shared flag groups (easytune.config)
+        defaults = {"output_dir": "outputs/kto", "beta": 0.1}
+        docs = {"beta": "..."}
+        adapters = LORA_METHODS                       # adapters it can train
+        def setup(self, ctx: Context) -> Job:         # data -> rows, the loss, the figures
+            return Job(model=ctx.model, rows=..., loss=Loss(fn, unit="sequences"), ...)
+
+A dataset recipe returns rows and a `Loss`; the driver builds the Trainer, the batches, the eval
+and the cadence. A recipe whose steps are not batches of fixed rows (RL: each step generates its
+data) returns its own `steps` (a `StepSource`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Mapping, Protocol
+
+LossFn = Callable[..., tuple]  # -> (loss_sum, count) or (loss_sum, count, {name: per-unit sum})
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """What an algorithm trains: `fn(model_config, params, batch[, reference_params])` ->
+    `(loss_sum, count[, {name: per-unit sum}])`; `unit` names what `count` counts in the metrics
+    (`trained_tokens`, `pairs`, `sequences`); `needs_reference`: `fn` also takes the reference
+    policy's parameters; `perplexity`: eval reports exp(eval_loss) (a per-token cross-entropy)."""
+
+    fn: LossFn
+    unit: str = "trained_tokens"
+    needs_reference: bool = False
+    perplexity: bool = False
+
+    def __call__(self, model_config, params, batch, reference=None):
+        if self.needs_reference:
+            return self.fn(model_config, params, batch, reference)
+        return self.fn(model_config, params, batch)
+
+
+class StepSource(Protocol):
+    """What the loop drives. `step`: steps done (optimizer steps, or RL iterations)."""
+
+    step: int
+
+    def advance(self) -> tuple[dict, int | None]:
+        """One step: `(metrics, tokens)`, metrics as device or host scalars, tokens the real tokens
+        it trained on (for tokens/s and MFU) or None."""
+
+    def learning_rate(self) -> float | None:
+        """The learning rate of the last step (None: not one optimizer)."""
+
+    def save(self) -> None:
+        """Checkpoint the step's state (weights, optimizer, data position)."""
+
+    def restore(self) -> bool:
+        """Restore the newest readable checkpoint; False when there is none."""
+
+    def publish(self) -> None:
+        """Hand the trained weights to the model handle (generation, eval, export)."""
+
+
+@dataclasses.dataclass
+class Job:
+    """What a recipe hands the driver: a run of it.
+
+    model: the handle trained and exported (the recipe may replace the loaded one, e.g. by a
+    reward model). summary: figures known before training (data sizes, options).
+
+    A dataset job gives `rows` (host arrays `[num_rows, ...]`, `--batch_size` at a time) and
+    `loss`; `eval_rows` are evaluated every --eval_steps and at the end (`eval_*`), and also
+    before training with `eval_before` (`eval_*_before`). A job that makes its own data gives
+    `steps` and `total_steps` instead.
+
+    heldout: exact-match accuracy of the model's answers on held-out tasks, before training,
+    every `heldout_every` steps and after (`heldout_accuracy_before/after`, `heldout_curve`).
+    report(history, summary): the recipe's figures at the end, from the logged records.
+    flops_per_token: for MFU. progress: the metric the progress bar shows as its loss."""
+
+    model: object
+    summary: dict = dataclasses.field(default_factory=dict)
+    rows: dict | None = None
+    loss: Loss | None = None
+    eval_rows: dict | None = None
+    eval_before: bool = False
+    steps: StepSource | None = None
+    total_steps: int = 0
+    heldout: Callable[[], float] | None = None
+    heldout_every: int = 0
+    report: Callable[[list, dict], dict] | None = None
+    flops_per_token: float | None = None
+    progress: str = "loss"
+
+
+@dataclasses.dataclass
+class Context:
+    """What `Recipe.setup` gets: the flags, the loaded model (adapter attached), the training chat
+    template (None for encoder-decoders), and whether this is process 0."""
+
+    cfg: object
+    model: object
+    template: str | None
+    is_main: bool
+
+    def write_jsonl(self, name: str, records) -> None:
+        """Records the run generated (pairs, prompts) into the output directory (process 0)."""
+        if self.is_main:
+            with open(os.path.join(self.cfg.output_dir, name), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+class Recipe:
+    """One algorithm as the driver runs it. A subclass sets:
+
+    name:            what it trains, for errors ("SFT", "preference optimization", ...)
+    flag_groups:     the shared flag groups it takes (`easytune.config.FLAG_GROUPS`)
+    defaults, docs:  its own flags, and its values for shared ones (e.g. optimizer.lr)
+    adapters:        the adapter methods it can train (empty: all weights only)
+    encoder_decoder: it also trains encoder-decoders (T5)
+    score_head:      it may start from a model with a score head (a reward model)
+    and implements `setup(ctx) -> Job`; it may override `validate(cfg)` (flag checks that run
+    before the model loads) and `check_model(cfg, model)`."""
+
+    name: str = ""
+    flag_groups: tuple[str, ...] = ()
+    defaults: Mapping = {}
+    docs: Mapping = {}
+    adapters: tuple[str, ...] = ()
+    encoder_decoder: bool = False
+    score_head: bool = False
+
+    def flags(self) -> tuple[dict, dict]:
+        """`(defaults, docs)` of every flag the recipe takes."""
+        from easytune import config
+        return config.recipe_flags(self.flag_groups, self.defaults, self.docs)
+
+    def validate(self, cfg) -> None:
+        """Flag checks that need no model."""
+
+    def check_model(self, cfg, model) -> None:
+        if model.tokenizer is None:
+            raise ValueError(f"{cfg.model} has no tokenizer; {self.name} needs one to read and format the data.")
+        if model.is_encoder_decoder and not self.encoder_decoder:
+            raise ValueError(f"{self.name} trains a decoder-only causal LM (LLaMA/Mistral/Qwen/Gemma); {cfg.model} "
+                             f"is an encoder-decoder.")
+        if getattr(model.config, "num_labels", 0) and not self.score_head:
+            raise ValueError(f"{self.name} trains a causal LM; {cfg.model} is a reward model.")
+
+    def setup(self, ctx: Context) -> Job:
+        raise NotImplementedError
+
+
+def heldout_accuracy(model, records, max_new_tokens: int) -> float:
+    """Greedy exact-match accuracy on verifiable-task records (prompt = all but the last turn; for
+    an encoder-decoder, the question's text)."""
+    from easytune import data
+    if model.is_encoder_decoder:
+        prompts = [r["messages"][-2]["content"] for r in records]
+    else:
+        prompts = [r["messages"][:-1] for r in records]
+    return data.accuracy(model.generate(prompts, max_new_tokens=max_new_tokens), records)
+
+
+def dropped(is_main: bool, message: str) -> None:
+    """Say on stderr (process 0) what the data loading dropped."""
+    if is_main:
+        import sys
+        print(message, file=sys.stderr)

@@ -1,0 +1,301 @@
+"""The RL recipe (`python -m easytune.train_ppo`): PPO, GRPO and RLOO from a policy, prompts and a
+reward, as an iteration step source (`easytune.rl.rollout.RLSteps`) of the one run driver.
+
+- **ppo**: a policy, a frozen reference, a critic (the value model: `--value_model`, else the reward
+  model, else the policy's initial weights with a fresh value head), the per-token KL penalty
+  folded into the rewards (`--kl_estimator=k1|k3`, fixed or `--adaptive_kl`), GAE(γ, λ), whitened
+  advantages, clipped policy and value losses, `--ppo_epochs` over `--num_minibatches`.
+- **grpo**: no critic; each prompt's `--rollouts_per_prompt` completions are compared with their
+  group's mean (divided by the std, `--scale_rewards`); KL as k3 in the loss (`--kl_in=loss`, the
+  default) or in the reward.
+- **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward (the
+  default) or, with `--kl_in=loss`, each sequence's summed k3 in the loss.
+The algorithms are names of registered pieces (`easytune.algos.ppo.ALGORITHMS`); this recipe never
+asks which one runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+from easytune import recipe
+
+logger = logging.getLogger("easytune")
+
+
+def prompt_of(record: dict, where: str):
+    """A record's prompt: `prompt` (text or messages) or `messages` without a final assistant turn."""
+    if "prompt" in record:
+        prompt = record["prompt"]
+    elif "messages" in record:
+        prompt = record["messages"]
+        ends_with_answer = isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) \
+            and prompt[-1].get("role") == "assistant"
+        if ends_with_answer:
+            prompt = prompt[:-1]
+    else:
+        raise ValueError(f"{where}: a prompt record needs a `prompt` (text or chat messages) or `messages` field; "
+                         f"it has {sorted(record)}.")
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                      and isinstance(m.get("content"), str) for m in prompt)):
+        return prompt
+    raise ValueError(f"{where}: the prompt must be a non-empty string or a list of {{role, content}} messages, got "
+                     f"{json.dumps(prompt)[:80]}.")
+
+
+def load_prompt_records(cfg, is_main: bool):
+    """(prompt records, held-out task records or None, source name)."""
+    from easytune import data
+    if cfg.train_data:
+        located = data.load_located_records(cfg.train_data)
+        records = []
+        for record, where in located:
+            prompt_of(record, where)  # validate every record before the first compile
+            records.append(record)
+        if not records:
+            raise ValueError(f"{cfg.train_data} holds no prompt records.")
+        return records, None, cfg.train_data
+    names = tuple(n.strip() for n in cfg.tasks.names.split(",") if n.strip())
+    records, heldout = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout, seed=cfg.seed, tasks=names)
+    # the solved examples are drawn with their own seed, the same ones for training and held-out prompts
+    records = data.with_examples(records, cfg.tasks.shots, seed=10_000 + cfg.seed)
+    heldout = data.with_examples(heldout, cfg.tasks.shots, seed=10_000 + cfg.seed)
+    if is_main:
+        with open(os.path.join(cfg.output_dir, "train_prompts.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return records, heldout, f"verifiable tasks {','.join(names)} ({len(records)} train, {len(heldout)} held out)"
+
+
+def make_scorer(cfg, policy_model, reward_model):
+    """score(records, completion_ids) -> float32 scores from the reward function or model."""
+    from easytune import rewards
+    tokenizer = policy_model.tokenizer
+    if cfg.reward_fn:
+        fn = rewards.load_reward_fn(cfg.reward_fn)
+
+        def score(records, ids):
+            completions = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+            prompts = [prompt_of(r, "prompt record") for r in records]
+            columns = {key: [r.get(key) for r in records] for key in records[0] if key not in ("prompt", "messages")}
+            return rewards.call_reward_fn(fn, prompts, completions, ids, columns)
+        return score
+
+    def score(records, ids):
+        sequences = []
+        for record, completion_ids in zip(records, ids):
+            prompt = prompt_of(record, "prompt record")
+            completion = tokenizer.decode(completion_ids, skip_special_tokens=True)
+            sequences.append(prompt + completion if isinstance(prompt, str)
+                             else list(prompt) + [{"role": "assistant", "content": completion}])
+        import numpy as np
+        return np.asarray(reward_model.score(sequences), np.float32)
+    return score
+
+
+class RLRecipe(recipe.Recipe):
+    """RL fine-tuning of a causal LM (all weights or a LoRA-family adapter) against a reward
+    function or reward model; each driver step is one iteration (`RLSteps`)."""
+
+    name = "RL"
+    flag_groups = ("lm_head", "peft")
+    adapters = ("lora", "qlora", "dora")
+    defaults = {
+        "output_dir": "outputs/ppo",
+        "algo": "ppo",
+        "reward_fn": None,
+        "reward_model": None,
+        "value_model": None,
+        "iterations": 20,
+        "rollout_batch_size": 32,
+        "rollouts_per_prompt": 4,
+        "max_new_tokens": 8,
+        "temperature": 0.7,
+        "ppo_epochs": 2,
+        "num_minibatches": 2,
+        "kl_coef": 0.05,
+        "kl_estimator": "k1",
+        "kl_in": None,
+        "adaptive_kl": False,
+        "kl_target": 6.0,
+        "kl_horizon": 10000,
+        "missing_eos_penalty": 0.0,
+        "gamma": 1.0,
+        "lam": 0.95,
+        "whiten_rewards": False,
+        "cliprange": 0.2,
+        "cliprange_high": 0.0,
+        "cliprange_value": 0.2,
+        "vf_coef": 0.1,
+        "value_lr": 0.0,
+        "scale_rewards": "group",
+        "normalize_advantages": False,
+        "optimizer": {"schedule": "constant", "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
+        "heldout_steps": 0,
+        "tasks": {"num_train": 512, "num_heldout": 90, "names": "count,subtract", "shots": 2},
+        "peft": "lora",
+        "lora": {"dropout": 0.0},  # PPO's ratio needs the rollout's forward in training
+    }
+    docs = {
+    "model": "the policy: HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: "
+             "bundled SmolLM2-135M-Instruct)",
+    "algo": "ppo (critic, GAE, KL in the reward), grpo (group-relative baseline) or rloo (leave-one-out baseline)",
+    "reward_fn": "module:function scoring completions, called as fn(prompts=, completions=, completion_ids=, "
+                 "**record fields) -> one number per completion (default job: easytune.rewards:exact_match)",
+    "reward_model": "an easytune reward model (train_reward run) or HF *ForSequenceClassification directory; "
+                    "scores prompt + completion through the chat template",
+    "value_model": "PPO's critic initialization: a reward model or causal LM directory (a fresh value head is "
+                   "added to an LM) (default: --reward_model if given, else the policy's initial weights)",
+    "train_data": "prompt records: .jsonl/.json/.parquet or a `datasets` name; `prompt` (string or chat "
+                  "messages) or `messages` (the last assistant turn, if any, is dropped); every other field is "
+                  "passed to the reward function (default: the verifiable tasks)",
+    "iterations": "rollout batches (each: generate, score, then ppo_epochs x num_minibatches optimizer steps)",
+    "rollout_batch_size": "completions per iteration (prompts x rollouts_per_prompt)",
+    "rollouts_per_prompt": "completions sampled per prompt (grpo/rloo: the group size, >= 2)",
+    "max_new_tokens": "completion length limit",
+    "temperature": "sampling temperature at rollout; training log-probs use the same temperature",
+    "ppo_epochs": "passes over each rollout batch",
+    "num_minibatches": "minibatches (optimizer steps) per pass; rollout_batch_size must divide by it",
+    "grad_accum_steps": "micro-batches accumulated per minibatch",
+    "kl_coef": "KL coefficient beta (initial value with --adaptive_kl; 0 = no KL term)",
+    "kl_estimator": "per-token KL estimator in the reward: k1 (log ratio), k2 or k3 (Schulman)",
+    "kl_in": "reward (fold beta*KL into the rewards) or loss (beta*k3 in the loss: per token for grpo, summed over "
+             "each sequence for rloo) (default: loss for grpo, reward otherwise)",
+    "adaptive_kl": "adapt kl_coef towards kl_target (Ziegler et al. 2019)",
+    "kl_target": "adaptive KL: target KL per completion (nats)",
+    "kl_horizon": "adaptive KL: horizon in completions",
+    "missing_eos_penalty": "subtracted from the score of completions that end without EOS (0 = off)",
+    "gamma": "PPO discount",
+    "lam": "PPO GAE lambda",
+    "whiten_rewards": "PPO: whiten the per-token rewards before GAE",
+    "cliprange": "policy ratio clip epsilon",
+    "cliprange_high": "upper clip epsilon (0 = cliprange; larger is DAPO's clip-higher)",
+    "cliprange_value": "PPO value clip range",
+    "vf_coef": "PPO value loss coefficient",
+    "value_lr": "critic learning rate (0 = optimizer.lr)",
+    "scale_rewards": "grpo: divide advantages by the group's std (group), the batch's (batch) or not (none)",
+    "normalize_advantages": "rloo: standardize advantages over the batch",
+    "loss_reduction": "mean: per unit over the minibatch (tokens; sequences for rloo); sum: per micro-batch",
+    "optimizer.lr": "peak learning rate (AdamW)",
+    "optimizer.warmup_steps": "warmup optimizer steps (0 = use warmup_ratio)",
+    "optimizer.warmup_ratio": "warmup as a fraction of all optimizer steps",
+    "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off), policy and critic each",
+    "seed": "prompt order, sampling and adapter init seed",
+    "log_steps": "log every N iterations (progress, metrics.jsonl, TensorBoard)",
+    "heldout_steps": "default job: held-out accuracy every N iterations (0 = before and after only)",
+    "save_steps": "checkpoint every N iterations and at the end (0 = only at the end)",
+    "export_hf": "write a Hugging Face directory of the policy here at the end, adapters merged",
+    "tasks.num_train": "default job: generated training prompts",
+    "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
+    "tasks.names": "default job: comma-separated task kinds (add, subtract, multiply, sort, reverse, count); the "
+                   "default ones are those the bundled model sometimes answers exactly, so a reward exists to "
+                   "learn from",
+    "tasks.shots": "default job: solved examples of the task before each question (few-shot prompts; the base "
+                   "model answers in sentences without them, and exact match then never rewards anything)",
+    "lora.dropout": "LoRA dropout; must be 0 here (the rollout log-probs must be the training forward's)",
+    "peft": "the policy's adapter: lora (default; the reference is the base, no copy), qlora, dora, or none (all "
+            "weights; the reference is a frozen copy)",
+    }
+
+    @staticmethod
+    def options(cfg):
+        from easytune.algos import ppo
+        return ppo.RLConfig(
+            algo=cfg.algo, temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+            kl_in=cfg.kl_in, gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
+            cliprange=cfg.cliprange, cliprange_high=cfg.cliprange_high, cliprange_value=cfg.cliprange_value,
+            vf_coef=cfg.vf_coef, scale_rewards=cfg.scale_rewards, normalize_advantages=cfg.normalize_advantages,
+            group_size=cfg.rollouts_per_prompt)
+
+    @staticmethod
+    def rollout_config(cfg):
+        from easytune.rl.rollout import RolloutConfig
+        return RolloutConfig(rollout_batch_size=cfg.rollout_batch_size, max_new_tokens=cfg.max_new_tokens,
+                             ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
+                             grad_accum_steps=cfg.grad_accum_steps, missing_eos_penalty=cfg.missing_eos_penalty,
+                             seed=cfg.seed)
+
+    def validate(self, cfg) -> None:
+        if not cfg.reward_fn and not cfg.reward_model and not cfg.train_data:  # the default job
+            cfg.reward_fn = "easytune.rewards:exact_match"
+        if bool(cfg.reward_fn) == bool(cfg.reward_model):
+            raise ValueError("give the reward as exactly one of --reward_fn=module:function or --reward_model=DIR.")
+        options = self.options(cfg)
+        if cfg.rollout_batch_size % options.group_size:
+            raise ValueError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
+                             f"--rollouts_per_prompt ({options.group_size}).")
+        self.rollout_config(cfg)
+        if cfg.iterations < 1:
+            raise ValueError(f"--iterations must be >= 1, got {cfg.iterations}.")
+
+    def setup(self, ctx: recipe.Context) -> recipe.Job:
+        import easytune
+        from easytune import train
+        from easytune.algos import ppo, reward as reward_lib
+        from easytune.rl.rollout import RLSteps
+        cfg, model = ctx.cfg, ctx.model
+        options, settings = self.options(cfg), self.rollout_config(cfg)
+        if model.adapter is not None and model.adapter.config.dropout:
+            raise ValueError(f"--lora.dropout={model.adapter.config.dropout}: PPO's ratio compares the rollout's "
+                             f"log-probs with the training forward's, which dropout would make differ; use "
+                             f"--lora.dropout=0.")
+        reward_model = None
+        if cfg.reward_model:
+            reward_model = easytune.load(cfg.reward_model, dtype=cfg.dtype, mesh_dim=cfg.mesh_dim,
+                                         attention=cfg.attention)
+            if getattr(reward_model.config, "num_labels", 0) != 1:
+                raise ValueError(f"--reward_model {cfg.reward_model} has no one-label score head; train one with "
+                                 f"easytune.train_reward or pass an HF *ForSequenceClassification directory.")
+            if reward_model.tokenizer is None:
+                raise ValueError(f"--reward_model {cfg.reward_model} has no tokenizer to read completions with.")
+        records, heldout, source = load_prompt_records(cfg, ctx.is_main)
+        logger.info("prompts: %s", source)
+
+        total_optimizer_steps = cfg.iterations * settings.optimizer_steps
+        policy_config = train.TrainConfig.from_flags(cfg, batch_size=settings.minibatch)
+        policy = train.Trainer(policy_config, model, ppo.policy_loss_fn(options), total_optimizer_steps)
+        critic, value_source = None, None
+        if options.uses_critic:
+            value_source = cfg.value_model or cfg.reward_model or model.source
+            value_model = easytune.load(value_source, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                        mesh_dim=cfg.mesh_dim, remat=cfg.remat, attention=cfg.attention,
+                                        tokenizer=False)
+            value_model = reward_lib.to_reward_model(value_model, seed=cfg.seed + 1)
+            critic_optimizer = policy_config.optimizer
+            if cfg.value_lr:
+                critic_optimizer = dataclasses.replace(critic_optimizer, lr=cfg.value_lr)
+            critic_config = dataclasses.replace(policy_config, output_dir=os.path.join(cfg.output_dir, "value"),
+                                                optimizer=critic_optimizer)
+            critic = train.Trainer(critic_config, value_model, ppo.value_loss_fn(options), total_optimizer_steps)
+
+        controller = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                      else ppo.FixedKLController(cfg.kl_coef))
+        steps = RLSteps(settings, options, model, policy, critic, make_scorer(cfg, model, reward_model),
+                        lambda record: model._encode(prompt_of(record, "prompt record")), records, controller)
+
+        def report(history, summary):
+            curve = lambda name: [m[name] for m in steps.iterations if name in m]  # noqa: E731
+            figures = {}
+            if steps.iterations:
+                for name in ("reward/mean", "objective/kl", "response/length_mean"):
+                    figures[f"{name}_first"], figures[f"{name}_last"] = curve(name)[0], curve(name)[-1]
+                for name in ("time/generation", "time/rollout_forward", "time/reward", "time/train"):
+                    figures[f"{name}_total"] = float(sum(curve(name)))
+            return figures
+
+        return recipe.Job(
+            model=model, steps=steps, total_steps=cfg.iterations, report=report, progress="reward/mean",
+            summary={"algo": cfg.algo, "prompts": source, "iterations": cfg.iterations,
+                     "rollout_batch_size": cfg.rollout_batch_size, "rollouts_per_prompt": cfg.rollouts_per_prompt,
+                     "optimizer_steps": total_optimizer_steps,
+                     "reference": "base (adapter off)" if model.adapter is not None else "copy",
+                     "critic": value_source},
+            heldout=(None if heldout is None else
+                     lambda: recipe.heldout_accuracy(model, heldout, cfg.max_new_tokens)),
+            heldout_every=cfg.heldout_steps)
+
+
+RECIPE = RLRecipe()

@@ -1,0 +1,354 @@
+"""The one run driver: every trainer (SFT, DPO family, reward models, PPO/GRPO/RLOO) is a recipe
+run by `run(recipe, cfg)`, which owns the skeleton they share:
+
+    start        jax.distributed, the output directory
+    model        easytune.load with the shared flags; the recipe checks it; the chat template
+                 (--chat_template) adopted; the adapter (--peft ...) attached
+    job          recipe.setup(...): the recipe's data, Trainer(s) and figures, as a `Job`
+    run files    tokenizer and resolved config beside the checkpoints
+    resume       the newest readable checkpoint and the data position (--resume)
+    loop         `steps.advance()` to total_steps under a progress bar, with the log, eval,
+                 held-out and save cadence; throughput and MFU
+    finish       final checkpoint and eval, held-out accuracy, the recipe's report, exports,
+                 summary.json
+
+A recipe (`easytune.recipe.Recipe`) declares its flags and turns data into a `Job`. A dataset
+job's rows and loss become a Trainer over a batch iterator (`BatchSteps`: one optimizer step per
+advance); an RL job brings its own step source (`easytune.rl.RLSteps`: rollout, record,
+advantages and updates per advance), so RL has the same cadence, resume and logging code as SFT.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+from absl import flags
+
+from easytune.recipe import Context, Job, Recipe
+
+logger = logging.getLogger("easytune")
+# absl attributes flags this module declares key to the module that calls it: the entry point
+# (`python -m easytune.train_sft`), so that its --help lists every flag of its recipe
+flags.disclaim_key_flags()
+
+
+# ----------------------------------------------------------------------------- step sources
+
+class BatchSteps:
+    """A Trainer's optimizer steps over `batches` (host rows; `state()`/`restore()` give the
+    data position saved with every checkpoint)."""
+
+    def __init__(self, trainer, batches):
+        self.trainer, self.batches = trainer, batches
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    def advance(self) -> tuple[dict, int]:
+        import jax
+
+        from easytune import train
+        rows = next(self.batches)
+        with jax.set_mesh(self.trainer.mesh):
+            batch = train.global_batch(self.trainer.mesh, rows, self.trainer.config.grad_accum_steps)
+            return self.trainer.train_step(batch), train.count_tokens(rows)
+
+    def learning_rate(self) -> float:
+        return self.trainer.learning_rate()
+
+    def save(self) -> None:
+        self.trainer.save(self.batches.state())
+
+    def restore(self) -> bool:
+        state = self.trainer.restore_latest()
+        if state is not None:
+            self.batches.restore(state)
+        return state is not None
+
+    def publish(self) -> None:
+        self.trainer.publish()
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def start(cfg) -> bool:
+    """Initialize jax.distributed from `--jax_distributed.*` and create the output directory;
+    returns whether this is process 0."""
+    from easytune import distributed
+    dist = cfg.jax_distributed
+    distributed.initialize(dist.coordinator_address or None, dist.num_processes or None,
+                           dist.process_id if dist.process_id >= 0 else None)
+    import jax
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    return jax.process_index() == 0
+
+
+def load_model(cfg, head_chunk_size: int | None = None, **options):
+    """`easytune.load` of `--model` with the shared compute flags."""
+    import easytune
+    chunk = cfg.get("head_chunk_size", 0) if head_chunk_size is None else head_chunk_size
+    return easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
+                         remat=cfg.remat, attention=cfg.attention, head_chunk_size=chunk, **options)
+
+
+def attach_adapter(model, cfg, seed: int = 0):
+    """Attach the adapter the flags ask for (`--peft`, `--lora.*`, `--prompt.*`, `--peft_adapter`);
+    returns it, or None for full fine-tuning."""
+    import dataclasses as dc
+
+    import jax
+    import numpy as np
+
+    from easytune import adapters
+    if cfg.peft_adapter:
+        if cfg.peft != "none":
+            adapters.AdapterConfig(method=cfg.peft)  # an unknown method gets its clear error
+        adapter = model.load_adapter(cfg.peft_adapter)
+        family = {"qlora": "lora", "dora": "lora"}
+        if cfg.peft != "none" and family.get(cfg.peft, cfg.peft) != family.get(adapter.config.method,
+                                                                                  adapter.config.method):
+            raise ValueError(f"--peft={cfg.peft} but --peft_adapter {cfg.peft_adapter} holds a "
+                             f"{adapter.config.method} adapter; drop --peft or make them agree.")
+        if cfg.peft == "qlora":  # continue a LoRA adapter on an NF4 base
+            model.params = adapters.quantize_base(model.params, model.config, model.mesh)
+            adapter.config = dc.replace(adapter.config, method="qlora")
+        return adapter
+    if cfg.peft == "none":
+        return None
+    if cfg.peft in adapters.LORA_METHODS:
+        targets = tuple(t for t in str(cfg.lora.target_modules).split(",") if t.strip())
+        if len(targets) == 1 and targets[0].startswith("re:"):
+            targets = (str(cfg.lora.target_modules),)  # a regex may hold commas
+        return model.add_adapter(cfg.peft, seed=seed, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                 dropout=cfg.lora.dropout, target_modules=targets, use_rslora=cfg.lora.use_rslora)
+    init_embeddings = None
+    if cfg.peft == "prompt" and cfg.prompt.init_text:
+        ids = model.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("--prompt.init_text tokenizes to nothing; give some text or leave it empty.")
+        n = cfg.prompt.num_virtual_tokens
+        ids = (ids * (n // len(ids) + 1))[:n]  # tiled to n tokens, as peft's TEXT init
+        init_embeddings = np.asarray(jax.device_get(model.params["embed"]["embedding"]))[ids].astype(np.float32)
+    return model.add_adapter(cfg.peft, seed=seed, num_virtual_tokens=cfg.prompt.num_virtual_tokens,
+                             encoder_type=cfg.prompt.encoder_type, encoder_hidden_size=cfg.prompt.encoder_hidden_size,
+                             prompt_init="text" if init_embeddings is not None else "sample_vocab",
+                             init_embeddings=init_embeddings)
+
+
+def total_steps(cfg, batches) -> int:
+    """`--total_steps`, or `--num_epochs` over the batches."""
+    steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
+    if steps < 1:
+        raise ValueError(f"nothing to do: total_steps={steps} (from --total_steps or --num_epochs) must be >= 1.")
+    return steps
+
+
+def export(cfg, model, summary: dict, default_job: bool) -> None:
+    """The exports the run asks for (--export_hf, --export_peft); the default job also writes
+    <output_dir>/hf (adapters merged, unless a prompt-learning adapter, which cannot be) and, with
+    an adapter, <output_dir>/peft."""
+    adapter = model.adapter
+    hf_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf")
+                               if default_job and (adapter is None or adapter.config.is_lora) else None)
+    peft_dir = cfg.get("export_peft") or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None)
+    if hf_dir:
+        model.save_pretrained(hf_dir)
+        summary["export_hf"] = hf_dir
+    if peft_dir:
+        model.save_peft(peft_dir)
+        summary["export_peft"] = peft_dir
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _host_floats(metrics: dict) -> dict:
+    import jax
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout: Callable[[int], dict]
+         ) -> list[dict]:
+    """Advance `steps` to `total`: log every --log_steps (and at the end), evaluate
+    every --eval_steps, held-out accuracy every `job.heldout_every` (not at the end: the run's
+    final figure is taken after), checkpoint every --save_steps (and at the end). Returns the
+    logged records."""
+    import jax
+
+    from easytune import logging_utils
+    peak_flops = logging_utils.peak_flops_per_device()
+    progress = logging_utils.ProgressBar(total, initial=steps.step)
+    history = []
+    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+    while steps.step < total:
+        step_start = time.perf_counter()
+        metrics, tokens = steps.advance()
+        step = steps.step
+        window_steps += 1
+        window_tokens += tokens or 0
+        log_now = step % cfg.log_steps == 0 or step == total
+        eval_now = evaluate is not None and cfg.get("eval_steps", 0) > 0 and step % cfg.eval_steps == 0
+        heldout_now = job.heldout is not None and job.heldout_every > 0 and step % job.heldout_every == 0 \
+            and step < total
+        if log_now or eval_now or heldout_now:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, **_host_floats(metrics)}
+            learning_rate = steps.learning_rate()
+            if learning_rate is not None:
+                record["learning_rate"] = learning_rate
+            if tokens is not None:
+                record["tokens_per_second"] = window_tokens / elapsed
+            record["step_seconds"] = elapsed / window_steps
+            if step == 1:
+                record["first_step_seconds"] = time.perf_counter() - step_start
+            if tokens is not None and job.flops_per_token and peak_flops:
+                record["mfu"] = record["tokens_per_second"] * job.flops_per_token / (peak_flops * jax.device_count())
+            if eval_now:
+                record.update(evaluate())
+            if heldout_now:
+                record.update(on_heldout(step))
+            history.append(record)
+            metrics_logger.log(step, {k: v for k, v in record.items() if k != "step"})
+            progress.update(step, {**record, "loss": record.get(job.progress)})
+            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        if cfg.save_steps > 0 and (step % cfg.save_steps == 0 or step == total):
+            steps.save()
+            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
+    progress.close()
+    return history
+
+
+def dataset_steps(job: Job, cfg):
+    """`(steps, total_steps, evaluate, trainer)` of a dataset job: a Trainer over its rows,
+    `--batch_size` at a time, and its eval on `job.eval_rows` in micro-batches (eval logits must fit
+    wherever training's do)."""
+    from easytune import data, train
+    batches = data.BatchIterator(job.rows, cfg.batch_size, seed=cfg.seed)
+    total = total_steps(cfg, batches)
+    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), job.model, job.loss, total)
+    evaluate = None
+    if job.eval_rows is not None:
+        micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
+        evaluate = lambda: trainer.evaluate(data.eval_batches(job.eval_rows, micro_batch))  # noqa: E731
+    return BatchSteps(trainer, batches), total, evaluate, trainer
+
+
+def run(recipe: Recipe, cfg) -> dict:
+    """Run `recipe` as the flags `cfg` say; returns the summary (also <output_dir>/summary.json)."""
+    from easytune import adapters, data, logging_utils
+
+    started = time.time()
+    is_main = start(cfg)
+    if cfg.log_steps < 1:
+        raise ValueError(f"--log_steps must be >= 1, got {cfg.log_steps}.")
+    recipe.validate(cfg)
+    model = load_model(cfg)
+    recipe.check_model(cfg, model)
+    template = None
+    if "chat_template" in cfg and not model.is_encoder_decoder:
+        template = data.adopt_chat_template(model.tokenizer, cfg.chat_template)
+    if "peft" in cfg:
+        adapter = attach_adapter(model, cfg, seed=cfg.seed)
+        if adapter is not None:
+            if adapter.config.method not in recipe.adapters:
+                raise ValueError(f"{recipe.name} trains all weights or {', '.join(recipe.adapters)} adapters; "
+                                 f"{adapter.config.method} is not supported.")
+            if not adapter.config.is_lora and cfg.export_hf:
+                raise ValueError(f"--export_hf merges the adapter into the weights, which a {adapter.config.method} "
+                                 f"adapter cannot be; use --export_peft.")
+            info = adapters.summary(adapter.config, adapter.params, model.config)
+            logger.info("peft %s: %d trainable parameters (%.3f%% of %d)", info["method"], info["trainable_params"],
+                        100 * info["trainable_fraction"], info["base_params"])
+
+    job = recipe.setup(Context(cfg, model, template, is_main))
+    model = job.model
+    summary = dict(job.summary)
+    if job.steps is None:
+        steps, total, evaluate, trainer = dataset_steps(job, cfg)
+        summary["train_state_bytes"] = trainer.state_bytes()
+    else:
+        steps, total, evaluate = job.steps, job.total_steps, None
+    summary["total_steps"] = total
+    if is_main:
+        model.tokenizer.save_pretrained(cfg.output_dir)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    if cfg.resume:
+        steps.restore()
+    logging_utils.truncate_metrics(cfg.output_dir, steps.step)  # before the logger opens the file
+    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
+    if model.adapter is not None:
+        summary.update({"peft": model.adapter.config.method, "trainable_params": adapters.count(model.adapter.params)})
+
+    heldout_curve = []
+
+    def heldout(step: int, when: str) -> float:
+        steps.publish()
+        accuracy = job.heldout()
+        heldout_curve.append({"step": step, "accuracy": accuracy})
+        if is_main:
+            print(f"held-out exact-match accuracy {when}: {accuracy:.3f}")
+        return accuracy
+
+    if steps.step == 0:  # a fresh run: its starting figures
+        if job.heldout is not None:
+            summary["heldout_accuracy_before"] = heldout(0, "before")
+        if job.eval_before and evaluate is not None:
+            before = {f"{name}_before": value for name, value in evaluate().items()}
+            logger.info("before training: %s", before)
+            summary.update(before)
+
+    train_start = time.time()
+    history = loop(job, steps, total, cfg, evaluate, metrics_logger,
+                   lambda step: {"heldout_accuracy": heldout(step, f"at step {step}")})
+    summary["train_seconds"] = time.time() - train_start
+    if history and "loss" in history[0]:
+        summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
+    if cfg.save_steps == 0:
+        steps.save()
+    steps.publish()
+    if evaluate is not None:
+        if history and history[-1]["step"] == total and "eval_loss" in history[-1]:
+            summary.update({k: v for k, v in history[-1].items() if k.startswith("eval_")})
+        else:
+            summary.update(evaluate())
+    if job.heldout is not None:
+        summary["heldout_accuracy_after"] = heldout(total, "after")
+        summary["heldout_curve"] = heldout_curve
+    if job.report is not None:
+        summary.update(job.report(history, summary))
+    export(cfg, model, summary, default_job=cfg.train_data is None)
+
+    metrics_logger.close()
+    summary["wall_seconds"] = time.time() - started
+    if is_main:
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+def entry_point(recipe: Recipe):
+    """`(DEFAULTS, DOCS, run, main)` of a `python -m easytune.train_*` module: its flags are
+    defined (absl) when this is called, `run(cfg)` runs the recipe, `main` is absl's."""
+    from absl import app
+
+    from easytune import config as config_lib
+    defaults, docs = recipe.flags()
+    config_lib.define_flags(defaults, docs)
+    flags.adopt_module_key_flags(config_lib)  # so that --help (not only --helpfull) lists them
+
+    def run_recipe(cfg) -> dict:
+        return run(recipe, cfg)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value.")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+        run_recipe(config_lib.read_config(defaults))
+
+    return defaults, docs, run_recipe, main
