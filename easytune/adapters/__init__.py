@@ -29,13 +29,13 @@ from easytune.adapters.config import ALL_LINEAR, LORA_METHODS, METHODS, PROMPT_M
 from easytune.adapters.lora import (LinearModule, _get, _kernel_shape, dequantize_all, in_features, linear_modules,
                                     merge, merged_kernel, module_names, quantize_base, resolve_targets)
 from easytune.adapters.prompt import prefix_keys_values, virtual_embeddings
-from easytune.adapters.sharding_rules import extend_rules, rules_for, shardings_for
+from easytune.adapters.sharding_rules import rules_for, shardings_for, with_adapter_rules
 
 __all__ = [
     "ALL_LINEAR", "LORA_METHODS", "METHODS", "PROMPT_METHODS", "Adapter", "AdapterConfig",
     "LinearModule", "dequantize_all", "in_features", "linear_modules", "merge", "merged_kernel", "module_names",
     "quantize_base", "resolve_targets", "prefix_keys_values", "virtual_embeddings",
-    "extend_rules", "rules_for", "shardings_for",
+    "rules_for", "shardings_for", "with_adapter_rules",
     "make_config", "init_params", "apply", "count", "nbytes", "summary",
     "_get", "_kernel_shape",  # tree helpers that peft_format, tests and scripts reach for
 ]
