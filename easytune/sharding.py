@@ -47,7 +47,8 @@ def parse_mesh_dim(mesh_dim: str | Sequence[int], num_devices: int | None = None
     if len(sizes) != 3:
         raise ValueError(f"mesh_dim {mesh_dim!r} must give 3 sizes (dp, fsdp, mp), got {len(sizes)}.")
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh_dim {mesh_dim!r} has more than one -1; at most one axis can take the remaining devices.")
+        raise ValueError(f"mesh_dim {mesh_dim!r} has more than one -1; at most one axis can take the remaining "
+                         f"devices.")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh_dim {mesh_dim!r}: sizes must be positive or -1.")
     known = math.prod(s for s in sizes if s != -1)
@@ -89,22 +90,32 @@ def path_name(path) -> str:
     return "/".join(parts)
 
 
+def rule_spec(name: str, rules) -> P:
+    """The PartitionSpec of the first rule whose regex is found in `name`, as the rule states it
+    (one layer's tensor, not fitted to a shape).
+
+    A rule's spec is a PartitionSpec, or a function of `name` that returns one: a rule derived from
+    another parameter's (adapter leaves take their spec from their base kernel's, see
+    `easytune.adapters.sharding_rules`).
+    """
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            return spec(name) if callable(spec) else spec
+    raise ValueError(f"no sharding rule matches parameter {name!r}; add a catch-all rule ('.*', P()).")
+
+
 def spec_for(name: str, shape: Sequence[int], rules, mesh: Mesh | None = None) -> P:
     """The PartitionSpec of the first rule whose regex is found in `name`, fitted to `shape`.
 
     A rule describes the trailing dims (one layer's tensor); extra leading dims (stacked layers)
     stay unsharded. A dim whose size a mesh axis does not divide is left unsharded on that axis.
     """
-    for pattern, spec in rules:
-        if re.search(pattern, name):
-            break
-    else:
-        raise ValueError(f"no sharding rule matches parameter {name!r}; add a catch-all rule ('.*', P()).")
-    spec = tuple(spec)
+    spec = tuple(rule_spec(name, rules))
     if len(spec) > len(shape):
         if len(shape) == 0:
             return P()
-        raise ValueError(f"sharding rule {pattern!r} has rank {len(spec)} but {name!r} has shape {tuple(shape)}.")
+        raise ValueError(f"the sharding rule for {name!r} has rank {len(spec)} but the parameter has shape "
+                         f"{tuple(shape)}.")
     spec = (None,) * (len(shape) - len(spec)) + spec
     if mesh is not None:
         fitted = []

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import easytune
-from easytune import adapters
+from easytune import adapters, models, sharding
 from easytune.adapters import peft_format
-from easytune.models import decoder, layers, nf4
+from easytune.models import decoder, layers, nf4, t5
 
 from conftest import make_hf_model
 
@@ -275,6 +276,107 @@ def test_qlora_base_is_nf4_and_matches_dequantized_lora(gqa_base):
     expected = jax.jit(decoder.forward, static_argnums=0)(
         model.config, adapters.apply(plain, model.adapter.params, model.adapter.config, model.config), TOKENS)
     np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(expected), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+SHARDING_CONFIGS = {
+    "llama": decoder.DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, head_dim=16),
+    "qwen2": decoder.DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+                                   num_kv_heads=1, head_dim=16, qkv_bias=True, model_type="qwen2"),
+    "gemma2": decoder.DecoderConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=24, norm_style="gemma", embed_scale=True,
+                                    hidden_act="gelu_tanh", sandwich_norms=True, tie_word_embeddings=True,
+                                    model_type="gemma2"),
+    # encoder and decoder stacks of different depth, cross-attention, an untied output head
+    "t5": t5.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+# a leaf beside `kernel [in, out]` -> its per-layer spec from the kernel's (spec_in, spec_out)
+SPEC_FROM_KERNEL = {
+    "lora_a": lambda spec_in, spec_out: (spec_in, None),
+    "lora_b": lambda spec_in, spec_out: (None, spec_out),
+    "lora_magnitude": lambda spec_in, spec_out: (spec_out,),
+    "nf4_codes": lambda spec_in, spec_out: (spec_in, spec_out),
+    "nf4_absmax": lambda spec_in, spec_out: (spec_in, spec_out),
+    "nf4_absmax_scale": lambda spec_in, spec_out: (spec_in, None),
+}
+# specs the adapter rules gave stacked leaves before they were derived from the kernel's spec
+PINNED_SPECS = {
+    ("llama", "lora", "1,2,4"): {"params/layers/attn/q/lora_a": P(None, "fsdp", None),
+                                 "params/layers/attn/q/lora_b": P(None, None, "mp"),
+                                 "opt_state/0/mu/layers/mlp/down/lora_a": P(None, "mp", None),
+                                 "opt_state/0/mu/layers/mlp/down/lora_b": P(None, None, "fsdp")},
+    ("llama", "dora", "1,2,4"): {"opt_state/0/mu/layers/attn/o/lora_magnitude": P(None, "fsdp")},
+    ("qwen2", "qlora", "1,1,8"): {"params/layers/attn/k/nf4_codes": P(None, "fsdp", "mp"),
+                                  "params/layers/attn/k/lora_b": P(None, None, "mp"),
+                                  "params/lm_head/lora_b": P(None, "mp")},
+    ("t5", "qlora", "1,8,1"): {"params/decoder/layers/cross_attn/q/nf4_codes": P(None, "fsdp", "mp"),
+                               "params/decoder/layers/cross_attn/q/nf4_absmax": P(None, None, "mp"),
+                               "params/decoder/layers/cross_attn/q/nf4_absmax_scale": P(None, None, None),
+                               "params/decoder/layers/cross_attn/q/nf4_absmax_offset": P(None, None, None)},
+}
+
+
+def _adapted_shapes(model_config, method):
+    """Shapes of the model's parameters with a `method` adapter on every linear (NF4 block kernels
+    for qlora), and of the adapter's optimizer moments."""
+    base = models.family(model_config.model_type).param_shapes(model_config)
+    targets = ("all-linear", "lm_head") if "lm_head" in base else ("all-linear",)
+    config = adapters.make_config(model_config, method, rank=4, target_modules=targets)
+    if config.quantize_base:
+        for module in adapters.linear_modules(model_config):
+            if module.stacked:
+                parent, p = adapters._get(base, module.path[:-1]), adapters._get(base, module.path)
+                parent[module.path[-1]] = {**{k: v for k, v in p.items() if k != "kernel"},
+                                           **jax.eval_shape(nf4.quantize, p["kernel"])}
+    in_features = {m: adapters.in_features(model_config, m.split("/")) for m in config.modules}
+    adapter = jax.eval_shape(lambda b: adapters.init_params(config, model_config, b, jax.random.key(0), in_features),
+                             base)
+    params = jax.eval_shape(lambda b, a: adapters.apply(b, a, config, model_config, rng=jax.random.key(1)),
+                            base, adapter)
+    return {"params": params, "opt_state": {"0": {"mu": adapter}}}
+
+
+def _fitted(spec, shape, mesh):
+    """`spec` of one layer's tensor on a `shape` array: stacked leading axes unsharded, and a dim a
+    mesh axis does not divide left unsharded."""
+    spec = (None,) * (len(shape) - len(spec)) + tuple(spec)
+    return P(*(axis if axis is None or dim % mesh.shape[axis] == 0 else None for dim, axis in zip(shape, spec)))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("name", list(SHARDING_CONFIGS))
+def test_adapter_leaves_are_sharded_like_their_base_kernel(name, method):
+    """Every LoRA/DoRA/NF4 leaf (and its optimizer moment) gets the spec derived from the one the
+    family's rules give its sibling kernel; every other leaf keeps the family's own spec."""
+    model_config = SHARDING_CONFIGS[name]
+    family_rules = models.family(model_config.model_type).SHARDING_RULES
+    shapes = _adapted_shapes(model_config, method)
+    named = [(sharding.path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+    keys = {path.rpartition("/")[2] for path, _ in named}
+    assert ("lora_magnitude" in keys) == (method == "dora") and ("nf4_codes" in keys) == (method == "qlora")
+    for mesh_dim in ("1,2,4", "1,8,1", "2,2,2", "1,1,8"):
+        mesh = sharding.make_mesh(mesh_dim)
+        specs = sharding.tree_specs(shapes, adapters.rules_for(model_config), mesh)
+        got = {sharding.path_name(path): spec for path, spec in jax.tree_util.tree_flatten_with_path(
+            specs, is_leaf=lambda x: isinstance(x, P))[0]}
+        derived = stacked = sharded = 0
+        for path, leaf in named:
+            parent, _, key = path.rpartition("/")
+            if key in SPEC_FROM_KERNEL:
+                spec_in, spec_out = sharding.spec_for(f"{parent}/kernel", (1, 1), family_rules)  # one layer's
+                expected = _fitted(SPEC_FROM_KERNEL[key](spec_in, spec_out), leaf.shape, mesh)
+                derived += 1
+                stacked += len(leaf.shape) > len(SPEC_FROM_KERNEL[key](None, None))
+                sharded += any(axis is not None for axis in expected)
+            else:
+                expected = sharding.spec_for(path, leaf.shape, family_rules, mesh)
+            assert got[path] == expected, (mesh_dim, path, leaf.shape)
+        assert derived and stacked and sharded  # stacked adapter leaves were checked, some of them sharded
+        for path, spec in PINNED_SPECS.get((name, method, mesh_dim), {}).items():
+            assert got[path] == spec, (mesh_dim, path)
 
 
 # ----------------------------------------------------------------------------- bad input
