@@ -156,11 +156,9 @@ def model_config(tiny: bool, attention: str) -> decoder.DecoderConfig:
 
 
 def bench_train_step(args, backend: str) -> None:
-    from ml_collections import ConfigDict
 
     from easytune import Model, sharding, train
     from easytune.algos import sft
-    from easytune.train_sft import DEFAULTS
 
     batch, seq = args.train_batch, args.train_seq
     devices = jax.devices()[:1] if args.tiny else None
@@ -193,9 +191,8 @@ def bench_train_step(args, backend: str) -> None:
             params = jax.jit(decoder.init_params, static_argnums=0,
                              out_shardings=sharding.tree_shardings(shapes, decoder.SHARDING_RULES, mesh))(
                 config, jax.random.key(0))
-        cfg = ConfigDict(DEFAULTS)
-        cfg.update(batch_size=batch, seq_length=seq, output_dir=tempfile.mkdtemp(prefix="bench_attention_"))
-        trainer = train.Trainer(cfg, Model(config, params, None, mesh), sft.loss_sums, total_steps=10**6)
+        trainer = train.Trainer(train.TrainConfig(tempfile.mkdtemp(prefix="bench_attention_"), batch_size=batch),
+                                Model(config, params, None, mesh), sft.LOSS, total_steps=10**6)
         step_batch = train.global_batch(mesh, rows, 1)
 
         def step(compiled):

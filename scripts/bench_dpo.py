@@ -29,12 +29,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import jax
-    from ml_collections import ConfigDict
 
     import easytune
     from easytune import data, train
     from easytune.algos import dpo
-    from easytune.train_dpo import DEFAULTS
 
     devices = jax.devices()[:1]
     options = dpo.PreferenceConfig()
@@ -50,10 +48,8 @@ def main(argv=None):
             start = time.perf_counter()
             rows.update(dpo.reference_logps(model.config, model.params, rows, model.mesh, args.pairs))
             precompute_seconds = time.perf_counter() - start  # includes compiling the forward
-        cfg = ConfigDict(DEFAULTS)
-        cfg.batch_size, cfg.output_dir = args.pairs, f"/tmp/easytune_bench_dpo_{mode}"
-        trainer = train.Trainer(cfg, model, dpo.make_loss(options), total_steps=10**6,
-                                reference=mode != "precomputed", count_name="pairs")
+        trainer = train.Trainer(train.TrainConfig(f"/tmp/easytune_bench_dpo_{mode}", batch_size=args.pairs), model,
+                                dpo.make_loss(options, precomputed=mode == "precomputed"), total_steps=10**6)
         runs[mode] = (trainer, train.global_batch(model.mesh, rows, 1), [])
         state = trainer.state_bytes()
         results[mode] = {**{f"{k}_bytes": v for k, v in state.items()}, "train_state_bytes": sum(state.values()),

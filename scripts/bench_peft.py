@@ -65,12 +65,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import jax
-    from ml_collections import ConfigDict
 
     import easytune
     from easytune import adapters, assets, train
     from easytune.algos import sft
-    from easytune.train_sft import DEFAULTS
 
     directory = args.model or assets.smollm2_hf_dir()
     devices = jax.devices()[:1]
@@ -85,9 +83,8 @@ def main(argv=None):
                                 for x in [adapters._get(model.params, m.path)["kernel"]])
         if not full:
             model.add_adapter(method, rank=args.rank, alpha=2.0 * args.rank)
-        cfg = ConfigDict(DEFAULTS)
-        cfg.batch_size, cfg.seq_length, cfg.output_dir = args.batch, args.seq, f"/tmp/easytune_bench_peft_{method}"
-        trainer = train.Trainer(cfg, model, sft.loss_sums, total_steps=10**6)
+        trainer = train.Trainer(train.TrainConfig(f"/tmp/easytune_bench_peft_{method}", batch_size=args.batch), model,
+                                sft.LOSS, total_steps=10**6)
         tokens = rng.randint(0, model.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
         rows = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:],
                 "loss_mask": np.ones((args.batch, args.seq), np.int32),

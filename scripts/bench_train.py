@@ -24,18 +24,15 @@ def main():
     args = parser.parse_args()
 
     import jax
-    from ml_collections import ConfigDict
 
     import easytune
     from easytune import assets, train
     from easytune.algos import sft
-    from easytune.train_sft import DEFAULTS
 
     directory = args.model or assets.smollm2_hf_dir()
-    cfg = ConfigDict(DEFAULTS)
-    cfg.batch_size, cfg.seq_length, cfg.output_dir = args.batch, args.seq, "/tmp/easytune_bench_train"
     model = easytune.load(directory, devices=jax.devices()[:1], mesh_dim="1,1,1", remat=args.remat)
-    trainer = train.Trainer(cfg, model, sft.loss_sums, total_steps=10**6)
+    trainer = train.Trainer(train.TrainConfig("/tmp/easytune_bench_train", batch_size=args.batch), model, sft.LOSS,
+                            total_steps=10**6)
     rng = np.random.RandomState(0)
     tokens = rng.randint(0, model.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     rows = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:],

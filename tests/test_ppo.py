@@ -13,7 +13,7 @@ import pytest
 from conftest import logged, run_config
 
 import easytune
-from easytune import data, rewards, rl
+from easytune import data, generate, rewards, rl
 from easytune.algos import reward as reward_lib
 from easytune.train_ppo import DEFAULTS, DOCS, make_scorer, run
 
@@ -201,7 +201,7 @@ def test_a_grpo_variant_is_one_registered_function(monkeypatch):
             "ref_logprobs": -rng.random((8, 5), np.float32), "old_values": np.zeros((8, 5), np.float32)}
     scores = rng.normal(size=8).astype(np.float32)
     stand_in = type("Loop", (), {"options": options, "kl": ppo.FixedKLController(0.1)})()
-    out, metrics = rl.RLLoop.advantages(stand_in, rows, scores)
+    out, metrics = rl.RLSteps.advantages(stand_in, rows, scores)
     grouped = scores.reshape(2, 4)
     expected = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(-1)[:, None] * mask
     np.testing.assert_allclose(out["advantages"], expected, rtol=1e-6, atol=1e-7)
@@ -210,7 +210,7 @@ def test_a_grpo_variant_is_one_registered_function(monkeypatch):
 
 
 def test_response_rows_mask_through_the_first_eos():
-    tokens, positions, segments = rl.generate.left_pad([[5, 6, 7], [8]], length=4)
+    tokens, positions, segments = generate.left_pad([[5, 6, 7], [8]], length=4)
     responses = np.array([[10, 2, 11, 2], [12, 13, 14, 15]])
     rows = rl.response_rows(tokens, positions, segments, responses, eos_ids=[2])
     np.testing.assert_array_equal(rows["response_mask"], [[1, 1, 0, 0], [1, 1, 1, 1]])

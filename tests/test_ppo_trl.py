@@ -655,6 +655,6 @@ def test_rloo_kl_in_the_reward_and_advantages_match_trl(normalize):
         kl=ppo.FixedKLController(beta))
     rows = {"response_mask": mask.numpy().astype(np.int32), "old_logprobs": old.numpy(), "ref_logprobs": ref.numpy(),
             "old_values": np.zeros((batch, length), np.float32)}
-    advantages, metrics = rl.RLLoop.advantages(stand_in, rows, scores.numpy())
+    advantages, metrics = rl.RLSteps.advantages(stand_in, rows, scores.numpy())
     close(advantages["advantages"], (theirs["advantages"][:, None] * mask).numpy())
     close(metrics["objective/kl"], theirs["kl"].mean())

@@ -11,7 +11,6 @@ import jax
 import easytune
 from easytune import data, train
 from easytune.algos import sft
-from easytune.recipe import Loss
 from easytune.train_sft import DEFAULTS, run
 
 
@@ -86,12 +85,9 @@ def test_the_training_chat_template_is_saved_exported_and_used(tiny_chat_model, 
     assert scorer.score(answered) == scorer.score(chatml_ids)
 
 
-SFT_LOSS = Loss(sft.loss_sums, "trained_tokens", perplexity=True)
-
-
 def trainer_losses(model, steps, rows, **cfg_overrides):
     cfg = make_cfg(None, None, "/tmp/unused", **cfg_overrides)
-    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), model, SFT_LOSS, total_steps=steps)
+    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), model, sft.LOSS, total_steps=steps)
     iterator = data.BatchIterator(rows, cfg.batch_size, seed=0)
     losses = []
     with jax.set_mesh(trainer.mesh):
@@ -115,7 +111,7 @@ F32_EPS = float(np.finfo(np.float32).eps)
 def trainer_trajectory(model, steps, rows, **cfg_overrides):
     """(losses, [params after step 1, ..., after step `steps`] on the host) from the Trainer's own step."""
     cfg = make_cfg(None, None, "/tmp/unused", **cfg_overrides)
-    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), model, SFT_LOSS, total_steps=steps)
+    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), model, sft.LOSS, total_steps=steps)
     iterator = data.BatchIterator(rows, cfg.batch_size, seed=0)
     losses, params = [], []
     with jax.set_mesh(trainer.mesh):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from easytune import models
+from easytune import models, recipe
 from easytune.data.seq2seq import SEQ2SEQ_ROW_KEYS
 
 BATCH_KEYS = SEQ2SEQ_ROW_KEYS
@@ -30,6 +30,9 @@ def loss_sums(config, params, batch) -> tuple[jax.Array, jax.Array]:
     """`(sum of cross-entropy over target tokens, number of target tokens)` for the training loop."""
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(token_cross_entropy(config, params, batch) * mask), jnp.sum(mask)
+
+
+LOSS = recipe.Loss(loss_sums, "trained_tokens", perplexity=True)
 
 
 def per_segment_losses(config, params, batch, max_segments: int) -> jax.Array:

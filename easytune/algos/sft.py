@@ -32,6 +32,9 @@ def loss_sums(config, params, batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(token_cross_entropy(config, params, batch) * mask), jnp.sum(mask)
 
 
+LOSS = recipe.Loss(loss_sums, "trained_tokens", perplexity=True)
+
+
 def per_segment_losses(config, params, batch, max_segments: int) -> jax.Array:
     """Mean cross-entropy of each packed segment `[batch, max_segments]` (index = segment id - 1);
     lets tests check that packing does not change any example's loss."""
@@ -103,9 +106,8 @@ class SFTRecipe(recipe.Recipe):
                                         f"samples with no trainable tokens after truncation to "
                                         f"seq_length={cfg.seq_length}")
         eval_rows = training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0] if cfg.eval_data else None
-        fn = seq2seq.loss_sums if model.is_encoder_decoder else loss_sums
         return recipe.Job(
-            model=model, rows=rows, eval_rows=eval_rows, loss=recipe.Loss(fn, "trained_tokens", perplexity=True),
+            model=model, rows=rows, eval_rows=eval_rows, loss=seq2seq.LOSS if model.is_encoder_decoder else LOSS,
             summary={"train_samples": stats.num_records,
                      "train_samples_dropped": stats.num_dropped_no_trainable_tokens},
             heldout=(None if heldout is None else
