@@ -1,14 +1,7 @@
 """RL fine-tuning: `python -m easytune.train_ppo --algo=ppo|grpo|rloo --reward_fn=module:function ...`.
 
-- **ppo**: a policy, a frozen reference, a critic (the value model: `--value_model`, else the reward
-  model, else the policy's initial weights with a fresh value head), the per-token KL penalty
-  folded into the rewards (`--kl_estimator=k1|k3`, fixed or `--adaptive_kl`), GAE(γ, λ), whitened
-  advantages, clipped policy and value losses, `--ppo_epochs` over `--num_minibatches`.
-- **grpo**: no critic; each prompt's `--rollouts_per_prompt` completions are compared with their
-  group's mean (divided by the std, `--scale_rewards`); KL as k3 in the loss (`--kl_in=loss`, the
-  default) or in the reward.
-- **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward (the
-  default) or, with `--kl_in=loss`, each sequence's summed k3 in the loss.
+The algorithms (ppo with a critic and GAE, grpo with group-relative baselines, rloo with
+leave-one-out baselines) and their options: `easytune.rl.recipe`.
 
 The reward is a Python function over prompts and completions (`--reward_fn=module:function`, see
 `easytune.rewards`) or an easytune reward model (`--reward_model`: a train_reward run or an HF
