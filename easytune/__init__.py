@@ -348,12 +348,9 @@ class Model:
         return values[0] if single else values
 
     def _encode_whole(self, sequence) -> list[int]:
-        if isinstance(sequence, str):
-            return self.tokenizer(sequence)["input_ids"]
-        ids = self.tokenizer.apply_chat_template(sequence, add_generation_prompt=False, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        """A whole sequence to score: a conversation is rendered with its response, no generation prompt."""
+        from easytune.data.templates import render_ids
+        return render_ids(self.tokenizer, sequence, add_generation_prompt=False)
 
     @staticmethod
     def _prompt_batch(prompts) -> tuple[list, bool]:
@@ -376,15 +373,12 @@ class Model:
                          "non-empty list of token ids, all of one kind.")
 
     def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
-        if self.is_encoder_decoder:
+        """A prompt to generate from: a conversation is rendered with the generation prompt."""
+        from easytune.data.templates import render_ids
+        if self.is_encoder_decoder and not isinstance(prompt, str):
             raise ValueError(f"{self.config.model_type} takes plain text (or token-id) prompts, not conversations; "
                              f"it has no chat template.")
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return render_ids(self.tokenizer, prompt, add_generation_prompt=True)
 
     # ------------------------------------------------------------------ export
 
