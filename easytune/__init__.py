@@ -324,6 +324,7 @@ class Model:
 
         from easytune import sharding
         from easytune.algos import reward
+        from easytune.generate import bucket_length, right_pad
         if not getattr(self.config, "num_labels", 0):
             raise ValueError("this model has no score head; load a reward model (a train_reward run or an HF "
                              "*ForSequenceClassification directory).")
@@ -334,11 +335,8 @@ class Model:
         if not as_tokens and self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text.")
         token_lists = batch if as_tokens else [self._encode_whole(s) for s in batch]
-        length = max(8, 1 << (max(len(t) for t in token_lists) - 1).bit_length())  # reuse compiles
-        tokens = np.zeros((len(token_lists), length), np.int32)
-        segments = np.zeros_like(tokens)
-        for row, ids in enumerate(token_lists):
-            tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+        # at least 8 tokens (not generation's 16): the row lengths scores have always compiled for
+        tokens, segments = right_pad(token_lists, bucket_length(max(len(t) for t in token_lists), minimum=8))
         if self._score is None:
             self._score = jax.jit(reward.sequence_scores, static_argnums=0)
         put = lambda x: jax.device_put(x, sharding.input_sharding(self.mesh, x.shape[0]))  # noqa: E731
