@@ -114,18 +114,14 @@ def load(
 
 
 def _load_adapter_run(meta, params_path, tokenizer_dir, **kwargs) -> "Model":
-    import orbax.checkpoint as ocp
+    import jax
 
     from easytune import adapters, checkpoint
     config = adapters.AdapterConfig.from_dict(meta["adapter"])
     model = load(meta.get("base_model"), **{**kwargs, "tokenizer": False})
-    if config.quantize_base:
-        model.params = adapters.quantize_base(model.params, model.config, model.mesh)
-    import jax
-    shapes = jax.eval_shape(lambda: adapters.init_params(config, model.config, model.params, jax.random.key(0)))
-    target = checkpoint.abstract_target(shapes, adapters.shardings_for(shapes, model.config, model.mesh))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(params_path, target)
+    init = model._prepare_adapter(config)  # the adapter shapes the run trained, as add_adapter made them
+    shapes = jax.eval_shape(init, model.params, jax.random.key(0))
+    params = checkpoint.restore_tree(params_path, shapes, adapters.shardings_for(shapes, model.config, model.mesh))
     model.adapter = adapters.Adapter(config, params)
     if kwargs.get("tokenizer", True):
         model.tokenizer = _load_tokenizer(tokenizer_dir)
@@ -154,15 +150,9 @@ class Model:
         import jax
 
         from easytune import adapters
-        if self.adapter is not None:
-            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
-                             f"model again to attach another.")
+        self._refuse_second_adapter()
         config = adapters.make_config(self.config, method, **options)
-        if config.quantize_base:
-            self.params = adapters.quantize_base(self.params, self.config, self.mesh)
-        in_features = {m: adapters.in_features(self.config, m.split("/")) for m in config.modules}
-        init = lambda base, key: adapters.init_params(config, self.config, base, key, in_features,  # noqa: E731
-                                                      init_embeddings)
+        init = self._prepare_adapter(config, init_embeddings)
         shapes = jax.eval_shape(init, self.params, jax.random.key(seed))
         with jax.set_mesh(self.mesh):
             params = jax.jit(init, out_shardings=adapters.shardings_for(shapes, self.config, self.mesh))(
@@ -174,12 +164,25 @@ class Model:
     def load_adapter(self, directory: str):
         """Attach a peft adapter directory (see `easytune.adapters.peft_format`)."""
         from easytune.adapters import peft_format
-        if self.adapter is not None:
-            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
-                             f"model again to attach another.")
+        self._refuse_second_adapter()
         self.adapter = peft_format.load(directory, self.config, self.params, self.mesh)
         self._forward = None
         return self.adapter
+
+    def _refuse_second_adapter(self) -> None:
+        if self.adapter is not None:
+            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
+                             f"model again to attach another.")
+
+    def _prepare_adapter(self, config, init_embeddings=None):
+        """Make the base ready for `config` (an AdapterConfig): for QLoRA its block kernels become
+        NF4. Returns `init(base_params, key)` -> fresh adapter params, given the true input sizes
+        (an NF4 kernel is padded, so its shape does not show them)."""
+        from easytune import adapters
+        if config.quantize_base:
+            self.params = adapters.quantize_base(self.params, self.config, self.mesh)
+        in_features = {m: adapters.in_features(self.config, m.split("/")) for m in config.modules}
+        return lambda base, key: adapters.init_params(config, self.config, base, key, in_features, init_embeddings)
 
     def save_peft(self, directory: str, base_model: str | None = None) -> None:
         """Write the attached adapter as a peft adapter directory (adapter_config.json +
