@@ -141,6 +141,23 @@ class Model:
         self._forward = None
         self._score = None
 
+    def replace(self, **changes) -> "Model":
+        """A new handle with `changes` to any of config, params, tokenizer, mesh, hf_config,
+        generation_config, adapter and source; everything else, arrays included, is shared with
+        this handle, not copied. The new handle compiles its own forward and score (the config may
+        have changed), and this one is left as it was."""
+        fields = {"config": self.config, "params": self.params, "tokenizer": self.tokenizer, "mesh": self.mesh,
+                  "hf_config": dict(self.hf_config), "generation_config": dict(self.generation_config),
+                  "adapter": self.adapter, "source": self.source}
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise TypeError(f"Model.replace got {', '.join(unknown)}; it changes {', '.join(fields)}.")
+        fields.update(changes)
+        adapter, source = fields.pop("adapter"), fields.pop("source")
+        model = Model(**fields)
+        model.adapter, model.source = adapter, source
+        return model
+
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, method: str, seed: int = 0, init_embeddings=None, **options):

@@ -298,7 +298,7 @@ def run(cfg) -> dict:
         value_source = cfg.value_model or cfg.reward_model or model.source
         value_model = easytune.load(value_source, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                     mesh_dim=cfg.mesh_dim, remat=cfg.remat, attention=cfg.attention, tokenizer=False)
-        reward_lib.to_reward_model(value_model, seed=cfg.seed + 1)
+        value_model = reward_lib.with_score_head(value_model, seed=cfg.seed + 1)
         critic_cfg = copy.deepcopy(policy_cfg)
         critic_cfg.output_dir = os.path.join(cfg.output_dir, "value")
         if cfg.value_lr:

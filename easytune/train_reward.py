@@ -140,7 +140,7 @@ def run(cfg) -> dict:
         print(f"dropped {stats.num_dropped} of {stats.num_records} pairs whose chosen ({stats.num_dropped_chosen}) "
               f"or rejected ({stats.num_dropped_rejected}) response is empty after truncation to "
               f"seq_length={cfg.seq_length}", file=sys.stderr)
-    reward.to_reward_model(model, seed=cfg.seed)
+    model = reward.with_score_head(model, seed=cfg.seed)
 
     batches = data.BatchIterator(rows, cfg.batch_size, seed=cfg.seed)
     micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
