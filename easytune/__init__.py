@@ -102,8 +102,9 @@ def load(
         gen_path = os.path.join(directory, hf.GENERATION_CONFIG_FILE)
         generation_config = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
         param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
-        config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype), param_dtype=param_dtype,
-                                   remat=remat, attention=attention, head_chunk_size=head_chunk_size)
+        config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype),
+                                   param_dtype=param_dtype, remat=remat, attention=attention,
+                                   head_chunk_size=head_chunk_size)
         params = hf.load_params(directory, config, mesh)
     model = Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
                   hf_config, generation_config)
@@ -385,7 +386,8 @@ class Model:
         batch = [p.tolist() if isinstance(p, np.ndarray) else p for p in prompts]
         if all(isinstance(p, (list, tuple)) and p and all(isinstance(t, (int, np.integer)) for t in p) for p in batch):
             return [[int(t) for t in p] for p in batch], True
-        if all(isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) for m in p)) for p in batch):
+        if all(isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) for m in p))
+               for p in batch):
             return list(batch), False
         raise ValueError("each prompt must be a string, a conversation (list of role/content dicts) or a "
                          "non-empty list of token ids, all of one kind.")
