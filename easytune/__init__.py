@@ -102,8 +102,9 @@ def load(
         gen_path = os.path.join(directory, hf.GENERATION_CONFIG_FILE)
         generation_config = hf.read_json(gen_path) if os.path.exists(gen_path) else {}
         param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
-        config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype), param_dtype=param_dtype,
-                                   remat=remat, attention=attention, head_chunk_size=head_chunk_size)
+        config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype),
+                                   param_dtype=param_dtype, remat=remat, attention=attention,
+                                   head_chunk_size=head_chunk_size)
         params = hf.load_params(directory, config, mesh)
     model = Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
                   hf_config, generation_config)
@@ -114,18 +115,14 @@ def load(
 
 
 def _load_adapter_run(meta, params_path, tokenizer_dir, **kwargs) -> "Model":
-    import orbax.checkpoint as ocp
+    import jax
 
     from easytune import adapters, checkpoint
     config = adapters.AdapterConfig.from_dict(meta["adapter"])
     model = load(meta.get("base_model"), **{**kwargs, "tokenizer": False})
-    if config.quantize_base:
-        model.params = adapters.quantize_base(model.params, model.config, model.mesh)
-    import jax
-    shapes = jax.eval_shape(lambda: adapters.init_params(config, model.config, model.params, jax.random.key(0)))
-    target = checkpoint.abstract_target(shapes, adapters.shardings_for(shapes, model.config, model.mesh))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(params_path, target)
+    init = model._prepare_adapter(config)  # the adapter shapes the run trained, as add_adapter made them
+    shapes = jax.eval_shape(init, model.params, jax.random.key(0))
+    params = checkpoint.restore_tree(params_path, shapes, adapters.shardings_for(shapes, model.config, model.mesh))
     model.adapter = adapters.Adapter(config, params)
     if kwargs.get("tokenizer", True):
         model.tokenizer = _load_tokenizer(tokenizer_dir)
@@ -145,6 +142,23 @@ class Model:
         self._forward = None
         self._score = None
 
+    def replace(self, **changes) -> "Model":
+        """A new handle with `changes` to any of config, params, tokenizer, mesh, hf_config,
+        generation_config, adapter and source; everything else, arrays included, is shared with
+        this handle, not copied. The new handle compiles its own forward and score (the config may
+        have changed), and this one is left as it was."""
+        fields = {"config": self.config, "params": self.params, "tokenizer": self.tokenizer, "mesh": self.mesh,
+                  "hf_config": dict(self.hf_config), "generation_config": dict(self.generation_config),
+                  "adapter": self.adapter, "source": self.source}
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise TypeError(f"Model.replace got {', '.join(unknown)}; it changes {', '.join(fields)}.")
+        fields.update(changes)
+        adapter, source = fields.pop("adapter"), fields.pop("source")
+        model = Model(**fields)
+        model.adapter, model.source = adapter, source
+        return model
+
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, method: str, seed: int = 0, init_embeddings=None, **options):
@@ -154,15 +168,9 @@ class Model:
         import jax
 
         from easytune import adapters
-        if self.adapter is not None:
-            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
-                             f"model again to attach another.")
+        self._refuse_second_adapter()
         config = adapters.make_config(self.config, method, **options)
-        if config.quantize_base:
-            self.params = adapters.quantize_base(self.params, self.config, self.mesh)
-        in_features = {m: adapters.in_features(self.config, m.split("/")) for m in config.modules}
-        init = lambda base, key: adapters.init_params(config, self.config, base, key, in_features,  # noqa: E731
-                                                      init_embeddings)
+        init = self._prepare_adapter(config, init_embeddings)
         shapes = jax.eval_shape(init, self.params, jax.random.key(seed))
         with jax.set_mesh(self.mesh):
             params = jax.jit(init, out_shardings=adapters.shardings_for(shapes, self.config, self.mesh))(
@@ -174,12 +182,25 @@ class Model:
     def load_adapter(self, directory: str):
         """Attach a peft adapter directory (see `easytune.adapters.peft_format`)."""
         from easytune.adapters import peft_format
-        if self.adapter is not None:
-            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
-                             f"model again to attach another.")
+        self._refuse_second_adapter()
         self.adapter = peft_format.load(directory, self.config, self.params, self.mesh)
         self._forward = None
         return self.adapter
+
+    def _refuse_second_adapter(self) -> None:
+        if self.adapter is not None:
+            raise ValueError(f"this model already has a {self.adapter.config.method} adapter; load the base "
+                             f"model again to attach another.")
+
+    def _prepare_adapter(self, config, init_embeddings=None):
+        """Make the base ready for `config` (an AdapterConfig): for QLoRA its block kernels become
+        NF4. Returns `init(base_params, key)` -> fresh adapter params, given the true input sizes
+        (an NF4 kernel is padded, so its shape does not show them)."""
+        from easytune import adapters
+        if config.quantize_base:
+            self.params = adapters.quantize_base(self.params, self.config, self.mesh)
+        in_features = {m: adapters.in_features(self.config, m.split("/")) for m in config.modules}
+        return lambda base, key: adapters.init_params(config, self.config, base, key, in_features, init_embeddings)
 
     def save_peft(self, directory: str, base_model: str | None = None) -> None:
         """Write the attached adapter as a peft adapter directory (adapter_config.json +
@@ -324,6 +345,7 @@ class Model:
 
         from easytune import sharding
         from easytune.algos import reward
+        from easytune.generate import bucket_length, right_pad
         if not getattr(self.config, "num_labels", 0):
             raise ValueError("this model has no score head; load a reward model (a train_reward run or an HF "
                              "*ForSequenceClassification directory).")
@@ -334,11 +356,8 @@ class Model:
         if not as_tokens and self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text.")
         token_lists = batch if as_tokens else [self._encode_whole(s) for s in batch]
-        length = max(8, 1 << (max(len(t) for t in token_lists) - 1).bit_length())  # reuse compiles
-        tokens = np.zeros((len(token_lists), length), np.int32)
-        segments = np.zeros_like(tokens)
-        for row, ids in enumerate(token_lists):
-            tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+        # at least 8 tokens (not generation's 16): the row lengths scores have always compiled for
+        tokens, segments = right_pad(token_lists, bucket_length(max(len(t) for t in token_lists), minimum=8))
         if self._score is None:
             self._score = jax.jit(reward.sequence_scores, static_argnums=0)
         put = lambda x: jax.device_put(x, sharding.input_sharding(self.mesh, x.shape[0]))  # noqa: E731
@@ -348,12 +367,9 @@ class Model:
         return values[0] if single else values
 
     def _encode_whole(self, sequence) -> list[int]:
-        if isinstance(sequence, str):
-            return self.tokenizer(sequence)["input_ids"]
-        ids = self.tokenizer.apply_chat_template(sequence, add_generation_prompt=False, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        """A whole sequence to score: a conversation is rendered with its response, no generation prompt."""
+        from easytune.data.templates import render_ids
+        return render_ids(self.tokenizer, sequence, add_generation_prompt=False)
 
     @staticmethod
     def _prompt_batch(prompts) -> tuple[list, bool]:
@@ -370,21 +386,19 @@ class Model:
         batch = [p.tolist() if isinstance(p, np.ndarray) else p for p in prompts]
         if all(isinstance(p, (list, tuple)) and p and all(isinstance(t, (int, np.integer)) for t in p) for p in batch):
             return [[int(t) for t in p] for p in batch], True
-        if all(isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) for m in p)) for p in batch):
+        if all(isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) for m in p))
+               for p in batch):
             return list(batch), False
         raise ValueError("each prompt must be a string, a conversation (list of role/content dicts) or a "
                          "non-empty list of token ids, all of one kind.")
 
     def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
-        if self.is_encoder_decoder:
+        """A prompt to generate from: a conversation is rendered with the generation prompt."""
+        from easytune.data.templates import render_ids
+        if self.is_encoder_decoder and not isinstance(prompt, str):
             raise ValueError(f"{self.config.model_type} takes plain text (or token-id) prompts, not conversations; "
                              f"it has no chat template.")
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return render_ids(self.tokenizer, prompt, add_generation_prompt=True)
 
     # ------------------------------------------------------------------ export
 

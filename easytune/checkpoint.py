@@ -114,20 +114,25 @@ def config_from_meta(meta: dict, **compute):
     return family.Config(**arch)  # the config makes its JSON lists and dicts hashable itself
 
 
-def restore_params(params_path: str, config, mesh):
-    """Parameters from an orbax `params` directory, restored straight into their shards on `mesh`."""
-    family = models.family(config.model_type)
-    shapes = family.param_shapes(config)
-    shardings = sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh)
-    target = abstract_target(shapes, shardings)
-    path = os.path.abspath(params_path)
-    stored = _checkpointer().metadata(path)
+def restore_tree(path: str, shapes, shardings):
+    """An array tree from an orbax directory, each array restored straight into its shards.
+    shapes: the tree's `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`); shardings: a matching
+    tree. An array the checkpoint lacks is a clear error before anything is read."""
+    directory = os.path.abspath(path)  # orbax wants absolute paths
+    stored = _checkpointer().metadata(directory)
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
     want = {sharding.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     have = {sharding.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(dict(stored_tree))[0]}
     missing = sorted(want - have)
     if missing:
-        raise ValueError(f"easytune checkpoint {params_path} is missing parameter {missing[0]!r} "
+        raise ValueError(f"easytune checkpoint {path} is missing parameter {missing[0]!r} "
                          f"({len(missing)} missing in all); it does not match its config.")
-    return _checkpointer().restore(path, ocp.args.StandardRestore(target))
+    return _checkpointer().restore(directory, ocp.args.StandardRestore(abstract_target(shapes, shardings)))
+
+
+def restore_params(params_path: str, config, mesh):
+    """Parameters from an orbax `params` directory, restored straight into their shards on `mesh`."""
+    family = models.family(config.model_type)
+    shapes = family.param_shapes(config)
+    return restore_tree(params_path, shapes, sharding.tree_shardings(shapes, family.SHARDING_RULES, mesh))

@@ -117,7 +117,8 @@ def test_lora_adapters_match_peft_both_ways(hf_models, tmp_path, name, variant):
     tokens = np.random.RandomState(0).randint(3, 128, (2, 12))
     torch.manual_seed(1)
     config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=variant == "dora",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"])
     reference = peft.get_peft_model(hf_model(directory), config).eval()
     reference.save_pretrained(str(tmp_path / "theirs"))
     expected = torch_logits(reference, tokens)
@@ -216,7 +217,7 @@ def test_reward_model_exports_to_transformers(hf_models, tmp_path, name, archite
 
     from easytune.algos import reward
     directory, _ = hf_models[name]
-    model = reward.to_reward_model(easytune.load(directory, tokenizer=False), seed=3)
+    model = reward.with_score_head(easytune.load(directory, tokenizer=False), seed=3)
     model.save_pretrained(str(tmp_path / "rm"))
     exported = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"), dtype=torch.float32).eval()
     assert type(exported).__name__ == architecture

@@ -148,7 +148,7 @@ def test_temperature_is_the_same_at_rollout_and_in_training(char_chat_model, pro
 
 def test_rloo_qlora_policy_scores_with_a_reward_model(char_chat_model, prompt_file, tmp_path):
     reward_model = easytune.load(char_chat_model)
-    reward_lib.to_reward_model(reward_model, seed=3)
+    reward_model = reward_lib.with_score_head(reward_model, seed=3)
     reward_dir = str(tmp_path / "reward_model")
     reward_model.save(reward_dir)
     cfg = make_cfg(char_chat_model, prompt_file, tmp_path / "run", algo="rloo", iterations=1, peft="qlora",
@@ -293,7 +293,7 @@ def test_help_documents_every_flag():
 
 def test_ppo_critic_starts_from_the_reward_model(char_chat_model, prompt_file, tmp_path):
     reward_model = easytune.load(char_chat_model)
-    reward_lib.to_reward_model(reward_model, seed=3)
+    reward_model = reward_lib.with_score_head(reward_model, seed=3)
     reward_dir = str(tmp_path / "reward_model")
     reward_model.save(reward_dir)
     run_dir = tmp_path / "run"

@@ -110,7 +110,7 @@ def test_train_reward_matches_trl_and_exports_to_transformers(tiny_chat_model, p
     first = logged(out)[0]
 
     # step 1 ran on the initial reward model: the causal LM with a fresh score head (seed 0)
-    initial = reward.to_reward_model(easytune.load(tiny_chat_model), seed=0)
+    initial = reward.with_score_head(easytune.load(tiny_chat_model), seed=0)
     initial.save_pretrained(str(tmp_path / "initial"))
     tokenizer = initial.tokenizer
     records, locations = data.load_pairs(pair_file)
@@ -138,7 +138,8 @@ def test_train_reward_matches_trl_and_exports_to_transformers(tiny_chat_model, p
     for source in (str(out), str(hf_dir)):  # the run and its export, through easytune.load
         model = easytune.load(source)
         np.testing.assert_allclose(model.score(sequences), hf_scores, atol=1e-5)
-    conversation = [{"role": "user", "content": records[0]["prompt"]}, {"role": "assistant", "content": records[0]["chosen"]}]
+    conversation = [{"role": "user", "content": records[0]["prompt"]},
+                    {"role": "assistant", "content": records[0]["chosen"]}]
     assert model.score(conversation) == pytest.approx(float(hf_scores[0]), abs=1e-5)  # one chat, via the template
     # eval: pairwise accuracy of the trained model on the eval pairs
     chosen, rejected = hf_scores[:8], hf_scores[8:]
@@ -171,7 +172,7 @@ def test_score_head_export_matches_transformers(hf_models, tmp_path, name):
     from safetensors.numpy import load_file
     from transformers import AutoModelForSequenceClassification
     directory, _ = hf_models[name]
-    model = reward.to_reward_model(easytune.load(directory, tokenizer=False), seed=3)
+    model = reward.with_score_head(easytune.load(directory, tokenizer=False), seed=3)
     assert "lm_head" not in model.params and model.params["score"]["kernel"].shape == (64, 1)
     model.save_pretrained(str(tmp_path / "rm"))
     tensors = load_file(str(tmp_path / "rm" / "model.safetensors"))
@@ -186,6 +187,20 @@ def test_score_head_export_matches_transformers(hf_models, tmp_path, name):
         theirs = exported(input_ids, attention_mask=attention_mask).logits[:, 0].numpy()
     np.testing.assert_allclose(model.score(sequences), theirs, atol=1e-5)
     np.testing.assert_allclose(easytune.load(str(tmp_path / "rm"), tokenizer=False).score(sequences), theirs, atol=1e-5)
+
+
+def test_with_score_head_is_a_new_handle_and_leaves_the_causal_lm_as_it_was(hf_models):
+    directory, _ = hf_models["llama2"]
+    base = easytune.load(directory, tokenizer=False)
+    tokens = [[3, 4, 5, 6, 7]]
+    logits = np.asarray(base(tokens))
+    scorer = reward.with_score_head(base, seed=3)
+    assert scorer is not base and scorer.config.num_labels == 1 and scorer.source == base.source
+    assert base.config.num_labels == 0 and "lm_head" in base.params and "score" not in base.params
+    assert scorer.params["embed"]["embedding"] is base.params["embed"]["embedding"]  # shared, not copied
+    np.testing.assert_array_equal(np.asarray(base(tokens)), logits)  # the LM still answers as before
+    assert isinstance(scorer.score(tokens[0]), float)
+    assert reward.with_score_head(scorer, seed=4) is scorer  # already a reward model
 
 
 def test_score_needs_a_score_head(hf_models):

@@ -77,7 +77,7 @@ def test_the_training_chat_template_is_saved_exported_and_used(tiny_chat_model, 
         assert prompts.pop() == tokenizer(chatml_prompt, add_special_tokens=False)["input_ids"], directory
 
     scorer = easytune.load(str(tmp_path / "hf"))
-    reward_lib.to_reward_model(scorer, seed=3)
+    scorer = reward_lib.with_score_head(scorer, seed=3)
     answered = question + [{"role": "assistant", "content": "4"}]
     chatml_ids = own(chatml_prompt + "4<|im_end|>\n", add_special_tokens=False)["input_ids"]
     own_ids = own.apply_chat_template(answered, tokenize=True, return_dict=True)["input_ids"]
@@ -237,7 +237,8 @@ def test_sum_reduction_is_token_sum_over_accumulation_steps(tiny_chat_model, tas
 @pytest.mark.parametrize("content,message", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [oops\n',
      r"train.jsonl line 2: not valid JSON"),
-    ('{"question": "hi"}\n', r"train.jsonl record 1: unrecognized record with fields \['question'\]"),  # missing field: names the record and what it has
+    # missing field: names the record and what it has
+    ('{"question": "hi"}\n', r"train.jsonl record 1: unrecognized record with fields \['question'\]"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}]}\n', r"robot"),
     ("", r"has no records"),
 ])
@@ -250,7 +251,8 @@ def test_bad_data_is_one_clear_error(tiny_chat_model, tmp_path, content, message
 
 def test_samples_truncated_to_nothing_are_counted_and_skipped(tiny_chat_model, task_file, tmp_path):
     path = tmp_path / "train.jsonl"
-    long = json.dumps({"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]})
+    long = json.dumps({"messages": [{"role": "user", "content": "word " * 200},
+                                    {"role": "assistant", "content": "ok"}]})
     with open(task_file) as f:
         path.write_text(long + "\n" + f.read() + long + "\n")
     summary = run(make_cfg(tiny_chat_model, str(path), tmp_path / "out", total_steps=1, seq_length=128))

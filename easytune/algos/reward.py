@@ -1,6 +1,6 @@
 """Reward models: a scalar `score` head read at the last token, trained with a Bradley–Terry loss.
 
-    to_reward_model(model, seed)                  a causal LM handle -> a reward model (score head, no LM head)
+    with_score_head(model, seed)                  a causal LM handle -> a new reward-model handle (no LM head)
     sequence_scores(model_config, params, ...)    [batch, num_labels] at each row's last real token
     bradley_terry_losses(chosen, rejected, ...)   [pairs]
     make_loss(center_rewards_coefficient)         the training loss (`easytune.recipe.Loss`, per pair)
@@ -33,10 +33,12 @@ logger = logging.getLogger("easytune")
 SCORE_INIT_STD = 0.02  # transformers' initializer_range for a fresh score head
 
 
-def to_reward_model(model, seed: int = 0):
-    """Turn a causal-LM `easytune.Model` into a reward model in place: `num_labels=1`, a fresh
-    `score.kernel [hidden, 1]` ~ N(0, 0.02²) (as `AutoModelForSequenceClassification` initializes
-    it), the LM head dropped. A model that already has a score head is left as it is."""
+def with_score_head(model, seed: int = 0):
+    """A reward (or value) model made from a causal-LM `easytune.Model`: a new handle with
+    `num_labels=1`, a fresh `score.kernel [hidden, 1]` ~ N(0, 0.02²) (as
+    `AutoModelForSequenceClassification` initializes it) and no LM head. `model` is left as it
+    is; the two handles share every other array. A model that already has a one-label score head
+    is returned as it is."""
     from easytune import sharding
     if model.is_encoder_decoder:
         raise ValueError(f"reward models here are decoder-only (LLaMA/Mistral); {model.config.model_type} is an "
@@ -51,14 +53,14 @@ def to_reward_model(model, seed: int = 0):
     shape = (config.hidden_size, 1)
     spec = sharding.tree_shardings({"score": {"kernel": jax.ShapeDtypeStruct(shape, config.weight_dtype)}},
                                    models.family(config.model_type).SHARDING_RULES, model.mesh)
-    init = jax.jit(lambda key: (SCORE_INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(config.weight_dtype),
-                   out_shardings=spec["score"]["kernel"])
+    init = jax.jit(lambda key: (SCORE_INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(
+        config.weight_dtype), out_shardings=spec["score"]["kernel"])
     params = {k: v for k, v in model.params.items() if k != "lm_head"}
     params["score"] = {"kernel": init(jax.random.key(seed))}
-    model.config, model.params, model._forward = config, params, None
-    if not isinstance(model.hf_config.get("pad_token_id"), int):
-        model.hf_config = {**model.hf_config, "pad_token_id": model.pad_token_id}
-    return model
+    hf_config = model.hf_config
+    if not isinstance(hf_config.get("pad_token_id"), int):  # transformers finds the last token by it
+        hf_config = {**hf_config, "pad_token_id": model.pad_token_id}
+    return model.replace(config=config, params=params, hf_config=hf_config)
 
 
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
@@ -182,7 +184,7 @@ class RewardRecipe(recipe.Recipe):
         def report(history, summary):
             return {"last_accuracy": history[-1]["accuracy"]} if history else {}
 
-        reward_model = to_reward_model(model, seed=cfg.seed)
+        reward_model = with_score_head(model, seed=cfg.seed)
         return recipe.Job(
             model=reward_model, rows=rows, eval_rows=eval_rows, eval_before=True,
             loss=make_loss(cfg.center_rewards_coefficient), report=report,

@@ -17,15 +17,15 @@ from easytune.data.preference import (PreferenceStats, TokenizedPair, load_pairs
                                       task_pairs, task_pairs_from_model, tokenize_pairs)
 from easytune.data.seq2seq import SEQ2SEQ_ROW_KEYS, Seq2SeqExample, make_seq2seq_rows, tokenize_seq2seq_records
 from easytune.data.tasks import TASKS, accuracy, exact_match, make_task_records, train_and_heldout, with_examples
-from easytune.data.templates import BUILTIN_TEMPLATES, adopt_chat_template, resolve_chat_template
+from easytune.data.templates import BUILTIN_TEMPLATES, adopt_chat_template, render_ids, resolve_chat_template
 from easytune.data.tokenize import DataStats, Example, tokenize_conversation, tokenize_records, tokenize_text
 
 __all__ = [
     "BatchIterator", "count_tokens", "eval_batches", "FORMATS", "detect_format", "load_located_records", "load_records", "to_messages", "ROW_KEYS",
     "make_rows", "SEQ2SEQ_ROW_KEYS", "Seq2SeqExample", "make_seq2seq_rows", "tokenize_seq2seq_records",
     "TASKS", "with_examples", "accuracy", "exact_match", "make_task_records", "train_and_heldout", "BUILTIN_TEMPLATES",
-    "adopt_chat_template", "resolve_chat_template", "DataStats", "Example", "tokenize_conversation", "tokenize_records",
-    "tokenize_text",
+    "adopt_chat_template", "render_ids", "resolve_chat_template", "DataStats", "Example", "tokenize_conversation",
+    "tokenize_records", "tokenize_text",
     "PreferenceStats", "TokenizedPair", "load_pairs", "make_pair_rows", "pair_rows", "task_pairs",
     "task_pairs_from_model", "tokenize_pairs",
 ]

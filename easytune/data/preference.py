@@ -31,7 +31,8 @@ import numpy as np
 from easytune.data.formats import _json_type, _message, load_located_records
 from easytune.data.packing import make_rows
 from easytune.data.tasks import exact_match
-from easytune.data.tokenize import Example, _render_ids, tokenize_conversation
+from easytune.data.templates import render_ids
+from easytune.data.tokenize import Example, tokenize_conversation
 
 SIDES = ("chosen", "rejected")
 
@@ -175,7 +176,7 @@ def tokenize_response(prompt: Sequence[dict], response: Sequence[dict], tokenize
     """The conversation prompt + response with the loss mask on the response's assistant tokens
     only (assistant turns inside the prompt are context, not trained)."""
     example = tokenize_conversation(list(prompt) + list(response), tokenizer, chat_template)
-    prompt_length = len(_render_ids(tokenizer, prompt, chat_template, add_generation_prompt=True))
+    prompt_length = len(render_ids(tokenizer, prompt, add_generation_prompt=True, chat_template=chat_template))
     mask = [0] * min(prompt_length, len(example.loss_mask)) + example.loss_mask[prompt_length:]
     return Example(example.input_ids, mask)
 

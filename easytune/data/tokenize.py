@@ -10,9 +10,11 @@ turn) for Tulu. This is the span open-instruct trains on.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Sequence
 
 from easytune.data.formats import detect_format, to_messages
+from easytune.data.templates import render_ids
 
 
 @dataclasses.dataclass
@@ -47,26 +49,19 @@ class DataStats:
                 f"{self.num_tokens} tokens, {self.num_trainable_tokens} trained")
 
 
-def _render_ids(tokenizer, messages, chat_template: str, add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(list(messages), chat_template=chat_template, tokenize=True,
-                                        add_generation_prompt=add_generation_prompt)
-    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def tokenize_conversation(messages: Sequence[dict], tokenizer, chat_template: str) -> Example:
     """Tokenize `messages` with `chat_template`; loss on every assistant turn's tokens, nothing else."""
     if messages and messages[0]["role"] == "assistant":
         raise ValueError("the conversation starts with an assistant message; there is no prompt before it, "
                          "so its tokens can't be located. Put a system or user message first.")
-    input_ids = _render_ids(tokenizer, messages, chat_template, add_generation_prompt=False)
+    render = functools.partial(render_ids, tokenizer, chat_template=chat_template)
+    input_ids = render(messages, add_generation_prompt=False)
     loss_mask = [0] * len(input_ids)
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_prefix_of(_render_ids(tokenizer, messages[:turn], chat_template, True), input_ids, turn, True))
-        end = len(_prefix_of(_render_ids(tokenizer, messages[:turn + 1], chat_template, False), input_ids, turn + 1, False))
+        start = len(_prefix_of(render(messages[:turn], add_generation_prompt=True), input_ids, turn, True))
+        end = len(_prefix_of(render(messages[:turn + 1], add_generation_prompt=False), input_ids, turn + 1, False))
         if end <= start:
             raise ValueError(f"chat template problem: assistant message {turn} renders no tokens after the "
                              f"generation prompt, so there is nothing to train on for it.")

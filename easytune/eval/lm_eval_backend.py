@@ -31,13 +31,10 @@ from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix, normali
 import easytune
 from easytune import sharding
 from easytune.distributed import host_array
+from easytune.generate import bucket_length
 
+# Scoring rows are at least this long (generation's prompts: 16); few compiled shapes per task.
 MIN_BUCKET = 8
-
-
-def bucket_length(length: int) -> int:
-    """Rows are padded to a power of two (at least MIN_BUCKET): few compiled shapes per task."""
-    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -132,7 +129,7 @@ class EasytuneLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             sequences = [(rows[i][0] + rows[i][1])[-(self.max_length + 1):] for i in chunk]
-            width = bucket_length(max(len(s) for s in sequences) - 1)
+            width = bucket_length(max(len(s) for s in sequences) - 1, minimum=MIN_BUCKET)
             rows_padded = self._batch_rows(len(sequences))
             tokens = np.zeros((rows_padded, width), np.int32)
             targets = np.zeros((rows_padded, width), np.int32)
@@ -153,8 +150,7 @@ class EasytuneLM(TemplateLM):
         """Rows of a scoring batch: a power of two (few compiled shapes; a last, short batch is not
         padded to the full batch size) and a multiple of the mesh's batch shards."""
         shards = self.model.mesh.shape["dp"] * self.model.mesh.shape["fsdp"]
-        padded = 1 << (max(rows, 1) - 1).bit_length()
-        return -(-max(padded, shards) // shards) * shards
+        return -(-max(bucket_length(rows, minimum=1), shards) // shards) * shards
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         scores = self._score_rows([(context, continuation) for _, context, continuation in requests])

@@ -263,7 +263,7 @@ class RLRecipe(recipe.Recipe):
             value_model = easytune.load(value_source, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                         mesh_dim=cfg.mesh_dim, remat=cfg.remat, attention=cfg.attention,
                                         tokenizer=False)
-            value_model = reward_lib.to_reward_model(value_model, seed=cfg.seed + 1)
+            value_model = reward_lib.with_score_head(value_model, seed=cfg.seed + 1)
             critic_optimizer = policy_config.optimizer
             if cfg.value_lr:
                 critic_optimizer = dataclasses.replace(critic_optimizer, lr=cfg.value_lr)

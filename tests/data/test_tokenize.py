@@ -6,7 +6,8 @@ rendered); for Tulu it is `content<eos>` (its newline between turns is rendered 
 """
 import pytest
 
-from easytune.data import BUILTIN_TEMPLATES, resolve_chat_template, tokenize_conversation, tokenize_records, tokenize_text
+from easytune.data import (BUILTIN_TEMPLATES, render_ids, resolve_chat_template, tokenize_conversation,
+                           tokenize_records, tokenize_text)
 
 SYSTEM, USER_1, USER_2 = "You answer tersely.", "What is the capital of France?", "And of Italy?"
 ANSWER_1, ANSWER_2 = "Paris, of course.", "Rome."
@@ -33,6 +34,20 @@ def trained_spans(example, tokenizer) -> list[str]:
 
 def untrained_text(example, tokenizer) -> str:
     return tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask) if not m])
+
+
+def test_render_ids_tokenizes_strings_as_is_and_renders_conversations(tokenizer):
+    """The one chat render (prompts, scored sequences, training data): text as the tokenizer splits
+    it; a conversation as transformers renders it, with the generation prompt only when asked."""
+    assert render_ids(tokenizer, USER_1, add_generation_prompt=True) == tokenizer(USER_1)["input_ids"]
+    prompt = render_ids(tokenizer, CONVERSATION[:2], add_generation_prompt=True)
+    whole = render_ids(tokenizer, CONVERSATION[:3], add_generation_prompt=False)
+    assert tokenizer.decode(prompt) == tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False,
+                                                                     add_generation_prompt=True)
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(whole[len(prompt):]) == ANSWER_1 + "<|im_end|>\n"
+    tulu = render_ids(tokenizer, CONVERSATION[:2], add_generation_prompt=True, chat_template=BUILTIN_TEMPLATES["tulu"])
+    assert tokenizer.decode(tulu) == f"<|system|>\n{SYSTEM}\n<|user|>\n{USER_1}\n<|assistant|>\n"
 
 
 @pytest.mark.parametrize("template_name", [None, "chatml"])
@@ -117,14 +132,16 @@ def test_truncation_stats(tokenizer):
     record = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]}
     prompt_length = len(tokenizer.apply_chat_template(
         record["messages"][:1], chat_template=template, add_generation_prompt=True, tokenize=True)["input_ids"])
-    full_length = len(tokenizer.apply_chat_template(record["messages"], chat_template=template, tokenize=True)["input_ids"])
+    full_length = len(tokenizer.apply_chat_template(record["messages"], chat_template=template,
+                                                    tokenize=True)["input_ids"])
     records = [record, long_prompt_record(200), {"text": "word " * 100}]
 
     # Room for the prompt and exactly one assistant token: record 0 keeps one trainable target.
     examples, stats = tokenize_records(records, tokenizer, template, prompt_length + 1, "toy")
     assert [len(e.input_ids) for e in examples] == [prompt_length + 1, prompt_length + 1]
     assert [e.num_trainable_targets for e in examples] == [1, prompt_length]
-    assert (stats.num_records, stats.num_kept, stats.num_dropped_no_trainable_tokens, stats.num_truncated) == (3, 2, 1, 2)
+    counts = (stats.num_records, stats.num_kept, stats.num_dropped_no_trainable_tokens, stats.num_truncated)
+    assert counts == (3, 2, 1, 2)
     assert stats.num_tokens == 2 * (prompt_length + 1)
     assert stats.num_trainable_tokens == 1 + prompt_length
 
