@@ -233,7 +233,7 @@ class RLRecipe(recipe.Recipe):
 
     def setup(self, ctx: recipe.Context) -> recipe.Job:
         import easytune
-        from easytune import train
+        from easytune import data, train
         from easytune.algos import ppo, reward as reward_lib
         from easytune.rl.rollout import RLSteps
         cfg, model = ctx.cfg, ctx.model
@@ -274,7 +274,8 @@ class RLRecipe(recipe.Recipe):
         controller = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                       else ppo.FixedKLController(cfg.kl_coef))
         steps = RLSteps(settings, options, model, policy, critic, make_scorer(cfg, model, reward_model),
-                        lambda record: model._encode(prompt_of(record, "prompt record")), records, controller)
+                        lambda record: data.render_ids(model.tokenizer, prompt_of(record, "prompt record"),
+                                                       add_generation_prompt=True), records, controller)
 
         def report(history, summary):
             curve = lambda name: [m[name] for m in steps.iterations if name in m]  # noqa: E731
