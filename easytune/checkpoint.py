@@ -100,6 +100,9 @@ def locate(path: str) -> tuple[dict, str, str] | None:
     steps = _training_steps(path)
     if steps:
         return locate(os.path.join(path, "checkpoints", str(steps[-1])))
+    kept = [d for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+    if len(kept) == 1 and os.path.isfile(os.path.join(path, kept[0], "model", "metadata")):
+        return locate(os.path.join(path, kept[0]))  # <run>/best: the one step kept there
     return None
 
 

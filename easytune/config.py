@@ -113,6 +113,8 @@ SHARED_DEFAULTS = {
     "keep_checkpoints": 2,
     "resume": False,
     "export_hf": None,
+    "keep_best": None,
+    "keep_best_mode": "max",
     "logger": "tensorboard",
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
 }
@@ -147,6 +149,10 @@ SHARED_DOCS = {
     "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
     "resume": "continue from the newest readable checkpoint in output_dir",
     "export_hf": "write a Hugging Face directory here at the end, adapters merged (default job: <output_dir>/hf)",
+    "keep_best": "also keep the best checkpoint by this evaluated figure (eval_loss, eval_accuracy, "
+                 "eval_<task>/<metric> of --eval_tasks, heldout_accuracy) in <output_dir>/best/<step>, loadable with "
+                 "easytune.load(<output_dir>/best)",
+    "keep_best_mode": "max or min: which end of --keep_best is best",
     "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
     "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
     "jax_distributed.num_processes": "number of processes (0 = auto)",
@@ -211,8 +217,31 @@ PEFT_DOCS = {
                    "adapter_model.safetensors)",
 }
 
+# Trainers of a causal LM: lm-evaluation-harness tasks during training, and the best checkpoint by a figure.
+LM_EVAL_DEFAULTS = {
+    "eval_tasks": "",
+    "eval_include_path": None,
+    "eval_limit": 0.0,
+    "eval_num_fewshot": -1,
+    "eval_batch_size": 8,
+    "eval_max_gen_toks": 256,
+    "eval_apply_chat_template": False,
+}
+
+LM_EVAL_DOCS = {
+    "eval_tasks": "comma-separated lm-evaluation-harness tasks run on the model every --eval_steps and at the end, "
+                  "logged as eval_<task>/<metric> (as `python -m easytune.eval --tasks`)",
+    "eval_include_path": "a folder of local lm-eval task YAMLs for --eval_tasks",
+    "eval_limit": "examples per --eval_tasks task (a fraction if < 1; 0 = all)",
+    "eval_num_fewshot": "few-shot examples for --eval_tasks (-1 = each task's own)",
+    "eval_batch_size": "requests per batch for --eval_tasks",
+    "eval_max_gen_toks": "generation budget of --eval_tasks generative tasks",
+    "eval_apply_chat_template": "render --eval_tasks prompts with the chat template",
+}
+
 FLAG_GROUPS = {
     "data": (DATA_DEFAULTS, DATA_DOCS),
+    "lm_eval": (LM_EVAL_DEFAULTS, LM_EVAL_DOCS),
     "lm_head": (LM_HEAD_DEFAULTS, LM_HEAD_DOCS),
     "peft": (PEFT_DEFAULTS, PEFT_DOCS),
 }

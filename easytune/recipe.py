@@ -61,6 +61,9 @@ class StepSource(Protocol):
     def restore(self) -> bool:
         """Restore the newest readable checkpoint; False when there is none."""
 
+    def save_best(self, metric: str, value: float, mode: str) -> None:
+        """Offer the current weights as the best checkpoint by `metric` (see `Trainer.save_best`)."""
+
     def publish(self) -> None:
         """Hand the trained weights to the model handle (generation, eval, export)."""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Callable
@@ -68,6 +69,9 @@ class BatchSteps:
         if state is not None:
             self.batches.restore(state)
         return state is not None
+
+    def save_best(self, metric: str, value: float, mode: str) -> None:
+        self.trainer.save_best(metric, value, mode)
 
     def publish(self) -> None:
         self.trainer.publish()
@@ -170,8 +174,8 @@ def _host_floats(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout: Callable[[int], dict]
-         ) -> list[dict]:
+def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout: Callable[[int], dict],
+         on_figures: Callable[[int, dict], None]) -> list[dict]:
     """Advance `steps` to `total`: log every --log_steps (and at the end), evaluate
     every --eval_steps, held-out accuracy every `job.heldout_every` (not at the end: the run's
     final figure is taken after), checkpoint every --save_steps (and at the end). Returns the
@@ -210,6 +214,8 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
                 record.update(evaluate())
             if heldout_now:
                 record.update(on_heldout(step))
+            if eval_now or heldout_now:
+                on_figures(step, record)
             history.append(record)
             metrics_logger.log(step, {k: v for k, v in record.items() if k != "step"})
             progress.update(step, {**record, "loss": record.get(job.progress)})
@@ -234,6 +240,41 @@ def dataset_steps(job: Job, cfg):
         micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
         evaluate = lambda: trainer.evaluate(data.eval_batches(job.eval_rows, micro_batch))  # noqa: E731
     return BatchSteps(trainer, batches), total, evaluate, trainer
+
+
+def combine_evaluations(first, second, steps):
+    """One `evaluate()` returning both evaluations' figures (either may be None); the weights are
+    handed to the model handle first, which an evaluation on the handle reads."""
+    def evaluate() -> dict:
+        steps.publish()
+        return {**(first() if first is not None else {}), **(second() if second is not None else {})}
+    return evaluate
+
+
+class best_keeper:
+    """`keep(step, figures)`: with --keep_best=<figure>, offers the weights to the step source's
+    best checkpoint whenever `figures` hold that figure at a better value than this process has
+    seen (orbax keeps the best one offered, across resumes)."""
+
+    def __init__(self, cfg, steps, evaluates: bool):
+        self.metric, self.mode, self.steps = cfg.get("keep_best"), cfg.get("keep_best_mode", "max"), steps
+        self.best: dict | None = None
+        if self.metric:
+            if self.mode not in ("max", "min"):
+                raise ValueError(f"--keep_best_mode must be max or min, got {self.mode!r}.")
+            if not evaluates:
+                raise ValueError(f"--keep_best={self.metric} needs an evaluation that reports it: --eval_data, "
+                                 f"--eval_tasks or the default job's held-out tasks.")
+
+    def __call__(self, step: int, figures: dict) -> None:
+        if not self.metric or self.metric not in figures:
+            return
+        value = float(figures[self.metric])
+        better = self.best is None or (value > self.best["value"] if self.mode == "max" else value < self.best["value"])
+        if better and math.isfinite(value):
+            self.steps.save_best(self.metric, value, self.mode)
+            self.best = {"metric": self.metric, "value": value, "step": step}
+            logger.info("best %s so far: %.6g at step %d (kept in <output_dir>/best)", self.metric, value, step)
 
 
 def run(recipe: Recipe, cfg) -> dict:
@@ -271,6 +312,10 @@ def run(recipe: Recipe, cfg) -> dict:
         summary["train_state_bytes"] = trainer.state_bytes()
     else:
         steps, total, evaluate = job.steps, job.total_steps, None
+    if cfg.get("eval_tasks"):  # lm-eval tasks on the trained model, beside the eval loss
+        from easytune.eval.during_training import task_evaluator
+        evaluate = combine_evaluations(evaluate, task_evaluator(model, cfg), steps)
+    keep_best = best_keeper(cfg, steps, evaluate is not None or job.heldout is not None)
     summary["total_steps"] = total
     if is_main:
         model.tokenizer.save_pretrained(cfg.output_dir)
@@ -296,28 +341,32 @@ def run(recipe: Recipe, cfg) -> dict:
     if steps.step == 0:  # a fresh run: its starting figures
         if job.heldout is not None:
             summary["heldout_accuracy_before"] = heldout(0, "before")
-        if job.eval_before and evaluate is not None:
+        if (job.eval_before or cfg.get("eval_tasks")) and evaluate is not None:
             before = {f"{name}_before": value for name, value in evaluate().items()}
             logger.info("before training: %s", before)
             summary.update(before)
 
     train_start = time.time()
     history = loop(job, steps, total, cfg, evaluate, metrics_logger,
-                   lambda step: {"heldout_accuracy": heldout(step, f"at step {step}")})
+                   lambda step: {"heldout_accuracy": heldout(step, f"at step {step}")}, keep_best)
     summary["train_seconds"] = time.time() - train_start
     if history and "loss" in history[0]:
         summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
     if cfg.save_steps == 0:
         steps.save()
     steps.publish()
+    final = {}
     if evaluate is not None:
-        if history and history[-1]["step"] == total and "eval_loss" in history[-1]:
-            summary.update({k: v for k, v in history[-1].items() if k.startswith("eval_")})
-        else:
-            summary.update(evaluate())
+        evaluated_last = history and history[-1]["step"] == total and any(k.startswith("eval_") for k in history[-1])
+        final = ({k: v for k, v in history[-1].items() if k.startswith("eval_")} if evaluated_last
+                 else evaluate())
+        summary.update(final)
     if job.heldout is not None:
-        summary["heldout_accuracy_after"] = heldout(total, "after")
+        summary["heldout_accuracy_after"] = final["heldout_accuracy"] = heldout(total, "after")
         summary["heldout_curve"] = heldout_curve
+    keep_best(total, final)
+    if cfg.keep_best:
+        summary["best"] = keep_best.best
     if job.report is not None:
         summary.update(job.report(history, summary))
     export(cfg, model, summary, default_job=cfg.train_data is None)

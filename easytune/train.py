@@ -249,6 +249,7 @@ class Trainer:
 
         self._eval = jax.jit(evaluate)
         self.step = 0
+        self.best_manager = None
         self.manager = checkpoint_manager(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
         if not config.resume and self.manager.all_steps():
             raise ValueError(f"{self.manager.directory} already holds checkpoints (steps "
@@ -264,21 +265,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, data_state: dict) -> None:
+    def _model_meta(self) -> dict:
         meta = checkpoint.model_meta(self.model_config, self.model.hf_config, self.model.generation_config)
         if self.adapter is not None:  # the checkpoint's params are the adapter's; the base is referenced
             meta["adapter"] = self.adapter.config.to_dict()
             meta["base_model"] = os.path.abspath(self.model.source) if self.model.source else None
+        return meta
+
+    def save(self, data_state: dict) -> None:
         saved = self.manager.save(self.step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(self.params),
             opt_state=ocp.args.StandardSave(self.opt_state),
             data=ocp.args.JsonSave(data_state),
-            model=ocp.args.JsonSave(meta),
+            model=ocp.args.JsonSave(self._model_meta()),
         ))
         self.manager.wait_until_finished()
         if not saved and self.step not in self.manager.all_steps():
             raise RuntimeError(f"orbax declined to save step {self.step} in {self.manager.directory} "
                                f"(it holds {list(self.manager.all_steps())}).")
+
+    def save_best(self, metric: str, value: float, mode: str) -> None:
+        """Offer the current weights as the best checkpoint by `metric` (`value` now; `mode` max or
+        min): orbax keeps the best one offered, across resumes, in `<output_dir>/best/<step>`."""
+        if self.best_manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m[metric],
+                                                   best_mode=mode, enable_async_checkpointing=False)
+            self.best_manager = ocp.CheckpointManager(
+                os.path.abspath(os.path.join(self.config.output_dir, "best")), options=options,
+                item_handlers={"params": checkpoint.bounded_handler(), "model": ocp.JsonCheckpointHandler()})
+        if self.step in self.best_manager.all_steps():
+            return
+        self.best_manager.save(self.step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(self.params), model=ocp.args.JsonSave(self._model_meta())),
+            metrics={metric: float(value)})
+        self.best_manager.wait_until_finished()
 
     def restore_latest(self) -> dict | None:
         """Restore the newest readable checkpoint; a corrupt one is skipped with a warning.

@@ -1,6 +1,7 @@
 """`python -m easytune.eval`: easytune as an lm-evaluation-harness backend, against lm-eval's own
 `hf` backend (transformers + torch, CPU) on the same local tasks and the same weights."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -209,3 +210,50 @@ def test_ifeval_local_task_same_in_both_backends(tmp_path_factory, task_dir, tmp
                    "inst_level_loose_acc"):
         key = f"{metric},none"
         assert ours["results"]["ifeval_local"][key] == theirs["results"]["ifeval_local"][key]
+
+
+def test_eval_tasks_during_training_and_the_best_checkpoint(tmp_path_factory, task_dir, task_file, tmp_path):
+    """`--eval_tasks` in a trainer: the task figures logged at --eval_steps and in the summary are
+    lm-eval's own results for the model at that point (before training: the starting model; at the
+    end: the trained run, evaluated afresh from its directory by `python -m easytune.eval`'s
+    evaluate). `--keep_best=eval_loss --keep_best_mode=min` keeps the step whose eval loss was the
+    lowest, and `easytune.load(<run>/best)` is that step's checkpoint."""
+    import types
+
+    from conftest import logged, run_config
+
+    import easytune
+    from easytune.eval.__main__ import evaluate
+    from easytune.train_sft import DEFAULTS, run
+    model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_train"), max_position_embeddings=512)
+    out = tmp_path / "run"
+    cfg = run_config(DEFAULTS, {
+        "model": model_dir, "train_data": task_file, "eval_data": task_file, "output_dir": str(out),
+        "logger": "none", "seq_length": 64, "batch_size": 8, "total_steps": 4, "eval_steps": 2, "save_steps": 1,
+        "keep_checkpoints": 0, "optimizer.lr": 3e-3, "eval_tasks": "capitals_text", "eval_include_path": task_dir,
+        "keep_best": "eval_loss", "keep_best_mode": "min"})
+    summary = run(cfg)
+
+    def lm_eval_figure(path):
+        args = types.SimpleNamespace(model=str(path), adapter=None, dtype=None, mesh_dim="1,-1,1",
+                                     tasks="capitals_text", num_fewshot=None, limit=None, batch_size=8,
+                                     max_gen_toks=256, include_path=task_dir, log_samples=False,
+                                     apply_chat_template=False,
+                                     fewshot_as_multiturn=False, seed=0)
+        return evaluate(args)["results"]["capitals_text"]["word_perplexity,none"]
+
+    name = "eval_capitals_text/word_perplexity"
+    history = logged(out)
+    evaluated = {h["step"]: h for h in history if name in h}
+    assert sorted(evaluated) == [2, 4] and all("eval_loss" in h for h in evaluated.values())
+    assert summary[f"{name}_before"] == pytest.approx(lm_eval_figure(model_dir), rel=1e-5)
+    assert summary[name] == evaluated[4][name] == pytest.approx(lm_eval_figure(out), rel=1e-5)
+    assert summary[name] != summary[f"{name}_before"]  # the trained model was evaluated, not the start
+
+    best_step = min(evaluated, key=lambda s: evaluated[s]["eval_loss"])
+    assert summary["best"] == {"metric": "eval_loss", "value": evaluated[best_step]["eval_loss"], "step": best_step}
+    assert sorted(os.listdir(out / "best")) == [str(best_step)]
+    tokens = [[1, 5, 9, 13, 2]]
+    np.testing.assert_array_equal(np.asarray(easytune.load(str(out / "best"))(tokens)),
+                                  np.asarray(easytune.load(str(out / "checkpoints" / str(best_step)))(tokens)))
+    json.dumps(summary, allow_nan=False)

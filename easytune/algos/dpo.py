@@ -282,7 +282,7 @@ class DPORecipe(recipe.Recipe):
     copy of the initial weights (--peft=none), or log-probs precomputed in one pass."""
 
     name = "preference optimization"
-    flag_groups = ("data", "lm_head", "peft")
+    flag_groups = ("data", "lm_head", "peft", "lm_eval")
     adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
     defaults = {
         "output_dir": "outputs/dpo",

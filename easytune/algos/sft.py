@@ -55,7 +55,7 @@ class SFTRecipe(recipe.Recipe):
     before and after."""
 
     name = "SFT"
-    flag_groups = ("data", "lm_head", "peft")
+    flag_groups = ("data", "lm_head", "peft", "lm_eval")
     adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
     encoder_decoder = True
     defaults = {

@@ -101,7 +101,7 @@ class RLRecipe(recipe.Recipe):
     function or reward model; each driver step is one iteration (`RLSteps`)."""
 
     name = "RL"
-    flag_groups = ("lm_head", "peft")
+    flag_groups = ("lm_head", "peft", "lm_eval")
     adapters = ("lora", "qlora", "dora")
     defaults = {
         "output_dir": "outputs/ppo",
@@ -135,11 +135,13 @@ class RLRecipe(recipe.Recipe):
         "normalize_advantages": False,
         "optimizer": {"schedule": "constant", "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
         "heldout_steps": 0,
+        "eval_steps": 0,
         "tasks": {"num_train": 512, "num_heldout": 90, "names": "count,subtract", "shots": 2},
         "peft": "lora",
         "lora": {"dropout": 0.0},  # PPO's ratio needs the rollout's forward in training
     }
     docs = {
+    "eval_steps": "run --eval_tasks every N iterations (0 = only at the end)",
     "model": "the policy: HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: "
              "bundled SmolLM2-135M-Instruct)",
     "algo": "ppo (critic, GAE, KL in the reward), grpo (group-relative baseline) or rloo (leave-one-out baseline)",

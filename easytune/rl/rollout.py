@@ -310,6 +310,10 @@ class RLSteps:
         self.kl.value = float(state["kl_coef"])
         return True
 
+    def save_best(self, metric: str, value: float, mode: str) -> None:
+        """The policy (the critic is not needed to use it) as the best by `metric`."""
+        self.policy.save_best(metric, value, mode)
+
     def publish(self) -> None:
         """Hand the trained policy back to the model handle (generation, eval, export)."""
         self.policy.publish()
