@@ -16,9 +16,10 @@ def task_dir(tmp_path_factory):
     return write_local_tasks(tmp_path_factory.mktemp("lm_eval_tasks"))
 
 
-def run_hf(model_dir, task_dir, tasks, **kwargs):
+def run_hf(model_dir, task_dir, tasks, model_args_extra="", **kwargs):
     from lm_eval.tasks import TaskManager
-    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=tasks,
+    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32{model_args_extra}",
+                                   tasks=tasks,
                                    task_manager=TaskManager(include_path=task_dir), log_samples=True, batch_size=4,
                                    device="cpu", **kwargs)
 
@@ -257,3 +258,36 @@ def test_eval_tasks_during_training_and_the_best_checkpoint(tmp_path_factory, ta
     np.testing.assert_array_equal(np.asarray(easytune.load(str(out / "best"))(tokens)),
                                   np.asarray(easytune.load(str(out / "checkpoints" / str(best_step)))(tokens)))
     json.dumps(summary, allow_nan=False)
+
+
+def test_an_adapter_and_the_chat_template_as_lm_eval_hf_with_peft(tmp_path_factory, task_dir, tmp_path):
+    """`--adapter` (a peft LoRA directory) and `--apply_chat_template`: the loglikelihoods equal lm-eval's
+    hf backend given the same adapter (`peft=`) and the same flag; an adapter made for another base
+    is one sentence naming it."""
+    import peft
+    import torch
+    import transformers
+    model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_base"), max_position_embeddings=512)
+    torch.manual_seed(1)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    adapter_dir = str(tmp_path / "adapter")
+    lora.save_pretrained(adapter_dir)
+    theirs = run_hf(model_dir, task_dir, ["capitals_mc"], apply_chat_template=True, limit=4,
+                    model_args_extra=f",peft={adapter_dir}")
+    ours = run_easytune(model_dir, task_dir, ["capitals_mc"], tmp_path / "out",
+                        extra=["--adapter", adapter_dir, "--apply_chat_template", "--limit", "4"])
+    plain = run_easytune(model_dir, task_dir, ["capitals_mc"], tmp_path / "plain", extra=["--limit", "4"])
+    a, b = loglikelihoods(ours, "capitals_mc"), loglikelihoods(theirs, "capitals_mc")
+    assert len(a) == len(b) == 16
+    assert max(abs(x - y) for (x, _), (y, _) in zip(a, b)) <= 1e-4
+    assert max(abs(x - y) for (x, _), (y, _) in zip(a, loglikelihoods(plain, "capitals_mc"))) > 1e-3
+
+    other = make_chat_model(tmp_path_factory.mktemp("tiny_eval_other"), max_position_embeddings=512, hidden_size=32,
+                            intermediate_size=64)
+    from easytune.eval.__main__ import main
+    with pytest.raises(ValueError, match="adapter") as excinfo:
+        main(["--model", other, "--adapter", adapter_dir, "--tasks", "capitals_mc", "--include_path", task_dir])
+    print(excinfo.value)
+    assert len(str(excinfo.value).splitlines()) == 1
