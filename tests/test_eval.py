@@ -291,3 +291,23 @@ def test_an_adapter_and_the_chat_template_as_lm_eval_hf_with_peft(tmp_path_facto
         main(["--model", other, "--adapter", adapter_dir, "--tasks", "capitals_mc", "--include_path", task_dir])
     print(excinfo.value)
     assert len(str(excinfo.value).splitlines()) == 1
+
+
+def test_pass_at_k_task_samples_and_scores_each_question_n_times(task_dir, tmp_path):
+    """`tasks_pass_at_k` (lm-eval `repeats: 4`, sampling at temperature 1) on SmolLM2: each question
+    gets 4 sampled answers (not all alike), and the task's pass@1 and pass@4 are Chen et al.'s
+    estimator over them, recomputed here with math.comb from the logged samples."""
+    from math import comb
+
+    from easytune import assets
+    from easytune.data import exact_match
+    results = run_easytune(assets.smollm2_hf_dir(), task_dir, ["tasks_pass_at_k"], tmp_path / "out")
+    samples = sorted(results["samples"]["tasks_pass_at_k"], key=lambda s: s["doc_id"])
+    answers = [s["resps"][0] for s in samples]  # one request per question, its 4 repeats
+    assert len(answers) == 12 and all(len(a) == 4 for a in answers)
+    assert any(len(set(a)) > 1 for a in answers), answers  # sampled, not greedy
+    correct = [sum(exact_match(text, s["doc"]["answer"]) for text in a) for s, a in zip(samples, answers)]
+    for k in (1, 4):
+        expected = np.mean([1 - comb(4 - c, k) / comb(4, k) for c in correct])
+        assert results["results"]["tasks_pass_at_k"][f"pass@{k},none"] == pytest.approx(expected, abs=1e-12)
+    print("correct of 4 per question:", correct)

@@ -23,7 +23,8 @@ def write_local_tasks(directory) -> str:
     """Write the local lm-eval tasks (YAML + JSONL, absolute data paths) into `directory` and return
     it for `--include_path`: `capitals_mc` (multiple choice: loglikelihood), `tasks_gen` (easytune's
     verifiable tasks, exact match: generate_until), `capitals_text` (perplexity:
-    loglikelihood_rolling) and `ifeval_local` (IFEval instruction checks, `write_ifeval_task`)."""
+    loglikelihood_rolling), `ifeval_local` (IFEval instruction checks, `write_ifeval_task`) and
+    `tasks_pass_at_k` (pass@k of sampled answers, `write_pass_at_k_task`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(0)
@@ -55,6 +56,34 @@ def write_local_tasks(directory) -> str:
         "output_type: loglikelihood_rolling\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n"
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
     write_ifeval_task(directory)
+    write_pass_at_k_task(directory)
+    return str(directory)
+
+
+def write_pass_at_k_task(directory, samples: int = 4, temperature: float = 0.7) -> str:
+    """`tasks_pass_at_k`: easytune's count and subtract tasks (the ones SmolLM2 sometimes answers
+    exactly), 3-shot from the same file, each question sampled `samples` times at `temperature`
+    (lm-eval's `repeats`), scored pass@1 and pass@<samples> by
+    `easytune.eval.verifiers.pass_at_k_figures`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = data.make_task_records(12, seed=5, tasks=("count", "subtract"))
+    rows = [{"question": r["messages"][0]["content"], "answer": r["answer"]} for r in records]
+    (directory / "tasks_pass_at_k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "tasks_pass_at_k_utils.py").write_text(
+        "from easytune.eval.verifiers import pass_at_k_figures as process_results  # noqa: F401\n")
+    (directory / "tasks_pass_at_k.yaml").write_text(
+        f"task: tasks_pass_at_k\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory}/tasks_pass_at_k.jsonl\noutput_type: generate_until\nrepeats: {samples}\n"
+        "fewshot_split: test\nnum_fewshot: 3\nfewshot_config:\n  sampler: first_n\n"
+        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: answer\n'
+        'generation_kwargs:\n  until: ["\\n", "Q:"]\n  max_gen_toks: 12\n  do_sample: true\n'
+        f"  temperature: {temperature}\n"
+        # lm-eval's default filter keeps the first of the repeats; pass@k scores all of them
+        f"filter_list:\n  - name: none\n    filter:\n      - function: take_first_k\n        k: {samples}\n"
+        "process_results: !function tasks_pass_at_k_utils.process_results\nmetric_list:\n"
+        f"  - metric: pass@1\n    aggregation: mean\n    higher_is_better: true\n"
+        f"  - metric: pass@{samples}\n    aggregation: mean\n    higher_is_better: true\n")
     return str(directory)
 
 

@@ -49,6 +49,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def pass_at_k_figures(doc: dict, results: Sequence[str]) -> dict[str, float]:
+    """lm-eval `process_results` of a task sampled n times per question (`repeats: n`): pass@1 and
+    pass@n of exact match against `doc["answer"]` (easytune's task check)."""
+    from easytune.data import exact_match
+    if len(results) == 1 and isinstance(results[0], (list, tuple)):  # a filter that keeps the repeats: one list
+        results = results[0]
+    n = len(results)
+    correct = sum(exact_match(text, str(doc["answer"])) for text in results)
+    return {"pass@1": pass_at_k(n, correct, 1), f"pass@{n}": pass_at_k(n, correct, n)}
+
+
 def _check_instructions(instruction_ids: Sequence[str]) -> None:
     from lm_eval.tasks.ifeval import instructions_registry
     unknown = [i for i in instruction_ids if i not in instructions_registry.INSTRUCTION_DICT]
