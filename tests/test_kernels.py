@@ -307,22 +307,19 @@ def test_model_forward_and_train_step_match_xla(request, family, attention):
     attention='xla' on one device. Gemma 2: the soft-cap and the attention scale inside the kernel,
     and sliding and global layers as the two branches of the per-layer switch."""
     directory = request.getfixturevalue(f"{family}_dir")
-    from ml_collections import ConfigDict
-
     from easytune import train
     from easytune.algos import sft
-    from easytune.train_sft import DEFAULTS
 
     rows = packed_rows(np.random.RandomState(0), 4, 48, 128)
     xla = load(directory, "xla")
     pallas = easytune.load(directory, tokenizer=False, mesh_dim="2,2,2", attention=attention)
-    optimizer, _ = train.make_optimizer(ConfigDict(DEFAULTS).optimizer, total_steps=10)
+    optimizer, _ = train.make_optimizer(train.OptimizerConfig(), total_steps=10)
     forward = jax.jit(decoder.forward, static_argnums=0, compiler_options=FAST_COMPILE)
     results = []
     for model in (xla, pallas):
         batch = {k: jax.device_put(v, sharding.batch_sharding(model.mesh)) for k, v in rows.items()}
         # one SFT train step: the loop's own step function (loss, grads, clipping, AdamW)
-        step = train.build_train_step(model.config, sft.loss_sums, optimizer, "mean", grad_accum_steps=1)
+        step = train.build_train_step(model.config, sft.LOSS, optimizer, "mean", grad_accum_steps=1)
         with jax.set_mesh(model.mesh):
             logits = forward(model.config, model.params, batch["input_ids"], batch["positions"], batch["segment_ids"])
             params, _, metrics = jax.jit(step, compiler_options=FAST_COMPILE)(

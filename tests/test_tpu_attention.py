@@ -58,7 +58,7 @@ def test_values_and_gradients_match_the_xla_reference(case):
 def sft_step(model, optimizer):
     from easytune import train
     from easytune.algos import sft
-    return train.build_train_step(model.config, sft.loss_sums, optimizer, "mean", grad_accum_steps=1)
+    return train.build_train_step(model.config, sft.LOSS, optimizer, "mean", grad_accum_steps=1)
 
 
 # (the model forward and one SFT step with attention='splash' on a 2x2x2 mesh against xla:
@@ -69,12 +69,9 @@ def test_train_step_exports_for_tpu(mistral_dir):  # noqa: F811
     """Without a TPU: the whole SFT train step with attention='splash' on a 2x2x2 mesh lowers for
     TPU (`jax.export(platforms=['tpu'])`), with splash's forward, dQ and dK/dV kernels as Mosaic
     custom calls in it; the same step with attention='xla' has none."""
-    from ml_collections import ConfigDict
-
     from easytune import train
-    from easytune.train_sft import DEFAULTS
 
-    optimizer, _ = train.make_optimizer(ConfigDict(DEFAULTS).optimizer, total_steps=10)
+    optimizer, _ = train.make_optimizer(train.OptimizerConfig(), total_steps=10)
     rows = packed_rows(np.random.RandomState(0), 4, 256, 128)
     modules = {}
     for attention in ("splash", "xla"):
