@@ -116,6 +116,8 @@ SHARED_DEFAULTS = {
     "keep_best": None,
     "keep_best_mode": "max",
     "logger": "tensorboard",
+    "resume_override": "",
+    "debug": False,
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
 }
 
@@ -154,6 +156,9 @@ SHARED_DOCS = {
                  "easytune.load(<output_dir>/best)",
     "keep_best_mode": "max or min: which end of --keep_best is best",
     "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
+    "resume_override": "comma-separated flags that --resume may change although they change what the run computes "
+                       "(total_steps, batch_size, optimizer.lr, train_data, ...); without it such a change is refused",
+    "debug": "show the traceback of an error (also EASYTUNE_DEBUG=1); without it an error is one sentence",
     "jax_distributed.coordinator_address": "host:port of process 0 (multi-host; auto-detected on TPU pods and SLURM)",
     "jax_distributed.num_processes": "number of processes (0 = auto)",
     "jax_distributed.process_id": "this process's index (-1 = auto)",

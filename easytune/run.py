@@ -23,11 +23,13 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Callable
 
 from absl import flags
 
+from easytune import run_dir
 from easytune.recipe import Context, Job, Recipe
 
 logger = logging.getLogger("easytune")
@@ -79,16 +81,46 @@ class BatchSteps:
 
 # ----------------------------------------------------------------------------- pieces
 
-def start(cfg) -> bool:
-    """Initialize jax.distributed from `--jax_distributed.*` and create the output directory;
-    returns whether this is process 0."""
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops without saving or exporting that state."""
+
+
+def start(cfg) -> tuple[bool, run_dir.RunLock]:
+    """Initialize jax.distributed from `--jax_distributed.*`, check that the output directory may
+    be written (`run_dir.check_start`) and take its lock (process 0); returns whether this is
+    process 0 and the lock."""
     from easytune import distributed
     dist = cfg.jax_distributed
     distributed.initialize(dist.coordinator_address or None, dist.num_processes or None,
                            dist.process_id if dist.process_id >= 0 else None)
     import jax
+    is_main = jax.process_index() == 0
+    run_dir.check_start(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    return jax.process_index() == 0
+    lock = run_dir.RunLock(cfg.output_dir, enabled=is_main)
+    lock.acquire()
+    return is_main, lock
+
+
+def check_finite(record: dict, step: int, last_finite: int, cfg) -> None:
+    """Raise `Diverged` when a step's loss or gradient norm is not finite."""
+    for name, value in record.items():
+        if (name == "loss" or name.endswith(("/loss", "grad_norm"))) and not math.isfinite(value):
+            raise Diverged(f"training diverged: {name} is {value} at step {step} (finite at step {last_finite}); "
+                           f"nothing from the diverged state was saved or exported. Lower --optimizer.lr (now "
+                           f"{cfg.optimizer.lr:g}), warm up longer (--optimizer.warmup_steps), keep "
+                           f"--optimizer.clip_grad_norm on, or compute in float32 (--dtype).")
+
+
+def strict_json(value):
+    """`value` with non-finite floats as None (JSON has no NaN; strict parsers reject it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def load_model(cfg, head_chunk_size: int | None = None, **options):
@@ -186,6 +218,7 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
     peak_flops = logging_utils.peak_flops_per_device()
     progress = logging_utils.ProgressBar(total, initial=steps.step)
     history = []
+    last_finite = steps.step
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     while steps.step < total:
         step_start = time.perf_counter()
@@ -197,9 +230,15 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
         eval_now = evaluate is not None and cfg.get("eval_steps", 0) > 0 and step % cfg.eval_steps == 0
         heldout_now = job.heldout is not None and job.heldout_every > 0 and step % job.heldout_every == 0 \
             and step < total
+        save_now = cfg.save_steps > 0 and (step % cfg.save_steps == 0 or step == total)
+        if save_now and not (log_now or eval_now or heldout_now):  # never save a diverged state
+            check_finite(_host_floats(metrics), step, last_finite, cfg)
+            last_finite = step
         if log_now or eval_now or heldout_now:
             elapsed = time.perf_counter() - window_start
             record = {"step": step, **_host_floats(metrics)}
+            check_finite(record, step, last_finite, cfg)
+            last_finite = step
             learning_rate = steps.learning_rate()
             if learning_rate is not None:
                 record["learning_rate"] = learning_rate
@@ -220,7 +259,7 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
             metrics_logger.log(step, {k: v for k, v in record.items() if k != "step"})
             progress.update(step, {**record, "loss": record.get(job.progress)})
             window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        if cfg.save_steps > 0 and (step % cfg.save_steps == 0 or step == total):
+        if save_now:
             steps.save()
             window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
     progress.close()
@@ -279,10 +318,17 @@ class best_keeper:
 
 def run(recipe: Recipe, cfg) -> dict:
     """Run `recipe` as the flags `cfg` say; returns the summary (also <output_dir>/summary.json)."""
+    started = time.time()
+    is_main, lock = start(cfg)
+    try:
+        return _run(recipe, cfg, is_main, started)
+    finally:
+        lock.release()
+
+
+def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
     from easytune import adapters, data, logging_utils
 
-    started = time.time()
-    is_main = start(cfg)
     if cfg.log_steps < 1:
         raise ValueError(f"--log_steps must be >= 1, got {cfg.log_steps}.")
     recipe.validate(cfg)
@@ -375,14 +421,17 @@ def run(recipe: Recipe, cfg) -> dict:
     summary["wall_seconds"] = time.time() - started
     if is_main:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(strict_json(summary), f, indent=2, allow_nan=False)
         print(json.dumps(summary, indent=2))
     return summary
 
 
 def entry_point(recipe: Recipe):
     """`(DEFAULTS, DOCS, run, main)` of a `python -m easytune.train_*` module: its flags are
-    defined (absl) when this is called, `run(cfg)` runs the recipe, `main` is absl's."""
+    defined (absl) when this is called, `run(cfg)` runs the recipe, `main` is absl's (launch it
+    with `launch(main)`). A user's error (flags, data, paths; a diverged run) ends the process with
+    one sentence on stderr and exit status 2 (3 for divergence); --debug (or EASYTUNE_DEBUG=1)
+    shows the traceback."""
     from absl import app
 
     from easytune import config as config_lib
@@ -398,6 +447,26 @@ def entry_point(recipe: Recipe):
             raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value.")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-        run_recipe(config_lib.read_config(defaults))
+        debug = flags.FLAGS["debug"].value or os.environ.get("EASYTUNE_DEBUG", "") not in ("", "0")
+        try:
+            run_recipe(config_lib.read_config(defaults))
+        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, Diverged) as error:
+            if debug:
+                raise
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"easytune: error: {message}", file=sys.stderr)
+            sys.exit(3 if isinstance(error, Diverged) else 2)
 
     return defaults, docs, run_recipe, main
+
+
+def launch(main) -> None:
+    """`absl.app.run(main)`, with --help (which absl ends with status 1) exiting 0."""
+    from absl import app
+    try:
+        app.run(main)
+    except SystemExit as exit_:
+        asked_for_help = any(a in ("--help", "-h", "-?", "--helpfull", "--helpshort") for a in sys.argv[1:])
+        if asked_for_help and exit_.code == 1:
+            sys.exit(0)
+        raise

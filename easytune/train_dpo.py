@@ -16,7 +16,6 @@ preference pairs built from verifiable tasks (chosen = the exact answer, rejecte
 own wrong greedy answer, or a perturbed one), with held-out exact-match accuracy before and after.
 Every flag: `python -m easytune.train_dpo --help`. The recipe: `easytune.algos.dpo.DPORecipe`.
 """
-from absl import app
 
 from easytune import run as driver
 from easytune.algos.dpo import RECIPE
@@ -24,4 +23,4 @@ from easytune.algos.dpo import RECIPE
 DEFAULTS, DOCS, run, main = driver.entry_point(RECIPE)
 
 if __name__ == "__main__":
-    app.run(main)
+    driver.launch(main)

@@ -20,7 +20,6 @@ objective/entropy, policy/clipfrac, policy/approxkl, value/loss, value/explained
 response/length_mean, time/generation vs time/train, ...), checkpoints/ (the policy) and
 value/checkpoints/ (the critic), summary.json.
 """
-from absl import app
 
 from easytune import run as driver
 from easytune.rl.recipe import RECIPE, make_scorer  # noqa: F401 (make_scorer: this module's API too)
@@ -28,4 +27,4 @@ from easytune.rl.recipe import RECIPE, make_scorer  # noqa: F401 (make_scorer: t
 DEFAULTS, DOCS, run, main = driver.entry_point(RECIPE)
 
 if __name__ == "__main__":
-    app.run(main)
+    driver.launch(main)

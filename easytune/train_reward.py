@@ -14,7 +14,6 @@ pairs from verifiable tasks (as train_dpo's default job), with held-out pairwise
 and after. Every flag: `python -m easytune.train_reward --help`. The recipe:
 `easytune.algos.reward.RewardRecipe`.
 """
-from absl import app
 
 from easytune import run as driver
 from easytune.algos.reward import RECIPE
@@ -22,4 +21,4 @@ from easytune.algos.reward import RECIPE
 DEFAULTS, DOCS, run, main = driver.entry_point(RECIPE)
 
 if __name__ == "__main__":
-    app.run(main)
+    driver.launch(main)

@@ -8,7 +8,6 @@ Encoder-decoder models (T5) train on `{"input": ..., "target": ...}` records (`-
 the fields) with the seq2seq loss: `--seq_length` is the encoder's row length and
 `--seq2seq.target_length` the decoder's. The recipe: `easytune.algos.sft.SFTRecipe`.
 """
-from absl import app
 
 from easytune import run as driver
 from easytune.algos.sft import RECIPE
@@ -16,4 +15,4 @@ from easytune.algos.sft import RECIPE
 DEFAULTS, DOCS, run, main = driver.entry_point(RECIPE)
 
 if __name__ == "__main__":
-    app.run(main)
+    driver.launch(main)

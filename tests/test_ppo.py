@@ -96,7 +96,8 @@ def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_mo
     run(make_cfg(char_chat_model, prompt_file, straight, iterations=2, **common))
     resumed = tmp_path / "resumed"
     run(make_cfg(char_chat_model, prompt_file, resumed, iterations=1, **common))
-    run(make_cfg(char_chat_model, prompt_file, resumed, iterations=2, resume=True, **common))
+    run(make_cfg(char_chat_model, prompt_file, resumed, iterations=2, resume=True, resume_override="iterations",
+                 **common))
     a, b = logged(straight), logged(resumed)
     assert [h["step"] for h in b] == [1, 2]
     for name in ("reward/mean", "objective/kl", "policy/loss", "value/loss", "policy/clipfrac",

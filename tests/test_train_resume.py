@@ -73,10 +73,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, t
 
     # resuming with settings that do not match the checkpoints is an error, not a silent restart
     result = subprocess.run(train_command(tiny_chat_model, task_file, out, "--total_steps=14", "--resume",
-                                          "--optimizer.clip_grad_norm=0"), env=ENV, capture_output=True, text=True)
+                                          "--optimizer.clip_grad_norm=0",
+                                          "--resume_override=total_steps,optimizer.clip_grad_norm"),
+                            env=ENV, capture_output=True, text=True)
     assert result.returncode != 0 and "can be restored into this run's model and optimizer" in result.stderr
     result = subprocess.run(train_command(tiny_chat_model, task_file, out, "--total_steps=14", "--resume",
-                                          "--batch_size=4"), env=ENV, capture_output=True, text=True)
+                                          "--batch_size=4", "--resume_override=total_steps,batch_size"),
+                            env=ENV, capture_output=True, text=True)
     assert result.returncode != 0 and "checkpoint was written with batch_size=8" in result.stderr
 
 
