@@ -363,12 +363,12 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         evaluate = combine_evaluations(evaluate, task_evaluator(model, cfg), steps)
     keep_best = best_keeper(cfg, steps, evaluate is not None or job.heldout is not None)
     summary["total_steps"] = total
-    if is_main:
+    if cfg.resume:
+        steps.restore()
+    if is_main:  # after a resume is known to work: a refused one leaves the run's files as they were
         model.tokenizer.save_pretrained(cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-    if cfg.resume:
-        steps.restore()
     logging_utils.truncate_metrics(cfg.output_dir, steps.step)  # before the logger opens the file
     metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
     if model.adapter is not None:
