@@ -79,7 +79,10 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- optimizer
 
 def make_schedule(opt, total_steps: int) -> optax.Schedule:
-    """Warmup (steps or ratio of total) to `opt.lr`, then cosine, linear or constant to lr * min_lr_ratio."""
+    """Warmup (steps or ratio of total) to `opt.lr`, then cosine, linear or constant to lr * min_lr_ratio.
+
+    Warmup step i (0-based) uses lr * (i + 1) / (warmup + 1): no step is spent at learning rate 0
+    (transformers' linear warmup starts at 0, which wastes the first update)."""
     warmup = opt.warmup_steps if opt.warmup_steps > 0 else int(round(opt.warmup_ratio * total_steps))
     warmup = min(warmup, max(total_steps - 1, 0))
     peak, end = opt.lr, opt.lr * opt.min_lr_ratio
@@ -94,7 +97,7 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
         raise ValueError(f"unknown --optimizer.schedule {opt.schedule!r}; use cosine, linear or constant.")
     if warmup == 0:
         return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+    return optax.join_schedules([optax.linear_schedule(peak / (warmup + 1), peak, warmup), decay], [warmup])
 
 
 DECAYED = ("kernel", "embedding", "lora_a", "lora_b", "w_ih", "w_hh")

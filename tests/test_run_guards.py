@@ -112,3 +112,9 @@ def test_user_errors_are_one_sentence_and_help_exits_zero(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "easytune.train_dpo", "--help"], env=ENV, cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert help_.returncode == 0 and "--resume_override" in help_.stdout
+
+
+def test_warmup_spends_no_step_at_learning_rate_zero():
+    from easytune import train
+    schedule = train.make_schedule(train.OptimizerConfig(lr=1.0, warmup_steps=3, schedule="constant"), 10)
+    assert [float(schedule(i)) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
