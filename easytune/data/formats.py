@@ -49,10 +49,26 @@ def load_located_records(source: str, split: str = "train") -> list[tuple[dict, 
     return [(record, f"{source} record {i}") for i, record in enumerate(_load_hub_dataset(source, split), start=1)]
 
 
+def _decode(raw: bytes, path: str, line_number: int | None = None) -> str:
+    """UTF-8 text of `raw` (a BOM dropped); a file in another encoding is an error naming the
+    line and the byte, where a bare UnicodeDecodeError would give an offset into a read buffer."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if line_number is None:  # a whole file: the line is the newlines before the bad byte
+            line_number = raw.count(b"\n", 0, e.start) + 1
+            column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        else:
+            column = e.start + 1
+        raise ValueError(f"{path} line {line_number}: not UTF-8 (byte {column} of the line is 0x{raw[e.start]:02x}); "
+                         f"save the file as UTF-8.") from None
+
+
 def _read_jsonl(path: str) -> list[tuple[dict, str]]:
     records = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            line = _decode(raw, path, line_number)
             if not line.strip():
                 continue  # blank lines (a trailing newline, a separator) are not records
             try:
@@ -65,8 +81,8 @@ def _read_jsonl(path: str) -> list[tuple[dict, str]]:
 
 
 def _read_json(path: str) -> list[tuple[dict, str]]:
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path)
     if not text.strip():
         return []
     try:

@@ -109,3 +109,20 @@ def test_empty_file_has_no_records(tmp_path, tokenizer):
     assert load_records(str(path)) == []
     with pytest.raises(ValueError, match=r"^empty\.jsonl has no records\.$"):
         tokenize_records([], tokenizer, None, seq_length=32, source_name="empty.jsonl")
+
+
+def test_non_utf8_data_names_the_file_line_and_byte(tmp_path):
+    good = json.dumps({"text": "fine"}).encode() + b"\n"
+    bad = '{"text": "café"}'.encode("latin-1") + b"\n"
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_bytes(b"\n\n\n" + good + bad)  # blank lines count: errors name the file's own lines
+    with pytest.raises(ValueError, match=r"train.jsonl line 5: not UTF-8 \(byte 14 of the line is 0xe9\); save "
+                                         r"the file as UTF-8"):
+        load_records(str(jsonl))
+    whole = tmp_path / "train.json"
+    whole.write_bytes(b"[\n" + good.rstrip() + b",\n" + bad.rstrip() + b"\n]\n")
+    with pytest.raises(ValueError, match=r"train.json line 3: not UTF-8 \(byte 14 of the line is 0xe9\)"):
+        load_records(str(whole))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good)
+    assert load_records(str(bom)) == [{"text": "fine"}]
