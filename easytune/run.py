@@ -85,16 +85,20 @@ class Diverged(RuntimeError):
     """A non-finite loss or gradient norm: the run stops without saving or exporting that state."""
 
 
-def start(cfg) -> tuple[bool, run_dir.RunLock]:
-    """Initialize jax.distributed from `--jax_distributed.*`, check that the output directory may
-    be written (`run_dir.check_start`) and take its lock (process 0); returns whether this is
-    process 0 and the lock."""
+def start(recipe: Recipe, cfg) -> tuple[bool, run_dir.RunLock]:
+    """Initialize jax.distributed from `--jax_distributed.*`, check the recipe's flags, check that
+    the output directory may be written (`run_dir.check_start`, after the recipe has completed
+    its flags, so a resume compares what the saved run used) and take its lock (process 0);
+    returns whether this is process 0 and the lock."""
     from easytune import distributed
     dist = cfg.jax_distributed
     distributed.initialize(dist.coordinator_address or None, dist.num_processes or None,
                            dist.process_id if dist.process_id >= 0 else None)
     import jax
     is_main = jax.process_index() == 0
+    if cfg.log_steps < 1:
+        raise ValueError(f"--log_steps must be >= 1, got {cfg.log_steps}.")
+    recipe.validate(cfg)
     run_dir.check_start(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     lock = run_dir.RunLock(cfg.output_dir, enabled=is_main)
@@ -319,7 +323,7 @@ class best_keeper:
 def run(recipe: Recipe, cfg) -> dict:
     """Run `recipe` as the flags `cfg` say; returns the summary (also <output_dir>/summary.json)."""
     started = time.time()
-    is_main, lock = start(cfg)
+    is_main, lock = start(recipe, cfg)
     try:
         return _run(recipe, cfg, is_main, started)
     finally:
@@ -329,9 +333,6 @@ def run(recipe: Recipe, cfg) -> dict:
 def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
     from easytune import adapters, data, logging_utils
 
-    if cfg.log_steps < 1:
-        raise ValueError(f"--log_steps must be >= 1, got {cfg.log_steps}.")
-    recipe.validate(cfg)
     model = load_model(cfg)
     recipe.check_model(cfg, model)
     template = None

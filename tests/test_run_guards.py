@@ -118,3 +118,23 @@ def test_warmup_spends_no_step_at_learning_rate_zero():
     from easytune import train
     schedule = train.make_schedule(train.OptimizerConfig(lr=1.0, warmup_steps=3, schedule="constant"), 10)
     assert [float(schedule(i)) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_resume_compares_the_flags_as_the_recipe_completed_them(tmp_path):
+    """RL's default job fills in --reward_fn; the saved config holds the filled value, so a resume
+    of that job must be compared after the recipe's own validation, not refused for it."""
+    from easytune.rl.recipe import RECIPE
+    from easytune.train_ppo import DEFAULTS as RL_DEFAULTS
+    saved = run_config(RL_DEFAULTS, {"output_dir": str(tmp_path), "logger": "none"})
+    RECIPE.validate(saved)
+    assert saved.reward_fn == "easytune.rewards:exact_match"
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    resumed = run_config(RL_DEFAULTS, {"output_dir": str(tmp_path), "logger": "none", "resume": True})
+    is_main, lock = driver.start(RECIPE, resumed)
+    assert is_main and lock.held
+    lock.release()
+    changed = run_config(RL_DEFAULTS, {"output_dir": str(tmp_path), "logger": "none", "resume": True,
+                                       "iterations": 40})
+    with pytest.raises(ValueError, match=r"different settings \(--iterations=20 -> 40\)"):
+        driver.start(RECIPE, changed)
