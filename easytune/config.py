@@ -14,11 +14,12 @@ from absl import flags
 from ml_collections import ConfigDict
 
 
-def _leaves(tree: Mapping, prefix: str = ""):
+def leaves(tree: Mapping, prefix: str = ""):
+    """`(dotted name, value)` of every leaf of a nested mapping."""
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            yield from _leaves(value, name + ".")
+            yield from leaves(value, name + ".")
         else:
             yield name, value
 
@@ -35,7 +36,7 @@ def define_flags(defaults: Mapping, docs: Mapping[str, str], flag_values=flags.F
     if "config" not in flag_values:
         flags.DEFINE_string("config", None, "preset file (python, get_config() -> overrides); "
                             "command-line flags override it", flag_values=flag_values)
-    for name, value in _leaves(defaults):
+    for name, value in leaves(defaults):
         doc = docs.get(name, "")
         if name not in docs:
             raise ValueError(f"flag {name!r} has no documentation; add it to the docs table.")
@@ -73,9 +74,9 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 def read_config(defaults: Mapping, flag_values=flags.FLAGS) -> ConfigDict:
     """The merged configuration after absl has parsed the command line."""
     tree = ConfigDict(dict(defaults)).to_dict()
-    known = dict(_leaves(defaults))
+    known = dict(leaves(defaults))
     if flag_values["config"].value:
-        for name, value in _leaves(_load_preset(flag_values["config"].value)):
+        for name, value in leaves(_load_preset(flag_values["config"].value)):
             if name not in known:
                 raise ValueError(f"preset {flag_values['config'].value} sets unknown field {name!r}.")
             _set(tree, name, value)

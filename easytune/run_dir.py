@@ -18,6 +18,8 @@ import os
 import socket
 import time
 
+from easytune import config
+
 logger = logging.getLogger("easytune")
 LOCK_FILE = ".easytune.lock"
 
@@ -30,16 +32,6 @@ RESUMABLE_CHANGES = {
     "eval_max_gen_toks", "eval_apply_chat_template", "keep_best", "keep_best_mode", "config",
 }
 RESUMABLE_PREFIXES = ("jax_distributed.",)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def saved_config(output_dir: str) -> dict | None:
@@ -71,7 +63,7 @@ def check_start(cfg) -> None:
     if previous is None or not steps:
         return  # nothing saved yet: a fresh start
     allowed = {name.strip() for name in str(cfg.get("resume_override") or "").split(",") if name.strip()}
-    old, new = flatten(previous), flatten(cfg.to_dict())
+    old, new = dict(config.leaves(previous)), dict(config.leaves(cfg.to_dict()))
     changed = sorted(name for name in set(old) | set(new)
                      if old.get(name) != new.get(name) and name not in RESUMABLE_CHANGES
                      and not name.startswith(RESUMABLE_PREFIXES) and name not in allowed)

@@ -55,20 +55,27 @@ def check_task_files(folder: str) -> None:
             raise ValueError(f"task file {path} does not parse ({type(error).__name__}: {first}).") from None
 
 
-def evaluate(args) -> dict:
-    """lm-eval's `simple_evaluate` over an `EasytuneLM`; returns its results dict."""
-    import lm_eval
+def resolve_tasks(names: str, include_path: str | None, flag: str = "--include_path"):
+    """`(TaskManager, task names)` for comma-separated `names`, local YAMLs under `include_path`
+    checked first; an unknown name is an error naming it (and `flag`, where local tasks go)."""
     from lm_eval.tasks import TaskManager
-
-    from easytune.eval.lm_eval_backend import EasytuneLM
-    if args.include_path is not None:
-        check_task_files(args.include_path)
-    task_manager = TaskManager(include_path=args.include_path)
-    tasks = [t for t in args.tasks.split(",") if t]
+    if include_path is not None:
+        check_task_files(include_path)
+    task_manager = TaskManager(include_path=include_path)
+    tasks = [t.strip() for t in names.split(",") if t.strip()]
     unknown = [t for t in tasks if not task_manager.match_tasks([t])]
     if unknown:
         raise ValueError(f"unknown lm-eval task {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
-                         + "; list tasks with `lm_eval ls tasks`, or pass --include_path for local task YAMLs.")
+                         + f"; list tasks with `lm_eval ls tasks`, or pass {flag} for local task YAMLs.")
+    return task_manager, tasks
+
+
+def evaluate(args) -> dict:
+    """lm-eval's `simple_evaluate` over an `EasytuneLM`; returns its results dict."""
+    import lm_eval
+
+    from easytune.eval.lm_eval_backend import EasytuneLM
+    task_manager, tasks = resolve_tasks(args.tasks, args.include_path)
     lm = EasytuneLM(model=args.model, adapter=args.adapter, dtype=args.dtype, mesh_dim=args.mesh_dim,
                     batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed)
     return lm_eval.simple_evaluate(

@@ -27,19 +27,10 @@ def task_evaluator(model, cfg):
     """`evaluate() -> {eval_<task>/<metric>: value}` over `--eval_tasks` on `model`, its tasks
     checked now (before any compile): unknown names and task files that do not parse are errors."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    from easytune.eval.__main__ import check_task_files
+    from easytune.eval.__main__ import resolve_tasks
     from easytune.eval.lm_eval_backend import EasytuneLM
-    include_path = cfg.eval_include_path or None
-    if include_path is not None:
-        check_task_files(include_path)
-    task_manager = TaskManager(include_path=include_path)
-    tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if not task_manager.match_tasks([t])]
-    if unknown:
-        raise ValueError(f"--eval_tasks: unknown lm-eval task {unknown[0]!r}; list tasks with `lm_eval ls tasks`, "
-                         f"or give --eval_include_path, a folder of local task YAMLs.")
+    task_manager, tasks = resolve_tasks(cfg.eval_tasks, cfg.eval_include_path or None, "--eval_include_path")
     lm = EasytuneLM(model=model, batch_size=cfg.eval_batch_size, max_gen_toks=cfg.eval_max_gen_toks, seed=cfg.seed)
     limit = cfg.eval_limit or None
 

@@ -60,6 +60,15 @@ def write_local_tasks(directory) -> str:
     return str(directory)
 
 
+def _task_with_code(directory: Path, name: str, rows: list[dict], imports: str) -> str:
+    """Write task `name`'s data (`<name>.jsonl`) and its metric code (`<name>_utils.py`, which
+    `!function <name>_utils.x` finds beside the YAML); returns the YAML's opening lines."""
+    (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / f"{name}_utils.py").write_text(f"{imports}  # noqa: F401\n")
+    return (f"task: {name}\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {directory}/{name}.jsonl\n")
+
+
 def write_pass_at_k_task(directory, samples: int = 4, temperature: float = 0.7) -> str:
     """`tasks_pass_at_k`: easytune's count and subtract tasks (the ones SmolLM2 sometimes answers
     exactly), 3-shot from the same file, each question sampled `samples` times at `temperature`
@@ -69,12 +78,10 @@ def write_pass_at_k_task(directory, samples: int = 4, temperature: float = 0.7) 
     directory.mkdir(parents=True, exist_ok=True)
     records = data.make_task_records(12, seed=5, tasks=("count", "subtract"))
     rows = [{"question": r["messages"][0]["content"], "answer": r["answer"]} for r in records]
-    (directory / "tasks_pass_at_k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (directory / "tasks_pass_at_k_utils.py").write_text(
-        "from easytune.eval.verifiers import pass_at_k_figures as process_results  # noqa: F401\n")
+    header = _task_with_code(directory, "tasks_pass_at_k", rows,
+                             "from easytune.eval.verifiers import pass_at_k_figures as process_results")
     (directory / "tasks_pass_at_k.yaml").write_text(
-        f"task: tasks_pass_at_k\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {directory}/tasks_pass_at_k.jsonl\noutput_type: generate_until\nrepeats: {samples}\n"
+        f"{header}output_type: generate_until\nrepeats: {samples}\n"
         "fewshot_split: test\nnum_fewshot: 3\nfewshot_config:\n  sampler: first_n\n"
         'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: answer\n'
         'generation_kwargs:\n  until: ["\\n", "Q:"]\n  max_gen_toks: 12\n  do_sample: true\n'
@@ -114,12 +121,10 @@ def write_ifeval_task(directory, max_gen_toks: int = 48) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     rows = [{"key": i, "prompt": p, "instruction_id_list": ids, "kwargs": kw}
             for i, (p, ids, kw) in enumerate(IFEVAL_PROMPTS)]
-    (directory / "ifeval_local.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (directory / "ifeval_local_utils.py").write_text(
-        "from lm_eval.tasks.ifeval.utils import agg_inst_level_acc, process_results  # noqa: F401\n")
+    header = _task_with_code(directory, "ifeval_local", rows,
+                             "from lm_eval.tasks.ifeval.utils import agg_inst_level_acc, process_results")
     (directory / "ifeval_local.yaml").write_text(
-        f"task: ifeval_local\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {directory}/ifeval_local.jsonl\noutput_type: generate_until\nnum_fewshot: 0\n"
+        f"{header}output_type: generate_until\nnum_fewshot: 0\n"
         f"doc_to_text: prompt\ndoc_to_target: 0\n"
         f"generation_kwargs:\n  until: []\n  do_sample: false\n  temperature: 0.0\n  max_gen_toks: {max_gen_toks}\n"
         "process_results: !function ifeval_local_utils.process_results\nmetric_list:\n"

@@ -47,9 +47,10 @@ def prompt_of(record: dict, where: str):
                      f"{json.dumps(prompt)[:80]}.")
 
 
-def load_prompt_records(cfg, is_main: bool):
+def load_prompt_records(ctx: recipe.Context):
     """(prompt records, held-out task records or None, source name)."""
     from easytune import data
+    cfg = ctx.cfg
     if cfg.train_data:
         located = data.load_located_records(cfg.train_data)
         records = []
@@ -64,9 +65,7 @@ def load_prompt_records(cfg, is_main: bool):
     # the solved examples are drawn with their own seed, the same ones for training and held-out prompts
     records = data.with_examples(records, cfg.tasks.shots, seed=10_000 + cfg.seed)
     heldout = data.with_examples(heldout, cfg.tasks.shots, seed=10_000 + cfg.seed)
-    if is_main:
-        with open(os.path.join(cfg.output_dir, "train_prompts.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    ctx.write_jsonl("train_prompts.jsonl", records)
     return records, heldout, f"verifiable tasks {','.join(names)} ({len(records)} train, {len(heldout)} held out)"
 
 
@@ -253,7 +252,7 @@ class RLRecipe(recipe.Recipe):
                                  f"easytune.train_reward or pass an HF *ForSequenceClassification directory.")
             if reward_model.tokenizer is None:
                 raise ValueError(f"--reward_model {cfg.reward_model} has no tokenizer to read completions with.")
-        records, heldout, source = load_prompt_records(cfg, ctx.is_main)
+        records, heldout, source = load_prompt_records(ctx)
         logger.info("prompts: %s", source)
 
         total_optimizer_steps = cfg.iterations * settings.optimizer_steps
