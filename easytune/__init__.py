@@ -17,6 +17,17 @@ __all__ = ["load", "Model"]
 __version__ = "0.1.0"
 
 logger = logging.getLogger("easytune")
+
+
+class _NoTorchNotice(logging.Filter):
+    """transformers warns "PyTorch was not found. Models won't be available" on import when torch
+    is absent; easytune needs only its tokenizers and configs, so the notice alarms for nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+logging.getLogger("transformers").addFilter(_NoTorchNotice())  # before anything imports transformers
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 

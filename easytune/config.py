@@ -105,10 +105,11 @@ SHARED_DEFAULTS = {
     "attention": "xla",
     "loss_reduction": "mean",
     "optimizer": {
-        "lr": 1e-4, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
+        "lr": 0.0, "schedule": "cosine", "warmup_steps": 0, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
         "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_grad_norm": 1.0,
     },
     "seed": 0,
+    "skip_nonfinite_steps": 0,
     "log_steps": 1,
     "save_steps": 0,
     "keep_checkpoints": 2,
@@ -136,7 +137,8 @@ SHARED_DOCS = {
                  "GPU, splash on TPU, xla elsewhere)",
     "loss_reduction": "mean: per unit (trained token, pair, ...) over the global batch; sum: per micro-batch sum "
                       "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
-    "optimizer.lr": "peak learning rate (AdamW)",
+    "optimizer.lr": "peak learning rate (AdamW); 0 = the command's default for the method trained (all weights, "
+                    "LoRA family, prompt learning: see its --help)",
     "optimizer.schedule": "cosine, linear or constant after warmup",
     "optimizer.warmup_steps": "warmup steps (0 = use warmup_ratio)",
     "optimizer.warmup_ratio": "warmup as a fraction of total_steps",
@@ -147,6 +149,8 @@ SHARED_DOCS = {
     "optimizer.eps": "AdamW epsilon",
     "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off)",
     "seed": "data order and initialization seed",
+    "skip_nonfinite_steps": "ride out up to N consecutive steps whose gradients are not finite by skipping their "
+                            "update (optax.apply_if_finite); 0 = a non-finite loss or gradient stops the run",
     "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
     "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
     "keep_checkpoints": "keep the newest N checkpoints (0 = all)",

@@ -136,14 +136,48 @@ class Recipe:
     adapters: tuple[str, ...] = ()
     encoder_decoder: bool = False
     score_head: bool = False
+    learning_rates: Mapping[str, float] = {"full": 1e-4, "lora": 1e-3, "prompt": 3e-2}
+    data_flags: tuple[str, ...] = ("train_data", "eval_data")
 
     def flags(self) -> tuple[dict, dict]:
-        """`(defaults, docs)` of every flag the recipe takes."""
+        """`(defaults, docs)` of every flag the recipe takes; --optimizer.lr's doc names the
+        recipe's default per method."""
         from easytune import config
-        return config.recipe_flags(self.flag_groups, self.defaults, self.docs)
+        defaults, docs = config.recipe_flags(self.flag_groups, self.defaults, self.docs)
+        if defaults["optimizer"]["lr"] == 0:
+            names = {"full": "all weights", "lora": "LoRA/QLoRA/DoRA", "prompt": "prompt/prefix/p-tuning"}
+            families = {"full": ("none",), "lora": LORA_FAMILY, "prompt": PROMPT_FAMILY}
+            methods = [f"{names[m]} {lr:g}" for m, lr in self.learning_rates.items()
+                       if set(families[m]) & {"none", *self.adapters}]
+            docs["optimizer.lr"] = f"{docs['optimizer.lr']}; 0 = the default for the method: {', '.join(methods)}"
+        return defaults, docs
 
     def validate(self, cfg) -> None:
         """Flag checks that need no model."""
+
+    def learning_rate(self, cfg) -> float:
+        """The default --optimizer.lr for the method the flags train (`learning_rates`)."""
+        return self.learning_rates[method_family(cfg)]
+
+    def check_data(self, cfg) -> None:
+        """Read the local data files named by `data_flags` and check each record
+        (`check_record`) before the model loads, so a malformed or empty file is reported in
+        seconds; the records are kept for the recipe's own read (`easytune.data.prefetch`)."""
+        from easytune import data
+        for name in self.data_flags:
+            source = cfg.get(name)
+            if not source:
+                continue
+            located = data.prefetch(source)
+            if located is None:  # a dataset name: read (and checked) in setup
+                continue
+            if not located:
+                raise ValueError(f"--{name}={source} holds no records; give a file with at least one.")
+            for record, where in located:
+                self.check_record(cfg, record, where)
+
+    def check_record(self, cfg, record: dict, where: str) -> None:
+        """Raise ValueError naming `where` if `record` cannot be used (no tokenizer needed)."""
 
     def check_model(self, cfg, model) -> None:
         if model.tokenizer is None:
@@ -156,6 +190,26 @@ class Recipe:
 
     def setup(self, ctx: Context) -> Job:
         raise NotImplementedError
+
+
+LORA_FAMILY = ("lora", "qlora", "dora")
+PROMPT_FAMILY = ("prompt", "prefix", "ptuning")
+
+
+def method_family(cfg) -> str:
+    """What the flags train: "full" (all weights), "lora" (LoRA/QLoRA/DoRA) or "prompt" (prompt,
+    prefix, p-tuning); a --peft_adapter without --peft is read for its method."""
+    method = cfg.get("peft", "none") or "none"
+    if method == "none" and cfg.get("peft_adapter"):
+        path = os.path.join(os.path.expanduser(cfg.peft_adapter), "adapter_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                peft_type = str(json.load(f).get("peft_type", "")).upper()
+            method = {"LORA": "lora", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix",
+                      "P_TUNING": "ptuning"}.get(peft_type, "none")
+    if method in LORA_FAMILY:
+        return "lora"
+    return "prompt" if method in PROMPT_FAMILY else "full"
 
 
 def heldout_accuracy(model, records, max_new_tokens: int) -> float:

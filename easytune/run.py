@@ -19,6 +19,7 @@ advantages and updates per advance), so RL has the same cadence, resume and logg
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -30,7 +31,8 @@ from typing import Callable
 from absl import flags
 
 from easytune import run_dir
-from easytune.recipe import Context, Job, Recipe
+from easytune.recipe import Context, Job, Recipe, method_family
+from easytune.storage_errors import StorageFull
 
 logger = logging.getLogger("easytune")
 # absl attributes flags this module declares key to the module that calls it: the entry point
@@ -98,7 +100,8 @@ def start(recipe: Recipe, cfg) -> tuple[bool, run_dir.RunLock]:
     is_main = jax.process_index() == 0
     if cfg.log_steps < 1:
         raise ValueError(f"--log_steps must be >= 1, got {cfg.log_steps}.")
-    recipe.validate(cfg)
+    complete(recipe, cfg)
+    recipe.check_data(cfg)  # before the model loads, and before anything is written
     run_dir.check_start(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     lock = run_dir.RunLock(cfg.output_dir, enabled=is_main)
@@ -106,14 +109,39 @@ def start(recipe: Recipe, cfg) -> tuple[bool, run_dir.RunLock]:
     return is_main, lock
 
 
+def complete(recipe: Recipe, cfg) -> None:
+    """Check the recipe's flags and fill in what they leave to it (e.g. RL's default --reward_fn;
+    --optimizer.lr=0: the recipe's learning rate for the method the flags train), so the run's
+    saved config and a resume's comparison hold the values used."""
+    recipe.validate(cfg)
+    if cfg.optimizer.lr == 0:
+        cfg.optimizer.lr = recipe.learning_rate(cfg)
+        logger.info("--optimizer.lr=%g (%s's default for %s)", cfg.optimizer.lr, recipe.name,
+                    {"full": "all weights", "lora": "LoRA-family adapters",
+                     "prompt": "prompt learning"}[method_family(cfg)])
+
+
 def check_finite(record: dict, step: int, last_finite: int, cfg) -> None:
-    """Raise `Diverged` when a step's loss or gradient norm is not finite."""
-    for name, value in record.items():
-        if (name == "loss" or name.endswith(("/loss", "grad_norm"))) and not math.isfinite(value):
-            raise Diverged(f"training diverged: {name} is {value} at step {step} (finite at step {last_finite}); "
-                           f"nothing from the diverged state was saved or exported. Lower --optimizer.lr (now "
-                           f"{cfg.optimizer.lr:g}), warm up longer (--optimizer.warmup_steps), keep "
-                           f"--optimizer.clip_grad_norm on, or compute in float32 (--dtype).")
+    """Raise `Diverged` when a step's loss or gradient norm is not finite, unless
+    --skip_nonfinite_steps=N skipped that step's update (at most N in a row: the weights are intact)."""
+    bad = [(name, value) for name, value in record.items()
+           if (name == "loss" or name.endswith(("/loss", "grad_norm"))) and not math.isfinite(value)]
+    if not bad:
+        return
+    limit = cfg.get("skip_nonfinite_steps", 0)
+    streaks = [value for name, value in record.items() if name.endswith("nonfinite_streak")]
+    if limit > 0 and streaks and all(0 < value <= limit for value in streaks):
+        logger.warning("step %d: %s is %s; its update was skipped (%d in a row, --skip_nonfinite_steps=%d)",
+                       step, bad[0][0], bad[0][1], max(streaks), limit)
+        return
+    name, value = bad[0]
+    skipping = (f"more than --skip_nonfinite_steps={limit} steps in a row were not finite; " if limit > 0 else
+                "")
+    raise Diverged(f"training diverged: {name} is {value} at step {step} (finite at step {last_finite}); {skipping}"
+                   f"nothing from the diverged state was saved or exported. Lower --optimizer.lr (now "
+                   f"{cfg.optimizer.lr:g}), warm up longer (--optimizer.warmup_steps), keep "
+                   f"--optimizer.clip_grad_norm on, compute in float32 (--dtype), or ride out rare bad batches with "
+                   f"--skip_nonfinite_steps=N.")
 
 
 def strict_json(value):
@@ -224,49 +252,52 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
     history = []
     last_finite = steps.step
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-    while steps.step < total:
-        step_start = time.perf_counter()
-        metrics, tokens = steps.advance()
-        step = steps.step
-        window_steps += 1
-        window_tokens += tokens or 0
-        log_now = step % cfg.log_steps == 0 or step == total
-        eval_now = evaluate is not None and cfg.get("eval_steps", 0) > 0 and step % cfg.eval_steps == 0
-        heldout_now = job.heldout is not None and job.heldout_every > 0 and step % job.heldout_every == 0 \
-            and step < total
-        save_now = cfg.save_steps > 0 and (step % cfg.save_steps == 0 or step == total)
-        if save_now and not (log_now or eval_now or heldout_now):  # never save a diverged state
-            check_finite(_host_floats(metrics), step, last_finite, cfg)
-            last_finite = step
-        if log_now or eval_now or heldout_now:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, **_host_floats(metrics)}
-            check_finite(record, step, last_finite, cfg)
-            last_finite = step
-            learning_rate = steps.learning_rate()
-            if learning_rate is not None:
-                record["learning_rate"] = learning_rate
-            if tokens is not None:
-                record["tokens_per_second"] = window_tokens / elapsed
-            record["step_seconds"] = elapsed / window_steps
-            if step == 1:
-                record["first_step_seconds"] = time.perf_counter() - step_start
-            if tokens is not None and job.flops_per_token and peak_flops:
-                record["mfu"] = record["tokens_per_second"] * job.flops_per_token / (peak_flops * jax.device_count())
-            if eval_now:
-                record.update(evaluate())
-            if heldout_now:
-                record.update(on_heldout(step))
-            if eval_now or heldout_now:
-                on_figures(step, record)
-            history.append(record)
-            metrics_logger.log(step, {k: v for k, v in record.items() if k != "step"})
-            progress.update(step, {**record, "loss": record.get(job.progress)})
-            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        if save_now:
-            steps.save()
-            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
-    progress.close()
+    try:
+        while steps.step < total:
+            step_start = time.perf_counter()
+            metrics, tokens = steps.advance()
+            step = steps.step
+            window_steps += 1
+            window_tokens += tokens or 0
+            log_now = step % cfg.log_steps == 0 or step == total
+            eval_now = evaluate is not None and cfg.get("eval_steps", 0) > 0 and step % cfg.eval_steps == 0
+            heldout_now = job.heldout is not None and job.heldout_every > 0 and step % job.heldout_every == 0 \
+                and step < total
+            save_now = cfg.save_steps > 0 and (step % cfg.save_steps == 0 or step == total)
+            if save_now and not (log_now or eval_now or heldout_now):  # never save a diverged state
+                check_finite(_host_floats(metrics), step, last_finite, cfg)
+                last_finite = step
+            if log_now or eval_now or heldout_now:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, **_host_floats(metrics)}
+                check_finite(record, step, last_finite, cfg)
+                last_finite = step
+                learning_rate = steps.learning_rate()
+                if learning_rate is not None:
+                    record["learning_rate"] = learning_rate
+                if tokens is not None:
+                    record["tokens_per_second"] = window_tokens / elapsed
+                record["step_seconds"] = elapsed / window_steps
+                if step == 1:
+                    record["first_step_seconds"] = time.perf_counter() - step_start
+                if tokens is not None and job.flops_per_token and peak_flops:
+                    record["mfu"] = (record["tokens_per_second"] * job.flops_per_token
+                                     / (peak_flops * jax.device_count()))
+                if eval_now:
+                    record.update(evaluate())
+                if heldout_now:
+                    record.update(on_heldout(step))
+                if eval_now or heldout_now:
+                    on_figures(step, record)
+                history.append(record)
+                metrics_logger.log(step, {k: v for k, v in record.items() if k != "step"})
+                progress.update(step, {**record, "loss": record.get(job.progress)})
+                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+            if save_now:
+                steps.save()
+                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
+    finally:  # an error's sentence then starts on a line of its own
+        progress.close()
     return history
 
 
@@ -427,6 +458,24 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
     return summary
 
 
+def user_error_message(error: BaseException) -> str | None:
+    """The one sentence for an error a user can cause and fix (flags, data, paths, permissions,
+    a full disk, host memory, a diverged run); None for anything else (a bug: its traceback)."""
+    if isinstance(error, OSError) and not isinstance(error, StorageFull) and error.errno in (errno.ENOSPC,
+                                                                                          errno.EDQUOT):
+        return (f"no space left on device writing {error.filename or 'a file'}; free space there or choose another "
+                f"--output_dir (checkpoints already written are intact: rerun with --resume).")
+    if isinstance(error, OSError) and error.errno == errno.EROFS:
+        return f"{error.filename or 'the output'} is on a read-only filesystem; choose another --output_dir."
+    if isinstance(error, MemoryError):
+        return (f"out of host memory{f' ({error})' if str(error) else ''}; lower --batch_size or --seq_length, "
+                f"use --remat, --param_dtype=bfloat16 or an adapter (--peft), or a machine with more memory.")
+    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                          StorageFull, Diverged)):
+        return " ".join(str(error).split()) or type(error).__name__
+    return None
+
+
 def entry_point(recipe: Recipe):
     """`(DEFAULTS, DOCS, run, main)` of a `python -m easytune.train_*` module: its flags are
     defined (absl) when this is called, `run(cfg)` runs the recipe, `main` is absl's (launch it
@@ -448,13 +497,14 @@ def entry_point(recipe: Recipe):
             raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --name=value.")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+        logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("Unable to initialize backend 'tpu'")
         debug = flags.FLAGS["debug"].value or os.environ.get("EASYTUNE_DEBUG", "") not in ("", "0")
         try:
             run_recipe(config_lib.read_config(defaults))
-        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, Diverged) as error:
-            if debug:
+        except Exception as error:
+            message = user_error_message(error)
+            if debug or message is None:
                 raise
-            message = " ".join(str(error).split()) or type(error).__name__
             print(f"easytune: error: {message}", file=sys.stderr)
             sys.exit(3 if isinstance(error, Diverged) else 2)
 

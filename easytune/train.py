@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
-from easytune import adapters, checkpoint, sharding
+from easytune import adapters, checkpoint, sharding, storage_errors
 from easytune.data.batching import count_tokens, eval_batches  # noqa: F401 (the loop's batch helpers)
 from easytune.recipe import Loss
 from easytune.sharding import BATCH_SPEC, global_batch
@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    skip_nonfinite_steps: int = 0
 
     @classmethod
     def from_flags(cls, cfg, **changes) -> "TrainConfig":
@@ -109,14 +110,23 @@ def _decay_mask(params):
         lambda path, _: any(name in sharding.path_name(path) for name in DECAYED), params)
 
 
-def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (clipped, scheduled); with `skip_nonfinite_steps` N > 0 wrapped in
+    `optax.apply_if_finite`, which skips an update whose gradients are not finite (weights and
+    moments untouched) unless more than N in a row were, and counts them in its state."""
+    if opt.lr <= 0:
+        raise ValueError(f"--optimizer.lr must be > 0, got {opt.lr}.")
     schedule = make_schedule(opt, total_steps)
     parts = []
     if opt.clip_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(opt.clip_grad_norm))
     parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                              mask=_decay_mask))
-    return optax.chain(*parts), schedule
+    optimizer = optax.chain(*parts)
+    if skip_nonfinite_steps > 0:
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=skip_nonfinite_steps)
+    return optimizer, schedule
 
 
 # ----------------------------------------------------------------------------- the step
@@ -180,6 +190,9 @@ def build_train_step(model_config, loss: Loss, optimizer, reduction: str, grad_a
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), loss.unit: count,
                    **{name: value / jnp.maximum(count, 1.0) for name, value in extras.items()}}
+        if isinstance(opt_state, optax.ApplyIfFiniteState):  # --skip_nonfinite_steps
+            metrics["nonfinite_streak"] = opt_state.notfinite_count.astype(jnp.float32)
+            metrics["nonfinite_skipped"] = opt_state.total_notfinite.astype(jnp.float32)
         return params, opt_state, metrics
 
     return step
@@ -214,7 +227,7 @@ class Trainer:
             raise ValueError(f"the micro-batch ({config.batch_size} / {config.grad_accum_steps} accumulation steps = "
                              f"{micro}) must divide over dp x fsdp = {data_parallel} devices; change "
                              f"--batch_size, --grad_accum_steps or --mesh_dim.")
-        self.optimizer, self.schedule = make_optimizer(config.optimizer, total_steps)
+        self.optimizer, self.schedule = make_optimizer(config.optimizer, total_steps, config.skip_nonfinite_steps)
         rules = adapters.rules_for(self.model_config)
         self.adapter = model.adapter
         if self.adapter is not None:
@@ -276,13 +289,27 @@ class Trainer:
         return meta
 
     def save(self, data_state: dict) -> None:
-        saved = self.manager.save(self.step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(self.params),
-            opt_state=ocp.args.StandardSave(self.opt_state),
-            data=ocp.args.JsonSave(data_state),
-            model=ocp.args.JsonSave(self._model_meta()),
-        ))
-        self.manager.wait_until_finished()
+        """Checkpoint the train state at this step. A full disk is one `StorageFull` sentence
+        (the space needed, the last intact step); the partial write is removed."""
+        intact = self.manager.latest_step()
+        with storage_errors.held_library_logs():
+            try:
+                saved = self.manager.save(self.step, args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(self.params),
+                    opt_state=ocp.args.StandardSave(self.opt_state),
+                    data=ocp.args.JsonSave(data_state),
+                    model=ocp.args.JsonSave(self._model_meta()),
+                ))
+                self.manager.wait_until_finished()
+            except Exception as error:
+                if not storage_errors.is_no_space(error):
+                    raise
+                storage_errors.settle(self.manager)
+                storage_errors.remove_temporary(str(self.manager.directory), self.step)
+                needed = sum(self.state_bytes()[k] for k in ("params", "optimizer"))
+                raise storage_errors.StorageFull(storage_errors.no_space_message(
+                    f"the checkpoint of step {self.step}", str(self.manager.directory), needed,
+                    self.config.keep_checkpoints, intact)) from None
         if not saved and self.step not in self.manager.all_steps():
             raise RuntimeError(f"orbax declined to save step {self.step} in {self.manager.directory} "
                                f"(it holds {list(self.manager.all_steps())}).")
@@ -315,6 +342,7 @@ class Trainer:
                     data=ocp.args.JsonRestore(),
                 ))
             except Exception as e:  # a torn or corrupted checkpoint: fall back to the one before
+                storage_errors.quiet_closed_loop_callbacks()  # one warning line, not tracebacks
                 failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
                 logger.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
                                step, self.manager.directory, failures[-1][1])

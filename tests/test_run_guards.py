@@ -5,6 +5,7 @@ with changed settings needs --resume_override; user errors are one sentence with
 --help exits 0; summary.json is strict JSON."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +37,6 @@ def snapshot(directory) -> dict[str, bytes]:
 
 
 def test_a_diverged_run_stops_and_saves_nothing_from_its_diverged_state(tiny_chat_model, task_file, tmp_path):
-    import re
     out = tmp_path / "run"
     with pytest.raises(driver.Diverged, match=r"training diverged: (loss|grad_norm) is nan at step") as excinfo:
         run(make_cfg(tiny_chat_model, task_file, out, total_steps=8, save_steps=1, **{"optimizer.lr": 1e9}))
@@ -126,8 +126,8 @@ def test_resume_compares_the_flags_as_the_recipe_completed_them(tmp_path):
     from easytune.rl.recipe import RECIPE
     from easytune.train_ppo import DEFAULTS as RL_DEFAULTS
     saved = run_config(RL_DEFAULTS, {"output_dir": str(tmp_path), "logger": "none"})
-    RECIPE.validate(saved)
-    assert saved.reward_fn == "easytune.rewards:exact_match"
+    driver.complete(RECIPE, saved)
+    assert saved.reward_fn == "easytune.rewards:exact_match" and saved.optimizer.lr == 1e-4
     (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
     (tmp_path / "checkpoints" / "1").mkdir(parents=True)
     resumed = run_config(RL_DEFAULTS, {"output_dir": str(tmp_path), "logger": "none", "resume": True})
@@ -138,3 +138,191 @@ def test_resume_compares_the_flags_as_the_recipe_completed_them(tmp_path):
                                        "iterations": 40})
     with pytest.raises(ValueError, match=r"different settings \(--iterations=20 -> 40\)"):
         driver.start(RECIPE, changed)
+
+
+# ----------------------------------------------------------------------------- non-finite steps skipped
+
+def _sft_rows(model, task_file, seq_length=64):
+    from easytune import data
+    template = data.resolve_chat_template(model.tokenizer, None)
+    examples, _ = data.tokenize_records(data.load_records(task_file), model.tokenizer, template, seq_length, task_file)
+    return data.make_rows(examples, seq_length, pack=True)
+
+
+def test_skip_nonfinite_steps_skips_a_bad_batch_and_changes_nothing_else(tiny_chat_model, task_file, tmp_path):
+    """With --skip_nonfinite_steps, a batch whose gradients are NaN leaves weights and optimizer
+    state untouched: [clean, NaN, clean] ends where [clean, clean] without the option does."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import easytune
+    from easytune import recipe, train
+    from easytune.algos.sft import LOSS
+
+    def poisonable(model_config, params, batch, reference=None):  # NaN gradients where batch["poison"] is 1
+        clean = {k: v for k, v in batch.items() if k != "poison"}
+        loss_sum, count = LOSS(model_config, params, clean, reference)
+        return loss_sum * jnp.where(jnp.max(batch["poison"]) > 0, jnp.nan, 1.0), count
+
+    loss = recipe.Loss(poisonable, LOSS.unit)
+    rows = _sft_rows(easytune.load(tiny_chat_model), task_file)
+
+    def batch(start, poison):
+        host = {k: v[start:start + 8] for k, v in rows.items()}
+        host["poison"] = np.full(host["input_ids"].shape, poison, np.float32)
+        return host
+
+    def trainer(directory, skip):
+        config = train.TrainConfig(output_dir=str(directory), batch_size=8, skip_nonfinite_steps=skip,
+                                   optimizer=train.OptimizerConfig(lr=1e-3, warmup_steps=0, warmup_ratio=0.0))
+        return train.Trainer(config, easytune.load(tiny_chat_model), loss, total_steps=10)
+
+    def step(t, host):
+        with jax.set_mesh(t.mesh):
+            return {k: float(v) for k, v in jax.device_get(t.train_step(train.global_batch(t.mesh, host, 1))).items()}
+
+    skipping, plain = trainer(tmp_path / "a", skip=2), trainer(tmp_path / "b", skip=0)
+    first = step(skipping, batch(0, 0))
+    assert first["nonfinite_streak"] == 0 and np.isfinite(first["loss"])
+    after_first = jax.tree.map(np.asarray, jax.device_get(skipping.params))
+    bad = step(skipping, batch(8, 1))
+    assert np.isnan(bad["loss"]) and np.isnan(bad["grad_norm"])
+    assert bad["nonfinite_streak"] == 1 and bad["nonfinite_skipped"] == 1
+    jax.tree.map(np.testing.assert_array_equal, after_first, jax.device_get(skipping.params))  # untouched
+    good = step(skipping, batch(8, 0))
+    assert good["nonfinite_streak"] == 0 and good["nonfinite_skipped"] == 1 and np.isfinite(good["loss"])
+    step(plain, batch(0, 0))
+    step(plain, batch(8, 0))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(plain.params), jax.device_get(skipping.params))
+
+
+def test_the_divergence_guard_tolerates_only_skipped_steps(tiny_chat_model, task_file, tmp_path):
+    from ml_collections import ConfigDict
+    cfg = ConfigDict({"skip_nonfinite_steps": 2, "optimizer": {"lr": 1e-3}})
+    nan = float("nan")
+    driver.check_finite({"loss": nan, "grad_norm": nan, "nonfinite_streak": 2.0}, 5, 3, cfg)  # skipped: rides on
+    with pytest.raises(driver.Diverged, match="more than --skip_nonfinite_steps=2 steps in a row"):
+        driver.check_finite({"loss": nan, "grad_norm": nan, "nonfinite_streak": 3.0}, 6, 3, cfg)
+    with pytest.raises(driver.Diverged, match="or ride out rare bad batches with --skip_nonfinite_steps=N"):
+        driver.check_finite({"loss": nan, "grad_norm": nan}, 6, 3, ConfigDict({"optimizer": {"lr": 1e-3}}))
+    # a run whose weights blew up is stopped although it skips: its steps stay non-finite
+    with pytest.raises(driver.Diverged, match="more than --skip_nonfinite_steps=2 steps in a row"):
+        run(make_cfg(tiny_chat_model, task_file, tmp_path / "run", total_steps=12, skip_nonfinite_steps=2,
+                     **{"optimizer.lr": 1e9}))
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- data before the model
+
+def test_data_is_checked_before_the_model_loads_and_nothing_is_written(tmp_path):
+    """The model path does not exist: the data's error comes first, so it was checked before the
+    load; line numbers are the file's (blank lines counted)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('\n\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"bad.jsonl line 4: the conversation has no assistant message"):
+        run(make_cfg("/nonexistent/model", str(bad), out))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"--train_data=.*empty.jsonl holds no records"):
+        run(make_cfg("/nonexistent/model", str(empty), out))
+    from easytune.train_dpo import DEFAULTS as DPO_DEFAULTS, run as run_dpo
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl line 2: .*rejected"):
+        run_dpo(run_config(DPO_DEFAULTS, {"model": "/nonexistent/model", "train_data": str(pairs),
+                                          "output_dir": str(out), "logger": "none"}))
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- learning rate per method
+
+def test_the_learning_rate_default_is_the_methods(tmp_path):
+    from easytune.algos.dpo import RECIPE as DPO
+    from easytune.algos.sft import RECIPE as SFT
+    from easytune.rl.recipe import RECIPE as RL
+    from easytune.train_dpo import DEFAULTS as DPO_DEFAULTS
+    from easytune.train_ppo import DEFAULTS as RL_DEFAULTS
+
+    def resolved(recipe, defaults, **overrides):
+        cfg = run_config(defaults, {"output_dir": str(tmp_path), **overrides})
+        driver.complete(recipe, cfg)
+        return cfg.optimizer.lr
+
+    assert DEFAULTS["optimizer"]["lr"] == 0  # "the method's default", filled in before the run starts
+    assert [resolved(SFT, DEFAULTS, peft=p) for p in ("none", "lora", "qlora", "dora", "prompt", "prefix",
+                                                      "ptuning")] == [1e-4, 1e-3, 1e-3, 1e-3, 3e-2, 3e-2, 3e-2]
+    assert resolved(SFT, DEFAULTS, peft="lora", **{"optimizer.lr": 2e-5}) == 2e-5  # a given one is kept
+    assert resolved(DPO, DPO_DEFAULTS) == 5e-4 and resolved(DPO, DPO_DEFAULTS, peft="none") == 5e-6
+    assert resolved(RL, RL_DEFAULTS) == 1e-4 and resolved(RL, RL_DEFAULTS, peft="none") == 1e-5
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+    assert resolved(SFT, DEFAULTS, peft_adapter=str(adapter)) == 3e-2  # a continued adapter's method
+    help_ = subprocess.run([sys.executable, "-m", "easytune.train_sft", "--help"], env=ENV, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert "0 = the default for the method: all weights 0.0001, LoRA/QLoRA/DoRA 0.001" in " ".join(
+        help_.stdout.split())
+
+
+# ----------------------------------------------------------------------------- library noise
+
+NO_TORCH = """
+import importlib.abc, importlib.util, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoTorch())
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "torch" else find_spec(name, *a, **k)
+"""
+
+
+def test_no_torch_notice_from_transformers():
+    """Without torch, transformers warns that models "won't be available"; easytune needs none of
+    them and imports transformers quietly. The same import without easytune's filter does warn."""
+    quiet = subprocess.run([sys.executable, "-c", NO_TORCH + "import easytune, transformers, easytune.data"],
+                           env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "PyTorch was not found" not in quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", NO_TORCH + "import transformers"], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert "PyTorch was not found" in loud.stderr  # the check above can see the notice
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def test_a_full_disk_is_one_sentence_and_the_last_checkpoint_survives(tiny_chat_model, task_file, tmp_path):
+    """A 50 MB tmpfs (a private mount namespace, so no root is needed where user namespaces are
+    allowed) holds one checkpoint of the tiny model (~35 MB) but not two."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c",
+                            f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private namespace here: {probe.stderr.strip()}")
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    command = " ".join([sys.executable, "-m", "easytune.train_sft", f"--model={tiny_chat_model}",
+                        f"--train_data={task_file}", f"--output_dir={disk}/run", "--logger=none", "--seq_length=128",
+                        "--batch_size=8", "--save_steps=2", "--keep_checkpoints=3", "--total_steps=6"])
+    script = (f"mount -t tmpfs -o size=50m tmpfs {disk} && {{ {command} 2> {tmp_path}/stderr; "
+              f"echo $? > {tmp_path}/rc; cp -a {disk}/run {kept}; }}")
+    subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=ENV, cwd=REPO, timeout=600)
+    stderr = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "2", stderr[-3000:]
+    assert "Traceback" not in stderr and "Event loop is closed" not in stderr and "RESOURCE_EXHAUSTED" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("easytune: error:")]
+    others = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("easytune: error:", "I"))
+              and not line.lstrip().startswith("train:")]  # info lines and the progress bar aside
+    assert len(errors) == 1 and not others, stderr
+    assert re.match(rf"easytune: error: no space left on device writing the checkpoint of step 4 to {disk}/run/"
+                    r"checkpoints: it takes about \d+ MB and [\d.]+ MB are free; .* the partial write was removed "
+                    r"and the checkpoint of step 2 is intact, so rerun with --resume", errors[0]), errors[0]
+    assert sorted(os.listdir(kept / "checkpoints")) == ["2"]  # no temporary directory left
+    import easytune
+    easytune.load(str(kept), tokenizer=False)  # the last good checkpoint restores

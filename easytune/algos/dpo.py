@@ -284,6 +284,8 @@ class DPORecipe(recipe.Recipe):
     name = "preference optimization"
     flag_groups = ("data", "lm_head", "peft", "lm_eval")
     adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
+    # LoRA's suits the embedded job (the default method); all weights as TRL's range for DPO
+    learning_rates = {"full": 5e-6, "lora": 5e-4, "prompt": 1e-2}
     defaults = {
         "output_dir": "outputs/dpo",
         "seq_length": 512,
@@ -293,7 +295,7 @@ class DPORecipe(recipe.Recipe):
         "reference_free": False,
         "simpo_gamma": 0.5,
         "precompute_reference": False,
-        "optimizer": {"lr": 5e-4, "warmup_ratio": 0.1},
+        "optimizer": {"warmup_ratio": 0.1},
         "tasks": {"num_train": 192, "num_heldout": 100, "max_new_tokens": 16, "rejected": "model"},
         "peft": "lora",
     }
@@ -310,8 +312,7 @@ class DPORecipe(recipe.Recipe):
         "simpo_gamma": "SimPO target reward margin gamma",
         "precompute_reference": "compute the reference log-probs in one pass before training (cached in "
                                 "<output_dir>/reference_logps_*.npz) instead of holding a reference during training",
-        "optimizer.lr": "peak learning rate (AdamW); the default suits LoRA on the embedded job, full DPO "
-                        "usually wants 5e-7 to 5e-6",
+        "optimizer.lr": "peak learning rate (AdamW); full DPO of 7B+ models usually wants 5e-7 to 5e-6",
         "seed": "data order and adapter init seed",
         "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
         "peft": "parameter-efficient fine-tuning: lora (default: the reference is the base, no copy), qlora, dora, "
@@ -328,6 +329,10 @@ class DPORecipe(recipe.Recipe):
         if cfg.precompute_reference and not self.options(cfg).uses_reference:
             raise ValueError(f"--precompute_reference has nothing to compute: the {cfg.loss_type} loss"
                              f"{' with --reference_free' if cfg.reference_free else ''} uses no reference policy.")
+
+    def check_record(self, cfg, record: dict, where: str) -> None:
+        from easytune.data.preference import parse_pair
+        parse_pair(record, where)
 
     def setup(self, ctx: recipe.Context) -> recipe.Job:
         from easytune import data

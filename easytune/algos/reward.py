@@ -125,11 +125,12 @@ class RewardRecipe(recipe.Recipe):
     name = "reward training"
     flag_groups = ("data",)
     score_head = True
+    learning_rates = {"full": 5e-5}
     defaults = {
         "output_dir": "outputs/reward",
         "seq_length": 512,
         "center_rewards_coefficient": 0.0,
-        "optimizer": {"lr": 5e-5, "warmup_ratio": 0.1},
+        "optimizer": {"warmup_ratio": 0.1},
         "tasks": {"num_train": 128, "num_heldout": 100, "max_new_tokens": 16, "rejected": "model"},
     }
 
@@ -154,6 +155,10 @@ class RewardRecipe(recipe.Recipe):
             "tasks.num_heldout": "default job: held-out tasks (pairs) for pairwise accuracy",
             "tasks.max_new_tokens": "default job: generation budget of the model's own answers",
         }
+
+    def check_record(self, cfg, record: dict, where: str) -> None:
+        from easytune.data.preference import parse_pair
+        parse_pair(record, where)
 
     def setup(self, ctx: recipe.Context) -> recipe.Job:
         from easytune import data

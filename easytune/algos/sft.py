@@ -72,8 +72,7 @@ class SFTRecipe(recipe.Recipe):
         "pack": "pack several samples per row (best fit; attention never crosses samples)",
         "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "
                           "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
-        "optimizer.lr": "peak learning rate (AdamW); the default suits the embedded 135M job, full fine-tuning "
-                        "of 7B+ models usually wants 1e-5 to 2e-5",
+        "optimizer.lr": "peak learning rate (AdamW); full fine-tuning of 7B+ models usually wants 1e-5 to 2e-5",
         "seed": "data order seed",
         "tasks.num_train": "default job: generated training tasks",
         "tasks.num_heldout": "default job: held-out tasks for exact-match accuracy",
@@ -84,6 +83,13 @@ class SFTRecipe(recipe.Recipe):
         "seq2seq.target_length": "encoder-decoder models (T5): decoder tokens per row (0 = seq_length, the "
                                  "encoder's)",
     }
+
+    def check_record(self, cfg, record: dict, where: str) -> None:
+        fields = cfg.seq2seq
+        if fields.input_field in record and fields.target_field in record:
+            return  # an encoder-decoder's record: checked when tokenized
+        from easytune import data
+        data.to_messages(record, data.detect_format(record, where), where)
 
     def setup(self, ctx: recipe.Context) -> recipe.Job:
         from easytune import data, models

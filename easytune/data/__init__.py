@@ -11,7 +11,7 @@ Preference pairs (DPO, reward models) go through `preference`: load_pairs -> pai
 make_pair_rows); task_pairs builds pairs from the verifiable tasks.
 """
 from easytune.data.batching import BatchIterator, count_tokens, eval_batches
-from easytune.data.formats import FORMATS, detect_format, load_located_records, load_records, to_messages
+from easytune.data.formats import FORMATS, detect_format, load_located_records, load_records, prefetch, to_messages
 from easytune.data.packing import ROW_KEYS, make_rows
 from easytune.data.preference import (PreferenceStats, TokenizedPair, load_pairs, make_pair_rows, pair_rows,
                                       task_pairs, task_pairs_from_model, tokenize_pairs)
@@ -21,7 +21,7 @@ from easytune.data.templates import BUILTIN_TEMPLATES, adopt_chat_template, rend
 from easytune.data.tokenize import DataStats, Example, tokenize_conversation, tokenize_records, tokenize_text
 
 __all__ = [
-    "BatchIterator", "count_tokens", "eval_batches", "FORMATS", "detect_format", "load_located_records", "load_records", "to_messages", "ROW_KEYS",
+    "BatchIterator", "count_tokens", "eval_batches", "FORMATS", "detect_format", "load_located_records", "load_records", "prefetch", "to_messages", "ROW_KEYS",
     "make_rows", "SEQ2SEQ_ROW_KEYS", "Seq2SeqExample", "make_seq2seq_rows", "tokenize_seq2seq_records",
     "TASKS", "with_examples", "accuracy", "exact_match", "make_task_records", "train_and_heldout", "BUILTIN_TEMPLATES",
     "adopt_chat_template", "render_ids", "resolve_chat_template", "DataStats", "Example", "tokenize_conversation",

@@ -30,11 +30,37 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     return [record for record, _ in load_located_records(source, split)]
 
 
+# Local files read ahead of the model (`prefetch`): the run driver checks the data before the
+# model loads, and the recipe's later read takes the records from here once instead of re-reading.
+_PREFETCHED: dict[tuple, list[tuple[dict, str]]] = {}
+
+
+def _file_key(path: str) -> tuple:
+    stat = os.stat(path)
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+def prefetch(source: str) -> list[tuple[dict, str]] | None:
+    """Read a local data file now (its JSON, encoding and record errors raised now), keeping the
+    located records for the next `load_located_records(source)`; None for a dataset name."""
+    path = os.path.expanduser(source)
+    if not os.path.isfile(path):
+        if source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")):
+            load_located_records(source)  # the missing file's error
+        return None
+    located = load_located_records(source)
+    _PREFETCHED[_file_key(path)] = located
+    return located
+
+
 def load_located_records(source: str, split: str = "train") -> list[tuple[dict, str]]:
     """`(record, where)` pairs of `source` (as `load_records`), where naming the record's place for
     error messages: "train.jsonl line 3", "train.json item 2", "train.parquet row 5", "name record 4"."""
     source = os.path.expanduser(source)
     if os.path.isfile(source):
+        prefetched = _PREFETCHED.pop(_file_key(source), None)
+        if prefetched is not None:
+            return prefetched
         if source.endswith(".jsonl"):
             return _read_jsonl(source)
         if source.endswith(".json"):

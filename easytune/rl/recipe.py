@@ -102,6 +102,8 @@ class RLRecipe(recipe.Recipe):
     name = "RL"
     flag_groups = ("lm_head", "peft", "lm_eval")
     adapters = ("lora", "qlora", "dora")
+    learning_rates = {"full": 1e-5, "lora": 1e-4}
+    data_flags = ("train_data",)
     defaults = {
         "output_dir": "outputs/ppo",
         "algo": "ppo",
@@ -231,6 +233,9 @@ class RLRecipe(recipe.Recipe):
         self.rollout_config(cfg)
         if cfg.iterations < 1:
             raise ValueError(f"--iterations must be >= 1, got {cfg.iterations}.")
+
+    def check_record(self, cfg, record: dict, where: str) -> None:
+        prompt_of(record, where)
 
     def setup(self, ctx: recipe.Context) -> recipe.Job:
         import easytune
