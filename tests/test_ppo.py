@@ -176,9 +176,9 @@ def test_rloo_qlora_policy_scores_with_a_reward_model(char_chat_model, prompt_fi
 
 
 def test_a_grpo_variant_is_one_registered_function(monkeypatch):
-    """A GRPO variant (Dr. GRPO's advantages: no division by the group's std) is one registered
-    estimator and one algorithm entry; RLConfig, the loop's advantages step and the loss take it by
-    name, unchanged. (Registered into copies of the registries, so no other test sees it.)"""
+    """A GRPO variant (here unscaled advantages, as Dr. GRPO's) is one registered estimator and one
+    algorithm entry; RLConfig, the loop's advantages step and the loss take it by name, unchanged.
+    (Registered into copies of the registries, so no other test sees it.)"""
     import copy
     import dataclasses
 
@@ -191,11 +191,11 @@ def test_a_grpo_variant_is_one_registered_function(monkeypatch):
         return ppo.group_relative_advantages(dataclasses.replace(options, scale_rewards="none"), scores, kl, kl_coef,
                                              mask, values)
 
-    ppo.ALGORITHMS.add("dr_grpo", ppo.Algorithm("unscaled_group", "per_token", ("loss", "reward")))
-    options = ppo.RLConfig(algo="dr_grpo", group_size=4)
-    assert options.kl_in == "loss" and not options.uses_critic and options.policy_loss.unit == "response_tokens"
+    ppo.ALGORITHMS.add("my_grpo", ppo.Algorithm("unscaled_group", "per_token", ("loss", "reward")))
+    options = ppo.RLConfig(algo="my_grpo", group_size=4)
+    assert options.kl_in == "loss" and not options.uses_critic and options.loss_aggregation.unit == "response_tokens"
     with pytest.raises(ValueError, match="rollouts_per_prompt must be >= 2"):
-        ppo.RLConfig(algo="dr_grpo", group_size=1)
+        ppo.RLConfig(algo="my_grpo", group_size=1)
     rng = np.random.default_rng(0)
     mask = (np.arange(5)[None, :] < rng.integers(1, 6, (8, 1))).astype(np.int32)
     rows = {"response_mask": mask, "old_logprobs": -rng.random((8, 5), np.float32),
