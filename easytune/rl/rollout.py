@@ -74,6 +74,16 @@ def response_rows(prompt_tokens, prompt_positions, prompt_segments, responses, e
     }
 
 
+def minibatch_rows(rows: dict[str, np.ndarray], index, keys) -> dict[str, np.ndarray]:
+    """The rollout rows `index` with the fields `keys` the losses read; the rows of a prompt group
+    dynamic sampling dropped (`keep` 0) stay, with an all-zero `response_mask`: nothing to train on
+    and nothing counted, in a batch of the same shape (no recompile)."""
+    minibatch = {k: rows[k][index] for k in keys}
+    mask = minibatch["response_mask"]
+    minibatch["response_mask"] = mask * rows["keep"][index].astype(mask.dtype)
+    return minibatch
+
+
 def completion_ids(rows: dict[str, np.ndarray]) -> list[list[int]]:
     response_length = rows["response_mask"].shape[1]
     responses = rows["input_ids"][:, -response_length:]
@@ -267,10 +277,8 @@ class RLSteps:
                 order = rng.permutation(self.rollout_batch)
                 for start in range(0, self.rollout_batch, self.minibatch):
                     index = order[start:start + self.minibatch]
-                    minibatch = {k: rows[k][index] for k in train_keys}
-                    # a dropped group's rows stay, with nothing to train on (fixed shapes: no recompile)
-                    minibatch["response_mask"] = minibatch["response_mask"] * rows["keep"][index].astype(np.int32)
-                    batch = sharding.global_batch(self.mesh, minibatch, self.settings.grad_accum_steps)
+                    batch = sharding.global_batch(self.mesh, minibatch_rows(rows, index, train_keys),
+                                                  self.settings.grad_accum_steps)
                     metrics = dict(self.policy.train_step(batch))
                     if self.critic is not None:
                         value_metrics = self.critic.train_step(batch)
