@@ -35,8 +35,8 @@ algorithm runs, so a variant is one function registered with `@advantage_estimat
              overlong penalty is a reward term of the rollout (--overlong_buffer)
     dr_grpo  as grpo, with --scale_rewards=none only and --loss_type=dr_grpo by default
     gspo     group, sequence_ratio, KL loss|reward|none, --loss_type=grpo by default (TRL's
-             importance_sampling_level="sequence"; TRL warns that the token-summing loss types
-             then weigh sequences by their lengths, and so does this)
+             importance_sampling_level="sequence"; with dapo, bnpo or dr_grpo each sequence's
+             loss then weighs by its length, as with TRL, which warns about it)
 
 The losses the training loop runs (`policy_loss_fn`, `value_loss_fn`) read a rollout
 batch: `input_ids`, `positions`, `segment_ids` `[batch, prompt + response]` (prompt left-padded,
