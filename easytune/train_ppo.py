@@ -1,7 +1,7 @@
-"""RL fine-tuning: `python -m easytune.train_ppo --algo=ppo|grpo|rloo --reward_fn=module:function ...`.
+"""RL fine-tuning: `python -m easytune.train_ppo --algo=ppo|grpo|dapo|dr_grpo|gspo|rloo --reward_fn=module:function`.
 
-The algorithms (ppo with a critic and GAE, grpo with group-relative baselines, rloo with
-leave-one-out baselines) and their options: `easytune.rl.recipe`.
+The algorithms (ppo with a critic and GAE, grpo with group-relative baselines and its family dapo,
+dr_grpo and gspo, rloo with leave-one-out baselines) and their options: `easytune.rl.recipe`.
 
 The reward is a Python function over prompts and completions (`--reward_fn=module:function`, see
 `easytune.rewards`) or an easytune reward model (`--reward_model`: a train_reward run or an HF

@@ -35,6 +35,9 @@ def too_few(prompts, completions, **kwargs):
 def nan(prompts, completions, **kwargs):
     return [math.nan for _ in completions]
 
+def constant(prompts, completions, **kwargs):
+    return [1.0 for _ in completions]
+
 def sees_columns(prompts, completions, completion_ids, answer, task, **kwargs):
     assert len(answer) == len(task) == len(completions) == len(completion_ids)
     return [float(len(ids)) for ids in completion_ids]
@@ -84,6 +87,38 @@ def test_grpo_raises_a_programmatic_reward(char_chat_model, prompt_file, reward_
     assert history[0]["objective/kl"] == 0.0   # the reference is the initial policy
     assert history[-1]["objective/kl"] > 0.0
     assert "value/loss" not in history[0]     # no critic
+
+
+@pytest.mark.parametrize("algo, reward, overrides", [
+    ("dapo", "digit_fraction", {"overlong_buffer": 8}),
+    ("gspo", "digit_fraction", {}),
+    ("dapo", "constant", {"iterations": 1}),
+])
+def test_grpo_family_runs_end_to_end(char_chat_model, prompt_file, reward_module, tmp_path, algo, reward, overrides):
+    """--algo=dapo and --algo=gspo through the RL recipe: old log-probs are the training
+    forward's (GSPO's sequence ratio is exactly 1 at the first step too), the overlong penalty is
+    charged, and with a reward that scores every completion alike dynamic sampling drops every
+    group: the jitted update runs on the same shapes with nothing counted and a zero loss."""
+    summary = run(make_cfg(char_chat_model, prompt_file, tmp_path, algo=algo, reward_fn=f"{reward_module}:{reward}",
+                           **overrides))
+    history = logged(tmp_path)
+    assert len(history) == overrides.get("iterations", 2)
+    assert summary["loss_type"] == {"dapo": "dapo", "gspo": "grpo"}[algo]
+    for h in history:
+        assert h["policy/ratio_deviation_first_step"] == 0.0
+        for name in ("policy/loss", "policy/clipfrac", "policy/kl_ref", "reward/group_std"):
+            assert math.isfinite(h[name]), name
+        if algo == "gspo":  # units: the minibatch's sequences (16 completions / 2 minibatches)
+            assert h["policy/sequences"] == 8 and "reward/dropped_groups" not in h
+        elif reward == "constant":  # 4 prompts x 4 completions, every group alike
+            assert h["reward/dropped_groups"] == 4 and h["policy/response_tokens"] == 0 and h["policy/loss"] == 0
+        else:
+            assert 0 <= h["reward/dropped_groups"] < 4 and h["policy/response_tokens"] > 0
+            assert -1 <= h["reward/overlong_penalty"] <= 0
+            assert h["reward/penalized_mean"] == pytest.approx(h["reward/mean"] + h["reward/overlong_penalty"],
+                                                               abs=1e-6)
+    if reward == "digit_fraction":
+        assert history[-1]["policy/ratio_deviation"] > 0.0
 
 
 def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_module, tmp_path):
@@ -176,9 +211,9 @@ def test_rloo_qlora_policy_scores_with_a_reward_model(char_chat_model, prompt_fi
 
 
 def test_a_grpo_variant_is_one_registered_function(monkeypatch):
-    """A GRPO variant (Dr. GRPO's advantages: no division by the group's std) is one registered
-    estimator and one algorithm entry; RLConfig, the loop's advantages step and the loss take it by
-    name, unchanged. (Registered into copies of the registries, so no other test sees it.)"""
+    """A GRPO variant (here unscaled advantages, as Dr. GRPO's) is one registered estimator and one
+    algorithm entry; RLConfig, the loop's advantages step and the loss take it by name, unchanged.
+    (Registered into copies of the registries, so no other test sees it.)"""
     import copy
     import dataclasses
 
@@ -191,11 +226,11 @@ def test_a_grpo_variant_is_one_registered_function(monkeypatch):
         return ppo.group_relative_advantages(dataclasses.replace(options, scale_rewards="none"), scores, kl, kl_coef,
                                              mask, values)
 
-    ppo.ALGORITHMS.add("dr_grpo", ppo.Algorithm("unscaled_group", "per_token", ("loss", "reward")))
-    options = ppo.RLConfig(algo="dr_grpo", group_size=4)
-    assert options.kl_in == "loss" and not options.uses_critic and options.policy_loss.unit == "response_tokens"
+    ppo.ALGORITHMS.add("my_grpo", ppo.Algorithm("unscaled_group", "per_token", ("loss", "reward")))
+    options = ppo.RLConfig(algo="my_grpo", group_size=4)
+    assert options.kl_in == "loss" and not options.uses_critic and options.loss_aggregation.unit == "response_tokens"
     with pytest.raises(ValueError, match="rollouts_per_prompt must be >= 2"):
-        ppo.RLConfig(algo="dr_grpo", group_size=1)
+        ppo.RLConfig(algo="my_grpo", group_size=1)
     rng = np.random.default_rng(0)
     mask = (np.arange(5)[None, :] < rng.integers(1, 6, (8, 1))).astype(np.int32)
     rows = {"response_mask": mask, "old_logprobs": -rng.random((8, 5), np.float32),
@@ -270,11 +305,76 @@ def test_a_failing_reward_function_stops_the_run_with_its_name(char_chat_model, 
     (dict(reward_model="/nonexistent"), "exactly one of --reward_fn"),
     (dict(reward_fn=None), "exactly one of --reward_fn"),
     (dict(temperature=0.0), "--temperature must be > 0"),
+    (dict(algo="dr_grpo", scale_rewards="group"),
+     "DR_GRPO does not divide its advantages by a standard deviation (--scale_rewards=none); --scale_rewards=group "
+     "is for grpo, dapo and gspo."),
+    (dict(algo="rloo", scale_rewards="batch"), "RLOO has no group advantages to scale; --scale_rewards=batch is for"),
+    (dict(algo="ppo", loss_type="grpo"),
+     "PPO averages its loss over the minibatch's tokens (--loss_type=dapo); --loss_type=grpo is for grpo, rloo, dapo, "
+     "dr_grpo and gspo."),
+    (dict(algo="rloo", loss_type="dapo"), "RLOO averages each sequence's token mean over the sequences"),
+    (dict(algo="dapo", loss_type="luspo"), "unknown --loss_type 'luspo'; use one of dapo, bnpo, grpo, dr_grpo."),
+    (dict(algo="ppo", dynamic_sampling=True), "PPO has no prompt groups (use grpo, rloo, dapo, dr_grpo or gspo)."),
+    (dict(algo="rloo", kl_in="none"), "RLOO folds the KL penalty into the rewards; --kl_in=none is for grpo, dapo"),
+    (dict(algo="dapo", rollouts_per_prompt=1), "rollouts_per_prompt must be >= 2"),
+    (dict(algo="dapo", cliprange_high=-0.1), "--cliprange_high must be >= 0"),
+    (dict(algo="dapo", overlong_buffer=32), "--overlong_buffer (32) must be at most the length it ends at, 16"),
+    (dict(algo="dapo", overlong_max_length=8), "only applies with --overlong_buffer > 0"),
 ])
 def test_bad_options_are_clear_errors(char_chat_model, prompt_file, reward_module, tmp_path, overrides, message):
     settings = {"reward_fn": f"{reward_module}:digit_fraction", **overrides}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run(make_cfg(char_chat_model, prompt_file, tmp_path, **settings))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # DAPO: clip-higher, the token-level loss, no KL, dynamic sampling
+    (["--algo=dapo"], dict(clip_high=0.28, loss_type="dapo", kl_in="none", scale_rewards="group",
+                           dynamic_sampling=True)),
+    (["--algo=dapo", "--cliprange_high=0.3", "--loss_type=bnpo", "--kl_in=loss"],
+     dict(clip_high=0.3, loss_type="bnpo", kl_in="loss", dynamic_sampling=True)),
+    # Dr. GRPO, and the same from TRL's config names on grpo
+    (["--algo=dr_grpo"], dict(clip_high=0.2, loss_type="dr_grpo", kl_in="loss", scale_rewards="none",
+                              dynamic_sampling=False)),
+    (["--algo=grpo", "--loss_type=dr_grpo", "--scale_rewards=none"],
+     dict(loss_type="dr_grpo", scale_rewards="none", kl_in="loss")),
+    (["--algo=dr_grpo", "--scale_rewards=none", "--loss_type=dapo"], dict(loss_type="dapo", scale_rewards="none")),
+    # GSPO: a sequence ratio, each sequence's loss averaged alike (TRL's recommended loss_type="grpo")
+    (["--algo=gspo", "--cliprange=3e-4", "--cliprange_high=4e-4"],
+     dict(clip_high=4e-4, cliprange=3e-4, loss_type="grpo", kl_in="loss", scale_rewards="group")),
+    (["--algo=grpo", "--dynamic_sampling", "--kl_in=none"], dict(dynamic_sampling=True, kl_in="none",
+                                                                 loss_type="dapo", clip_high=0.2)),
+    (["--algo=rloo", "--dynamic_sampling"], dict(dynamic_sampling=True, loss_type="grpo", scale_rewards=None)),
+    (["--algo=ppo"], dict(loss_type="dapo", scale_rewards=None, dynamic_sampling=False, kl_in="reward")),
+])
+def test_grpo_family_flags_parse_into_rl_options(argv, expected):
+    """The command line (absl) through the recipe into RLConfig: the algorithm's choices where a
+    flag is left unset, the flag where it is given; and the pieces each algorithm names."""
+    from absl import flags
+
+    from easytune import config
+    from easytune.algos import ppo
+    from easytune.rl.recipe import RLRecipe
+    flag_values = flags.FlagValues()
+    config.define_flags(DEFAULTS, DOCS, flag_values=flag_values)
+    flag_values(["train_ppo", *argv])
+    options = RLRecipe.options(config.read_config(DEFAULTS, flag_values=flag_values))
+    for name, value in expected.items():
+        assert getattr(options, name) == value, name
+    algorithm = ppo.ALGORITHMS.get(options.algo)
+    assert options.policy_loss is ppo.POLICY_LOSSES.get(
+        {"gspo": "sequence_ratio", "rloo": "per_sequence"}.get(options.algo, "per_token"))
+    assert algorithm.advantage_estimator == {"ppo": "gae", "rloo": "leave_one_out"}.get(options.algo, "group")
+
+
+def test_a_bad_algorithm_combination_is_one_sentence_on_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "easytune.train_ppo", "--algo=dr_grpo", "--scale_rewards=batch",
+                             f"--output_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "easytune: error: DR_GRPO does not divide its advantages by a standard deviation (--scale_rewards=none); "
+        "--scale_rewards=batch is for grpo, dapo and gspo.")
 
 
 def test_bad_prompt_records_name_the_line(char_chat_model, reward_module, tmp_path):

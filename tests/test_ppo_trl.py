@@ -15,7 +15,9 @@ TRL is the oracle throughout: its code is run, never restated here. Where it com
   `_generate_and_score_completions`; `GRPOTrainer._compute_loss` called unbound with a stand-in
   self), `trl/trainer/rloo_trainer.py` (the leave-one-out advantage block;
   `RLOOTrainer._compute_loss`), `trl.trainer.utils` (`nanstd`, `selective_log_softmax`,
-  `entropy_from_logits`, which the 1.8.0 blocks also use).
+  `entropy_from_logits`, which the 1.8.0 blocks also use); for the GRPO family (DAPO, Dr. GRPO,
+  GSPO) the same `GRPOTrainer._compute_loss` with each `loss_type` (grpo, bnpo, dr_grpo, dapo) and
+  `importance_sampling_level` (token, sequence), and `trl.rewards.get_soft_overlong_punishment`.
 
 Old versions are never installed: their wheels are fetched once with `pip download --no-deps` into
 `<easytune cache>/trl-wheels` and read with zipfile; functions and classes are taken out with `ast`
@@ -658,3 +660,245 @@ def test_rloo_kl_in_the_reward_and_advantages_match_trl(normalize):
     advantages, metrics = rl.RLSteps.advantages(stand_in, rows, scores.numpy())
     close(advantages["advantages"], (theirs["advantages"][:, None] * mask).numpy())
     close(metrics["objective/kl"], theirs["kl"].mean())
+
+
+# ----------------------------------------------------------------------------- 8. the GRPO family
+
+def trl_grpo_loss(torch_policy, input_ids, positions, response_mask, temperature, advantages, old, ref, *,
+                  loss_type, beta, low, high, level="token"):
+    """TRL 1.16 `GRPOTrainer._compute_loss` (eval mode: one process, no accumulation) with
+    `loss_type`, `importance_sampling_level=level`, `beta`, `epsilon_low`/`epsilon_high`, and
+    max_completion_length the response width (ours: max_new_tokens)."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+    return trl_compute_loss(
+        GRPOTrainer, torch_policy, input_ids, positions, response_mask, temperature,
+        {"advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+         "num_items_in_batch": torch.tensor(float(response_mask.sum()))},
+        loss_type=loss_type, beta=beta, epsilon_low=low, epsilon_high=high, importance_sampling_level=level,
+        max_completion_length=response_mask.shape[1], top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None))
+
+
+def _group_family_batch(torch_policy, seed, noise, temperature):
+    """A rollout batch on the tiny model (two prompt groups of 4) with noisy old and reference
+    log-probs and centred per-sequence advantages: (batch for our loss, TRL's inputs)."""
+    input_ids, positions, segment_ids, response_mask = rollout_tokens(seed)
+    old, ref = _rollout_logprobs(torch_policy, input_ids, positions, temperature, seed=seed + 1, noise=noise)
+    advantages = torch.randn(BATCH, generator=torch.Generator().manual_seed(seed + 2))
+    advantages -= advantages.mean()  # both signs
+    batch = dict(input_ids=input_ids, positions=positions, segment_ids=segment_ids, response_mask=response_mask,
+                 old_logprobs=old.numpy(), ref_logprobs=ref.numpy(),
+                 advantages=np.repeat(advantages.numpy()[:, None], RESPONSE, axis=1))
+    theirs = dict(input_ids=input_ids, positions=positions, response_mask=response_mask, temperature=temperature,
+                  advantages=advantages, old=old, ref=ref)
+    return batch, theirs
+
+
+@pytest.mark.parametrize("algo, level, low, high", [("grpo", "token", 0.2, 0.28), ("gspo", "sequence", 3e-4, 4e-4)])
+def test_grpo_loss_types_match_trl(tiny_models, algo, level, low, high):
+    """Each of TRL's loss types (--loss_type: grpo, bnpo, dr_grpo, dapo) with the k3 KL term in the
+    loss, clip-higher, and the token ratio (--algo=grpo) or GSPO's sequence ratio (--algo=gspo,
+    TRL's importance_sampling_level="sequence": exp of the masked mean of the token log ratios,
+    clipped as tightly as the GSPO paper does)."""
+    torch_policy, _, policy, _ = tiny_models
+    temperature, beta = 0.7, 0.1
+    batch, inputs = _group_family_batch(torch_policy, seed=30, noise=0.3, temperature=temperature)
+    batch["kl_coef"] = np.full((BATCH, 1), beta, np.float32)
+    losses = {}
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        options = ppo.RLConfig(algo=algo, loss_type=loss_type, kl_in="loss", kl_estimator="k3", kl_coef=beta,
+                               temperature=temperature, cliprange=low, cliprange_high=high, group_size=4)
+        losses[loss_type], metrics = ours(ppo.policy_loss_fn(options), policy, batch)
+        theirs, logged = trl_grpo_loss(torch_policy, **inputs, loss_type=loss_type, beta=beta, low=low, high=high,
+                                       level=level)
+        close(losses[loss_type], theirs, err_msg=loss_type)
+        # clip fraction over the ratio's units (tokens, or sequences for GSPO), as TRL logs it
+        assert 0 < logged["clip_ratio/region_mean"] < 1
+        close(metrics["policy/clipfrac"], logged["clip_ratio/region_mean"])
+        close(metrics["policy/kl_ref"], logged["kl"])
+        close(metrics["policy/entropy"], logged["entropy"])
+    # the ragged lengths tell the aggregations apart (bnpo and dapo agree with one process)
+    assert len({round(losses[name], 6) for name in ("grpo", "dapo", "dr_grpo")}) == 3
+
+
+def test_gspo_ratio_is_the_geometric_mean_of_the_token_ratios(tiny_models):
+    """GSPO's clipped quantity is exp(mean log ratio) per sequence, not the token ratios nor their
+    product (RLOO's): with β = 0, --loss_type=grpo and clipping out of reach, the loss is
+    −mean over sequences of A·exp(mean log ratio), computed here from the transformers model."""
+    torch_policy, _, policy, _ = tiny_models
+    temperature = 0.7
+    batch, inputs = _group_family_batch(torch_policy, seed=40, noise=0.3, temperature=temperature)
+    options = ppo.RLConfig(algo="gspo", kl_in="none", temperature=temperature, cliprange=0.99, cliprange_high=100.0,
+                           group_size=4)
+    loss, metrics = ours(ppo.policy_loss_fn(options), policy, batch)
+    logps, _ = _rollout_logprobs(torch_policy, inputs["input_ids"], inputs["positions"], temperature, seed=0,
+                                 noise=0.0)
+    mask = torch.tensor(inputs["response_mask"]).float()
+    ratio = (((logps - inputs["old"]) * mask).sum(1) / mask.sum(1)).exp()
+    assert ratio.min() < 0.9 and ratio.max() > 1.1  # far from 1: the definition is tested, not the limit
+    close(loss, -(inputs["advantages"] * ratio).mean())
+    close(metrics["policy/ratio"], ratio.mean())
+    assert metrics["policy/clipfrac"] == 0
+
+
+def _group_scores():
+    """Scores of two prompt groups of 4: the first varied, the second all the same."""
+    return torch.tensor([0.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def _trl_group_advantages(rewards, scale):
+    from trl.trainer.utils import nanstd
+    where = "trl (installed) grpo_trainer.py GRPOTrainer._generate_and_score_completions"
+    code = trl_block(installed_source("trl.trainer.grpo_trainer"), where,
+                     "mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)",
+                     "is_std_zero = torch.isclose(std_rewards, torch.zeros_like(std_rewards))")
+    return run_block(code, where, {"torch": torch, "nanstd": nanstd}, rewards=rewards, num_generations=4,
+                     self=types.SimpleNamespace(scale_rewards=scale))
+
+
+def _advantage_rows(batch):
+    return {"response_mask": batch["response_mask"], "old_logprobs": batch["old_logprobs"],
+            "ref_logprobs": batch["ref_logprobs"], "old_values": np.zeros((BATCH, RESPONSE), np.float32)}
+
+
+def test_dapo_matches_trl_and_drops_uniform_groups(tiny_models):
+    """--algo=dapo as it comes: clip-higher (ε_high 0.28), the token-level loss, no KL, dynamic
+    sampling. The RL loop's advantages (TRL's group block) and its minibatch (`minibatch_rows`) on
+    a rollout whose second prompt group all scored the same give TRL's "dapo" loss on the first
+    group alone, as DAPO's dynamic sampling leaves the uniform group out of the batch."""
+    from easytune import rl
+    torch_policy, _, policy, _ = tiny_models
+    temperature = 0.7
+    batch, inputs = _group_family_batch(torch_policy, seed=55, noise=0.3, temperature=temperature)
+    batch["kl_coef"] = np.full((BATCH, 1), 0.1, np.float32)  # charged only if the KL were in the loss
+    options = ppo.RLConfig(algo="dapo", temperature=temperature, group_size=4)
+    assert (options.clip_high, options.kl_in, options.loss_type, options.dynamic_sampling) == (0.28, "none", "dapo",
+                                                                                                True)
+    scores = _group_scores()
+    trl_advantages = _trl_group_advantages(scores.clone(), "group")["advantages"]
+    stand_in = types.SimpleNamespace(options=options, kl=ppo.FixedKLController(0.1))
+    out, metrics = rl.RLSteps.advantages(stand_in, _advantage_rows(batch), scores.numpy())
+    close(out["advantages"], trl_advantages[:, None].numpy() * batch["response_mask"])
+    np.testing.assert_array_equal(out["keep"][:, 0], [1, 1, 1, 1, 0, 0, 0, 0])
+    assert metrics["reward/dropped_groups"] == 1
+    rows = {**batch, "advantages": out["advantages"], "keep": out["keep"]}
+    minibatch = rl.minibatch_rows(rows, np.arange(BATCH), list(batch))
+    loss, metrics = ours(ppo.policy_loss_fn(options), policy, minibatch)
+
+    kept = slice(0, 4)
+    theirs, logged = trl_grpo_loss(
+        torch_policy, input_ids=inputs["input_ids"][kept], positions=inputs["positions"][kept],
+        response_mask=inputs["response_mask"][kept], temperature=temperature, advantages=trl_advantages[kept],
+        old=inputs["old"][kept], ref=inputs["ref"][kept], loss_type="dapo", beta=0.0, low=0.2, high=0.28)
+    close(loss, theirs)
+    close(metrics["policy/clipfrac"], logged["clip_ratio/region_mean"])
+    # clip-higher matters here: some kept tokens with A > 0 have a ratio in (1.2, 1.28], where a
+    # symmetric clip would cut them off
+    logps, _ = _rollout_logprobs(torch_policy, inputs["input_ids"], inputs["positions"], temperature, seed=0,
+                                 noise=0.0)
+    ratio = (logps - inputs["old"]).exp()[kept]
+    mask = torch.tensor(inputs["response_mask"][kept]).bool()
+    assert ((ratio > 1.2) & (ratio <= 1.28) & (trl_advantages[kept, None] > 0) & mask).any()
+    # and the drop matters: kept in the batch, the uniform group's tokens would dilute the average
+    undropped, _ = ours(ppo.policy_loss_fn(options), policy, {**batch, "advantages": out["advantages"]})
+    tokens = batch["response_mask"].sum()
+    close(undropped * tokens, loss * batch["response_mask"][kept].sum())
+    assert abs(undropped - loss) > 1e-3
+
+
+def test_dr_grpo_matches_trl(tiny_models):
+    """--algo=dr_grpo: the RL loop's advantages are TRL's with scale_rewards="none" (no division by
+    the group's std), and the loss is TRL's "dr_grpo": the sum over tokens / (sequences x
+    max_completion_length), with the k3 KL in the loss."""
+    from easytune import rl
+    torch_policy, _, policy, _ = tiny_models
+    temperature, beta = 0.7, 0.1
+    batch, inputs = _group_family_batch(torch_policy, seed=60, noise=0.3, temperature=temperature)
+    batch["kl_coef"] = np.full((BATCH, 1), beta, np.float32)
+    options = ppo.RLConfig(algo="dr_grpo", kl_coef=beta, temperature=temperature, group_size=4)
+    assert (options.scale_rewards, options.loss_type, options.kl_in) == ("none", "dr_grpo", "loss")
+    scores = torch.randn(BATCH, generator=torch.Generator().manual_seed(61)) * 3
+    trl_advantages = _trl_group_advantages(scores.clone(), "none")["advantages"]
+    assert not torch.allclose(trl_advantages, _trl_group_advantages(scores.clone(), "group")["advantages"])
+    stand_in = types.SimpleNamespace(options=options, kl=ppo.FixedKLController(beta))
+    out, metrics = rl.RLSteps.advantages(stand_in, _advantage_rows(batch), scores.numpy())
+    close(out["advantages"], trl_advantages[:, None].numpy() * batch["response_mask"])
+    assert np.all(out["keep"] == 1) and "reward/dropped_groups" not in metrics  # no dynamic sampling
+    loss, _ = ours(ppo.policy_loss_fn(options), policy, {**batch, "advantages": out["advantages"]})
+    theirs, _ = trl_grpo_loss(torch_policy, **{**inputs, "advantages": trl_advantages}, loss_type="dr_grpo",
+                              beta=beta, low=0.2, high=0.2)
+    close(loss, theirs)
+
+
+def test_uniform_groups_are_what_dynamic_sampling_drops():
+    """A group is dropped exactly when all its scores are equal (DAPO: accuracy 0 or 1 for a 0/1
+    reward), whatever the KL; a difference of one float32 ulp keeps it. Off (grpo's default) nothing is dropped;
+    --dynamic_sampling turns it on for grpo and rloo too."""
+    from easytune import rl
+    scores = np.array([1, 1, 1, 1,  1, 1, 1, np.nextafter(np.float32(1), np.float32(2)),  0, 0, 0, 0,
+                       0.2, 0.9, 0.4, 0.9], np.float32)
+    expected = np.repeat([True, False, True, False], 4)
+    np.testing.assert_array_equal(ppo.uniform_groups(jnp.asarray(scores), 4), expected)
+    rng = np.random.default_rng(0)
+    mask = (np.arange(5)[None, :] < rng.integers(1, 6, (16, 1))).astype(np.int32)
+    rows = {"response_mask": mask, "old_logprobs": -rng.random((16, 5), np.float32),
+            "ref_logprobs": -rng.random((16, 5), np.float32), "old_values": np.zeros((16, 5), np.float32)}
+    for algo, flag, dropped in (("dapo", None, 2), ("grpo", None, None), ("grpo", True, 2), ("rloo", True, 2),
+                                ("dr_grpo", None, None)):
+        options = ppo.RLConfig(algo=algo, group_size=4, dynamic_sampling=flag)
+        stand_in = types.SimpleNamespace(options=options, kl=ppo.FixedKLController(0.1))
+        out, metrics = rl.RLSteps.advantages(stand_in, rows, scores)
+        assert metrics.get("reward/dropped_groups") == dropped, algo
+        keep = out["keep"][:, 0] > 0
+        np.testing.assert_array_equal(keep, ~expected if dropped else np.ones(16, bool))
+        minibatch = rl.minibatch_rows({**rows, "keep": out["keep"]}, np.arange(16), ["response_mask"])
+        np.testing.assert_array_equal(minibatch["response_mask"], mask * keep[:, None])
+        if not options.kl_placement.in_reward:
+            # a dropped group's advantages were 0 already: the drop changes only what the loss counts
+            # (with the KL in the reward, as rloo's default, it also drops the group's KL penalty)
+            assert np.all(out["advantages"][expected] == 0), algo
+
+
+@pytest.mark.parametrize("max_length, buffer", [(20, 5), (16, 16), (9, 1)])
+def test_overlong_penalty_matches_trl(max_length, buffer):
+    """DAPO's soft overlong punishment against TRL's own reward function
+    (`trl.rewards.get_soft_overlong_punishment`), over every length around the buffer, and the
+    definition's three pieces."""
+    from trl.rewards import get_soft_overlong_punishment
+    lengths = np.arange(0, max_length + 4)
+    theirs = get_soft_overlong_punishment(max_length, buffer)([[7] * n for n in lengths])
+    close(ppo.overlong_penalty(lengths, max_length, buffer), np.asarray(theirs, np.float32))
+    ours_ = np.asarray(ppo.overlong_penalty(lengths, max_length, buffer))
+    assert np.all(ours_[lengths <= max_length - buffer] == 0) and np.all(ours_[lengths > max_length] == -1)
+    inside = (lengths > max_length - buffer) & (lengths <= max_length)
+    close(ours_[inside], (max_length - buffer - lengths[inside]) / buffer)
+    assert ours_[max_length] == -1
+
+
+def test_rollout_scores_pay_the_overlong_and_missing_eos_penalties():
+    """The scores the advantages see (`RLSteps.shaped_scores`): the reward, less
+    --missing_eos_penalty without EOS, plus TRL's soft overlong punishment of each completion's
+    tokens (EOS included) with L_max = --overlong_max_length, else --max_new_tokens."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    from easytune import generate, rl
+    eos, max_new_tokens = 2, 10
+    responses = np.full((6, max_new_tokens), 5)
+    for row, length in enumerate([1, 5, 7, 8, 10]):  # EOS at the end: 1..10 tokens
+        responses[row, length - 1] = eos
+    # row 5: no EOS, runs to max_new_tokens
+    tokens, positions, segments = generate.left_pad([[3, 4]] * 6, length=2)
+    rows = rl.response_rows(tokens, positions, segments, responses, eos_ids=[eos])
+    raw = np.linspace(-1, 1, 6).astype(np.float32)
+    for overlong_max_length, limit in ((0, max_new_tokens), (8, 8)):
+        settings = rl.RolloutConfig(rollout_batch_size=6, max_new_tokens=max_new_tokens, missing_eos_penalty=0.5,
+                                    overlong_buffer=4, overlong_max_length=overlong_max_length)
+        scores, metrics = rl.RLSteps.shaped_scores(types.SimpleNamespace(settings=settings), rows, raw)
+        penalty = np.asarray(get_soft_overlong_punishment(limit, 4)(rl.completion_ids(rows)), np.float32)
+        assert (penalty == 0).any() and ((penalty < 0) & (penalty > -1)).any() and (penalty == -1).any()
+        close(scores, raw - 0.5 * (rows["has_eos"][:, 0] == 0) + penalty)
+        close(metrics["reward/overlong_penalty"], penalty.mean())
+    off = rl.RolloutConfig(rollout_batch_size=6, max_new_tokens=max_new_tokens, missing_eos_penalty=0.5)
+    scores, metrics = rl.RLSteps.shaped_scores(types.SimpleNamespace(settings=off), rows, raw)
+    close(scores, raw - 0.5 * (rows["has_eos"][:, 0] == 0))
+    assert metrics == {}

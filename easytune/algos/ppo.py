@@ -1,4 +1,5 @@
-"""RL for language models: PPO, GRPO and RLOO, as pure functions over `[batch, response]` arrays.
+"""RL for language models: PPO, GRPO and its family (DAPO, Dr. GRPO, GSPO) and RLOO, as pure
+functions over `[batch, response]` arrays.
 
 Each piece matches TRL's definition on identical tensors (tests/test_ppo_trl.py):
 
@@ -6,28 +7,44 @@ Each piece matches TRL's definition on identical tensors (tests/test_ppo_trl.py)
     kl_penalty(logprobs, ref_logprobs, estimator)    k1 = log π − log π_ref; k2 = ½(log ratio)²;
                                                      k3 = exp(log π_ref − log π) − 1 − (log π_ref − log π)
     penalize_missing_eos(scores, has_eos, penalty)   scores − penalty for completions without EOS
+    overlong_penalty(lengths, max_length, buffer)    DAPO's soft overlong punishment: 0, linear to −1 over
+                                                     the last `buffer` tokens before max_length, −1 past it
     token_rewards(scores, kl, end_index, kl_coef)    −β·KL per token, the sequence score added at end_index
     gae(rewards, values, gamma, lam)                 generalized advantage estimation -> (advantages, returns)
-    group_advantages(rewards, group_size, scale)     GRPO: (r − group mean) / (std + 1e-4)
+    group_advantages(rewards, group_size, scale)     GRPO: (r − group mean) / (std + 1e-4); Dr. GRPO: no std
+    uniform_groups(scores, group_size)               the prompt groups DAPO's dynamic sampling drops
     leave_one_out_advantages(rewards, group_size)    RLOO: r − mean of the other completions of the prompt
-    clipped_policy_loss(...)                         max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)) per token
+    clipped_policy_loss(...)                         max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), per token or
+                                                     per sequence (GSPO's ρ = exp(mean log ratio))
     clipped_value_loss(...)                          ½·max((v − R)², (clip(v, v_old ± ε_v) − R)²) per token
     AdaptiveKLController                             Ziegler et al. 2019's proportional controller
 
-An algorithm (`ALGORITHMS`: ppo, grpo, rloo) names its registered pieces (`easytune.algos.registry`,
-as google/tunix): an advantage estimator (`ADVANTAGE_ESTIMATORS`: gae, group, leave_one_out), a
-policy loss (`POLICY_LOSSES`: per_token, per_sequence) and the KL placements it takes
-(`KL_PLACEMENTS`: reward, loss). The RL loop and the losses look the pieces up by name and never
-ask which algorithm runs, so a variant (say Dr. GRPO's unscaled advantages, or GSPO's sequence
-ratio) is one function registered with `@advantage_estimator(...)` or `@policy_loss(...)` and one
-`ALGORITHMS.add(name, Algorithm(...))` line beside it.
+An algorithm (`ALGORITHMS`: ppo, grpo, dapo, dr_grpo, gspo, rloo) names its registered pieces
+(`easytune.algos.registry`, as google/tunix): an advantage estimator (`ADVANTAGE_ESTIMATORS`: gae,
+group, leave_one_out), a policy loss (`POLICY_LOSSES`: per_token, per_sequence, sequence_ratio),
+the KL placements it takes (`KL_PLACEMENTS`: reward, loss, none) and the loss types it takes
+(`LOSS_TYPES`, TRL GRPOTrainer's `loss_type` names: dapo and bnpo = Σ over the minibatch's tokens /
+their number, grpo = mean over sequences of each one's token mean, dr_grpo = Σ / (sequences ×
+max_new_tokens)), the first of each its default; and its defaults for the upper clip epsilon and
+dynamic sampling. The RL loop and the losses look the pieces up by name and never ask which
+algorithm runs, so a variant is one function registered with `@advantage_estimator(...)`,
+`@policy_loss(...)` or `@loss_type(...)` and one `ALGORITHMS.add(name, Algorithm(...))` line:
+
+    grpo     group (--scale_rewards), per_token, KL loss|reward|none, loss dapo|bnpo|grpo|dr_grpo
+    dapo     as grpo, with clip-higher (ε_high 0.28), dynamic sampling and no KL by default; its
+             overlong penalty is a reward term of the rollout (--overlong_buffer)
+    dr_grpo  as grpo, with --scale_rewards=none only and --loss_type=dr_grpo by default
+    gspo     group, sequence_ratio, KL loss|reward|none, --loss_type=grpo by default (TRL's
+             importance_sampling_level="sequence"; with dapo, bnpo or dr_grpo each sequence's
+             loss then weighs by its length, as with TRL, which warns about it)
 
 The losses the training loop runs (`policy_loss_fn`, `value_loss_fn`) read a rollout
 batch: `input_ids`, `positions`, `segment_ids` `[batch, prompt + response]` (prompt left-padded,
 response right-padded) and per-response-token `[batch, response]` arrays: `response_mask` (1 up to
-and including the EOS), `old_logprobs` and `old_values` (recorded at rollout time, before any
-update), `ref_logprobs`, `advantages`, `returns`; and `kl_coef` `[batch, 1]`, the iteration's KL
-coefficient (a traced input, so the adaptive controller's value reaches the loss).
+and including the EOS; all 0 for a row dynamic sampling dropped), `old_logprobs` and `old_values`
+(recorded at rollout time, before any update), `ref_logprobs`, `advantages`, `returns`; and
+`kl_coef` `[batch, 1]`, the iteration's KL coefficient (a traced input, so the adaptive
+controller's value reaches the loss).
 
 Conventions (where TRL's PPOTrainer is tied to its own padding, ours are stated):
 - A response's tokens run up to and including its first EOS; a response with no EOS runs to
@@ -35,6 +52,9 @@ Conventions (where TRL's PPOTrainer is tied to its own padding, ours are stated)
 - The score is added to the reward of the response's last token (the EOS), and values are 0 past
   it, so GAE's bootstrap ends there.
 - Log-probs are of logits / temperature, at rollout and in training alike.
+- The loss types normalize per minibatch (over its micro-batches): TRL's "dapo" divides by the
+  generation batch's tokens / optimizer steps per generation and "bnpo" by each micro-batch's
+  tokens; they equal ours with one minibatch per iteration and no accumulation respectively.
 """
 from __future__ import annotations
 
@@ -75,12 +95,26 @@ class PolicyLoss:
     """`losses(options, logps, old_logprobs, advantages, mask, kl) -> (losses, ratio, clipped, weight)`.
 
     logps, old_logprobs, advantages, mask `[batch, response]`; kl `[batch, response]` the per-token
-    in-loss KL term (beta already applied) or None when the placement puts none in the loss. The
-    outputs are per unit (`[batch, response]` for tokens, `[batch]` for sequences): the loss,
-    the importance ratio, where the clip was active, and the unit's weight (0 for padding)."""
+    in-loss KL term (beta already applied) or None when the placement puts none in the loss.
+    `losses` is per token `[batch, response]` (a sequence-level loss is put on each of its tokens,
+    as TRL broadcasts its `(B, 1)` losses), for the --loss_type to aggregate; `ratio`, `clipped`
+    (where the clip was active) and `weight` (0 for padding) are per ratio unit: `[batch, response]`
+    for a token ratio, `[batch]` for a sequence ratio, and the clip fraction and mean ratio are
+    reported over those units."""
 
     losses: Callable
-    unit: str                   # what the loss averages over: the count's name in the metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class LossType:
+    """How a minibatch's per-token losses become one number (TRL GRPOTrainer's `loss_type`):
+    `weights(mask) -> (weight [batch, response], count)`, the loss being Σ loss·weight / Σ count over
+    the minibatch's micro-batches. A row whose mask is all 0 (a group dynamic sampling dropped) is
+    in neither. `unit` names what count counts in the metrics."""
+
+    weights: Callable
+    unit: str
+    description: str            # what it does, for errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,24 +128,40 @@ class KLPlacement:
     description: str            # what it does, for errors
 
 
+GROUP_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """An RL algorithm as the names of its registered pieces; the first KL placement is its
-    default --kl_in."""
+    """An RL algorithm as the names of its registered pieces and the choices it takes: the KL
+    placements (--kl_in), loss types (--loss_type) and advantage scalings (--scale_rewards; () when
+    its estimator reads none), the first of each its default; its default upper clip epsilon (0:
+    --cliprange) and whether it drops prompt groups that all scored the same (DAPO's dynamic
+    sampling)."""
 
     advantage_estimator: str
     policy_loss: str
     kl_placements: tuple[str, ...]
+    loss_types: tuple[str, ...] = GROUP_LOSS_TYPES
+    scale_rewards: tuple[str, ...] = SCALE_REWARDS
+    cliprange_high: float = 0.0
+    dynamic_sampling: bool = False
 
     def __post_init__(self):  # a misspelt piece fails at registration, not in the first iteration
         ADVANTAGE_ESTIMATORS.get(self.advantage_estimator)
         POLICY_LOSSES.get(self.policy_loss)
         for name in self.kl_placements:
             KL_PLACEMENTS.get(name)
+        for name in self.loss_types:
+            LOSS_TYPES.get(name)
+        if not set(self.scale_rewards) <= set(SCALE_REWARDS):
+            raise ValueError(f"unknown scale_rewards in {self.scale_rewards}; use {', '.join(SCALE_REWARDS)}.")
 
 
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+LOSS_TYPES: Registry[LossType] = Registry("--loss_type")
 KL_PLACEMENTS: Registry[KLPlacement] = Registry("--kl_in")
 ALGORITHMS: Registry[Algorithm] = Registry("--algo")
 
@@ -124,63 +174,111 @@ def advantage_estimator(name: str, *, uses_critic: bool = False, min_group_size:
     return register
 
 
-def policy_loss(name: str, *, unit: str):
-    """Registers the decorated `losses` (see `PolicyLoss`) as policy loss `name`, averaged per `unit`."""
+def policy_loss(name: str):
+    """Registers the decorated `losses` (see `PolicyLoss`) as policy loss `name`."""
     def register(losses):
-        POLICY_LOSSES.add(name, PolicyLoss(losses, unit))
+        POLICY_LOSSES.add(name, PolicyLoss(losses))
         return losses
     return register
 
 
+def loss_type(*names: str, unit: str, description: str):
+    """Registers the decorated `weights` (see `LossType`) as each of the loss types `names`."""
+    def register(weights):
+        for name in names:
+            LOSS_TYPES.add(name, LossType(weights, unit, description))
+        return weights
+    return register
+
+
+def _listed(names, conjunction: str = "and") -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
+
+
+def _algorithm_choice(algo: str, flag: str, value, field: str, takes: str):
+    """`value` of --`flag`, or the algorithm's default (the first of its `field`) when None; one
+    the algorithm does not take is an error that says what it takes (`takes`) and which
+    algorithms take `value`."""
+    accepted = getattr(ALGORITHMS.get(algo), field)
+    if value is None:
+        return accepted[0] if accepted else None
+    if value not in accepted:
+        takers = [name for name in ALGORITHMS if value in getattr(ALGORITHMS.get(name), field)]
+        raise ValueError(f"{algo.upper()} {takes}; --{flag}={value} is for {_listed(takers)}.")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """What the losses and advantages need; the entry point's flags fill it (see train_ppo --help)."""
+    """What the losses and advantages need; the entry point's flags fill it (see train_ppo --help).
+    None (and cliprange_high 0) is the algorithm's choice; __post_init__ fills it in and refuses a
+    choice the algorithm does not take."""
 
     algo: str = "ppo"
     temperature: float = 1.0
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
-    kl_in: str | None = None          # a KL_PLACEMENTS name; None: the algorithm's default
+    kl_in: str | None = None          # a KL_PLACEMENTS name
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
     whiten_advantages: bool = True    # PPO
     cliprange: float = 0.2
-    cliprange_high: float = 0.0       # 0 = same as cliprange (GRPO/DAPO "clip higher" when larger)
+    cliprange_high: float = 0.0       # 0 = the algorithm's (DAPO's clip-higher 0.28), else cliprange
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    scale_rewards: str = "group"      # GRPO: group, batch or none
+    scale_rewards: str | None = None  # group estimators: group, batch or none
     normalize_advantages: bool = False  # RLOO: whiten over the batch after the baseline
     group_size: int = 1               # completions per prompt
+    loss_type: str | None = None      # a LOSS_TYPES name (TRL's loss_type)
+    dynamic_sampling: bool | None = None  # drop prompt groups that all scored the same (DAPO)
 
     def __post_init__(self):
         algorithm = ALGORITHMS.get(self.algo)
-        if self.kl_in is None:
-            object.__setattr__(self, "kl_in", algorithm.kl_placements[0])
+        name = self.algo.upper()
+        resolve = lambda field, value: object.__setattr__(self, field, value)  # noqa: E731 (frozen)
+        KL_PLACEMENTS.get(self.kl_in or algorithm.kl_placements[0])
+        resolve("kl_in", _algorithm_choice(self.algo, "kl_in", self.kl_in, "kl_placements",
+                                           KL_PLACEMENTS.get(algorithm.kl_placements[0]).description))
+        if self.loss_type is not None:
+            LOSS_TYPES.get(self.loss_type)
+        default_loss = LOSS_TYPES.get(algorithm.loss_types[0])
+        resolve("loss_type", _algorithm_choice(self.algo, "loss_type", self.loss_type, "loss_types",
+                                               f"{default_loss.description} (--loss_type={algorithm.loss_types[0]})"))
+        if self.scale_rewards is not None and self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"--scale_rewards must be group, batch or none, got {self.scale_rewards!r}.")
+        resolve("scale_rewards", _algorithm_choice(
+            self.algo, "scale_rewards", self.scale_rewards, "scale_rewards",
+            "has no group advantages to scale" if not algorithm.scale_rewards
+            else "does not divide its advantages by a standard deviation (--scale_rewards=none)"
+            if algorithm.scale_rewards == ("none",)
+            else f"takes --scale_rewards={' or '.join(algorithm.scale_rewards)}"))
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown --kl_estimator {self.kl_estimator!r}; use k1, k2 or k3.")
-        KL_PLACEMENTS.get(self.kl_in)
-        if self.kl_in not in algorithm.kl_placements:
-            default = KL_PLACEMENTS.get(algorithm.kl_placements[0])
-            takers = [name for name in ALGORITHMS if self.kl_in in ALGORITHMS.get(name).kl_placements]
-            raise ValueError(f"{self.algo.upper()} {default.description}; --kl_in={self.kl_in} is for "
-                             f"{' and '.join(takers)}.")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0 for RL rollouts (sampling), got {self.temperature}.")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"--scale_rewards must be group, batch or none, got {self.scale_rewards!r}.")
         minimum = self.advantage_estimator.min_group_size
         if self.group_size < minimum:
             raise ValueError(f"{self.algo} compares the completions of a prompt: --rollouts_per_prompt must be "
                              f">= {minimum}, got {self.group_size}.")
+        if self.dynamic_sampling is None:
+            resolve("dynamic_sampling", algorithm.dynamic_sampling)
+        if self.dynamic_sampling and minimum < 2:
+            groups = [n for n in ALGORITHMS if ADVANTAGE_ESTIMATORS.get(ALGORITHMS.get(n).advantage_estimator)
+                      .min_group_size >= 2]
+            raise ValueError(f"--dynamic_sampling drops prompt groups whose completions all scored the same, and "
+                             f"{name} has no prompt groups (use {_listed(groups, 'or')}).")
         if not 0 < self.cliprange < 1:
             raise ValueError(f"--cliprange must be in (0, 1), got {self.cliprange}.")
+        if self.cliprange_high < 0:
+            raise ValueError(f"--cliprange_high must be >= 0 (0 = the algorithm's), got {self.cliprange_high}.")
         if self.kl_coef < 0:
             raise ValueError(f"--kl_coef must be >= 0, got {self.kl_coef}.")
 
     @property
     def clip_high(self) -> float:
-        return self.cliprange_high or self.cliprange
+        return self.cliprange_high or ALGORITHMS.get(self.algo).cliprange_high or self.cliprange
 
     @property
     def advantage_estimator(self) -> AdvantageEstimator:
@@ -189,6 +287,10 @@ class RLConfig:
     @property
     def policy_loss(self) -> PolicyLoss:
         return POLICY_LOSSES.get(ALGORITHMS.get(self.algo).policy_loss)
+
+    @property
+    def loss_aggregation(self) -> LossType:
+        return LOSS_TYPES.get(self.loss_type)
 
     @property
     def kl_placement(self) -> KLPlacement:
@@ -247,6 +349,25 @@ def penalize_missing_eos(scores, has_eos, penalty: float):
     """Scores `[batch]` minus `penalty` where the completion ended without EOS (`has_eos` False),
     as TRL's `missing_eos_penalty`; penalty 0 changes nothing."""
     return scores - penalty * (1.0 - has_eos.astype(scores.dtype))
+
+
+def overlong_penalty(lengths, max_length: int, buffer: int):
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13; TRL's `get_soft_overlong_punishment`)
+    per completion, from its length in tokens `[batch]` (EOS included, as TRL's completion_ids):
+    0 up to L_max − L_cache, then falling linearly, ((L_max − L_cache) − length) / L_cache, to −1 at
+    L_max, and −1 beyond. `max_length` is L_max, `buffer` L_cache (> 0). A reward term: it is
+    added to the scores, so a completion is told it ran long before it is cut off."""
+    lengths = jnp.asarray(lengths, jnp.float32)
+    start = max_length - buffer
+    return jnp.where(lengths <= start, 0.0, jnp.where(lengths <= max_length, (start - lengths) / buffer, -1.0))
+
+
+def uniform_groups(scores, group_size: int):
+    """`[batch]` bool: True for the completions whose prompt group all scored exactly the same,
+    the groups DAPO's dynamic sampling drops (their group-relative advantages are all 0: they teach
+    nothing and only dilute the token average). scores `[batch]`, a prompt's completions consecutive."""
+    grouped = jnp.asarray(scores).reshape(-1, group_size)
+    return jnp.repeat(jnp.max(grouped, axis=1) == jnp.min(grouped, axis=1), group_size)
 
 
 def token_rewards(scores, kl, end_index, kl_coef, mask):
@@ -344,14 +465,16 @@ def response_values(model_config, params, batch):
 
 
 def policy_loss_fn(options: RLConfig) -> recipe.Loss:
-    """The policy's loss: `(sum, count, {metric: sum})`, averaged over the units
-    of the algorithm's registered policy loss: the minibatch's response tokens for PPO and GRPO
-    (TRL's PPO masked mean; GRPO's token-level "dapo"/"bnpo" normalization), its sequences for
-    RLOO (as TRL's RLOOTrainer). Where the KL placement puts it in the loss (--kl_in=loss), the
-    per-token term is the batch's `kl_coef` `[batch, 1]` times k3: an input of the jitted step
-    rather than a constant in it, so an adaptive controller's current value is the one trained
-    with, without recompiling."""
+    """The policy's loss: `(sum, count, {metric: sum})`: the registered policy loss's per-token
+    losses, aggregated by the --loss_type (`LOSS_TYPES`): over the minibatch's response tokens
+    (dapo, bnpo: PPO's and GRPO's default), as the mean over its sequences of each one's token mean
+    (grpo: RLOO's, GSPO's default), or divided by sequences × max_new_tokens (dr_grpo). Where the KL
+    placement puts it in the loss (--kl_in=loss), the per-token term is the batch's `kl_coef`
+    `[batch, 1]` times k3: an input of the jitted step rather than a constant in it, so an
+    adaptive controller's current value is the one trained with, without recompiling. A row whose
+    `response_mask` is all 0 (a dropped group) weighs nothing and counts nowhere."""
     losses_of = options.policy_loss.losses
+    weights_of = options.loss_aggregation.weights
     loss_estimator = options.kl_placement.loss_estimator
 
     def loss_fn(model_config, params, batch, reference=None):
@@ -365,30 +488,29 @@ def policy_loss_fn(options: RLConfig) -> recipe.Loss:
         log_ratio = logps - batch["old_logprobs"]
         kl = (None if loss_estimator is None
               else batch["kl_coef"] * kl_penalty(logps, batch["ref_logprobs"], loss_estimator))
-        losses, ratio, clipped, weight = losses_of(options, logps, batch["old_logprobs"], batch["advantages"],
-                                                   mask, kl)
-        total = lambda x: jnp.sum(x * weight)  # noqa: E731
-        count = jnp.sum(weight)
-        loss_sum = total(losses)
-        ratio_sum, clip_sum = total(ratio), total(clipped.astype(jnp.float32))
-        deviation_sum = total(jnp.abs(ratio - 1.0))
-        tokens = jnp.maximum(jnp.sum(mask), 1.0)
-        # token-level diagnostics reported per unit: scaled so that sum / count is the token mean
-        per_unit = count / tokens
+        losses, ratio, clipped, unit_weight = losses_of(options, logps, batch["old_logprobs"], batch["advantages"],
+                                                        mask, kl)
+        weight, count = weights_of(mask)
+        loss_sum = jnp.sum(losses * weight)
+        # diagnostics are means over their own units (the ratio's: tokens or sequences; tokens),
+        # scaled so that the loop's sum / count is that mean
+        per_ratio_unit = count / jnp.maximum(jnp.sum(unit_weight), 1.0)
+        per_token = count / jnp.maximum(jnp.sum(mask), 1.0)
+        ratio_total = lambda x: per_ratio_unit * jnp.sum(x * unit_weight)  # noqa: E731
+        token_total = lambda x: per_token * jnp.sum(x * mask)  # noqa: E731
         metrics = {
-            "policy/clipfrac": clip_sum,
-            "policy/ratio": ratio_sum,
-            "policy/ratio_deviation": deviation_sum,  # mean |ratio - 1|: exactly 0 before the first update
-            "policy/approxkl": per_unit * jnp.sum(0.5 * log_ratio ** 2 * mask),
-            "policy/entropy": per_unit * jnp.sum(jax.lax.stop_gradient(entropy) * mask),
-            "policy/kl_ref": per_unit * jnp.sum(kl_penalty(jax.lax.stop_gradient(logps), batch["ref_logprobs"],
-                                                           "k3") * mask),
+            "policy/clipfrac": ratio_total(clipped.astype(jnp.float32)),
+            "policy/ratio": ratio_total(ratio),
+            "policy/ratio_deviation": ratio_total(jnp.abs(ratio - 1.0)),  # mean |ratio - 1|: 0 before the first update
+            "policy/approxkl": token_total(0.5 * log_ratio ** 2),
+            "policy/entropy": token_total(entropy),
+            "policy/kl_ref": token_total(kl_penalty(logps, batch["ref_logprobs"], "k3")),
         }
         metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
         return loss_sum, count, metrics
 
     # needs_reference: the Trainer holds the reference policy (the rollout records its log-probs)
-    return recipe.Loss(loss_fn, options.policy_loss.unit, needs_reference=True)
+    return recipe.Loss(loss_fn, options.loss_aggregation.unit, needs_reference=True)
 
 
 def value_loss_fn(options: RLConfig) -> recipe.Loss:
@@ -438,8 +560,9 @@ def _sequence_advantages(per_sequence, scores, mask, group_size: int):
 
 @advantage_estimator("group", min_group_size=2)
 def group_relative_advantages(options: RLConfig, scores, kl, kl_coef, mask, values):
-    """GRPO: each completion's score (less beta·its KL when the KL is in the reward) against its
-    prompt group's mean, scaled per --scale_rewards."""
+    """GRPO's, DAPO's, GSPO's and (--scale_rewards=none) Dr. GRPO's: each completion's score (less
+    beta·its KL when the KL is in the reward) against its prompt group's mean, scaled per
+    --scale_rewards."""
     del values
     rewards = scores - kl_coef * jnp.sum(kl, axis=1)
     return _sequence_advantages(group_advantages(rewards, options.group_size, options.scale_rewards), scores, mask,
@@ -456,33 +579,90 @@ def leave_one_out_sequence_advantages(options: RLConfig, scores, kl, kl_coef, ma
                                 scores, mask, options.group_size)
 
 
-@policy_loss("per_token", unit="response_tokens")
+@policy_loss("per_token")
 def per_token_clipped_losses(options: RLConfig, logps, old_logprobs, advantages, mask, kl):
-    """PPO's and GRPO's: one clipped ratio per token, the in-loss KL per token."""
+    """PPO's, GRPO's and DAPO's: one clipped ratio per token (clip-higher: ε_low = --cliprange,
+    ε_high = RLConfig.clip_high), the in-loss KL per token."""
     losses, ratio, clipped = clipped_policy_loss(logps, old_logprobs, advantages, options.cliprange, options.clip_high)
     return (losses if kl is None else losses + kl), ratio, clipped, mask
 
 
-@policy_loss("per_sequence", unit="sequences")
+@policy_loss("per_sequence")
 def per_sequence_clipped_losses(options: RLConfig, logps, old_logprobs, advantages, mask, kl):
     """RLOO's (TRL's RLOOTrainer): one clipped ratio per sequence, exp(Σ log ratio), with the
     sequence's advantage; the in-loss KL summed over its tokens (the sequence's KL, the scale
-    --kl_in=reward charges). Units are the sequences with a response."""
+    --kl_in=reward charges). With --loss_type=grpo (RLOO's) the mean over the sequences."""
     losses, ratio, clipped = clipped_policy_loss(jnp.sum(logps * mask, -1), jnp.sum(old_logprobs * mask, -1),
                                                  advantages[:, 0], options.cliprange, options.clip_high)
     if kl is not None:
         losses = losses + jnp.sum(kl * mask, -1)
-    return losses, ratio, clipped, (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+    return (jnp.broadcast_to(losses[:, None], mask.shape), ratio, clipped,
+            (jnp.sum(mask, -1) > 0).astype(jnp.float32))
+
+
+@policy_loss("sequence_ratio")
+def sequence_ratio_clipped_losses(options: RLConfig, logps, old_logprobs, advantages, mask, kl):
+    """GSPO's (Zheng et al. 2025; TRL's importance_sampling_level="sequence"): one ratio per
+    sequence, the geometric mean of its token ratios, exp(mean over its tokens of the log ratio),
+    so a long sequence's ratio is not a product of many noisy token ratios; clipped with the
+    sequence's advantage, and put on each of its tokens (with the in-loss KL per token) for the
+    --loss_type to aggregate. (GSPO-token, whose ratio is the same number with per-token
+    gradients, differs only under per-token advantages, which no estimator here makes.)"""
+    lengths = jnp.sum(mask, -1)
+    mean_log_ratio = jnp.sum((logps - old_logprobs) * mask, -1) / jnp.maximum(lengths, 1.0)
+    losses, ratio, clipped = clipped_policy_loss(mean_log_ratio, jnp.zeros_like(mean_log_ratio), advantages[:, 0],
+                                                 options.cliprange, options.clip_high)
+    losses = jnp.broadcast_to(losses[:, None], mask.shape)
+    return (losses if kl is None else losses + kl), ratio, clipped, (lengths > 0).astype(jnp.float32)
+
+
+@loss_type("dapo", "bnpo", unit="response_tokens", description="averages its loss over the minibatch's tokens")
+def token_mean_weights(mask):
+    """DAPO's token-level loss (and PPO's masked mean): Σ over the minibatch's tokens / their number,
+    so every token weighs the same however long its sequence. TRL's "dapo" divides by the
+    generation batch's tokens / the optimizer steps per generation, "bnpo" by each micro-batch's
+    tokens: both are this with one minibatch per iteration and no accumulation (one process)."""
+    return mask, jnp.sum(mask)
+
+
+@loss_type("grpo", unit="sequences", description="averages each sequence's token mean over the sequences")
+def sequence_mean_weights(mask):
+    """The GRPO paper's: each sequence's loss is its token mean, averaged over the sequences (TRL's
+    "grpo"), so a long sequence's tokens weigh less than a short one's."""
+    lengths = jnp.sum(mask, -1, keepdims=True)
+    return mask / jnp.maximum(lengths, 1.0), jnp.sum(lengths > 0).astype(jnp.float32)
+
+
+@loss_type("dr_grpo", unit="response_slots",
+           description="divides its loss sum by the sequences times max_new_tokens")
+def max_length_weights(mask):
+    """Dr. GRPO's (Liu et al. 2025; TRL's "dr_grpo"): Σ over the tokens / (sequences ×
+    max_new_tokens), a constant per sequence, so no sequence's length rescales its tokens.
+    max_new_tokens is the response width, TRL's max_completion_length."""
+    return mask, jnp.sum(jnp.sum(mask, -1) > 0).astype(jnp.float32) * mask.shape[1]
 
 
 KL_PLACEMENTS.add("reward", KLPlacement(in_reward=True, loss_estimator=None,
                                         description="folds the KL penalty into the rewards"))
 KL_PLACEMENTS.add("loss", KLPlacement(in_reward=False, loss_estimator="k3",
                                       description="adds beta * k3 per token to the policy loss"))
+KL_PLACEMENTS.add("none", KLPlacement(in_reward=False, loss_estimator=None,
+                                      description="charges no KL penalty (DAPO drops it)"))
 
-ALGORITHMS.add("ppo", Algorithm("gae", "per_token", ("reward",)))
-ALGORITHMS.add("grpo", Algorithm("group", "per_token", ("loss", "reward")))
-ALGORITHMS.add("rloo", Algorithm("leave_one_out", "per_sequence", ("reward", "loss")))
+ALGORITHMS.add("ppo", Algorithm("gae", "per_token", ("reward",), loss_types=("dapo",), scale_rewards=()))
+ALGORITHMS.add("grpo", Algorithm("group", "per_token", ("loss", "reward", "none")))
+ALGORITHMS.add("rloo", Algorithm("leave_one_out", "per_sequence", ("reward", "loss"), loss_types=("grpo",),
+                                 scale_rewards=()))
+# DAPO (Yu et al. 2025): clip-higher, token-level loss, dynamic sampling, no KL; its overlong
+# penalty is a reward term (--overlong_buffer, easytune.rl.rollout)
+ALGORITHMS.add("dapo", Algorithm("group", "per_token", ("none", "loss", "reward"), cliprange_high=0.28,
+                                 dynamic_sampling=True))
+# Dr. GRPO (Liu et al. 2025): advantages not divided by the group's std, the loss by a constant
+ALGORITHMS.add("dr_grpo", Algorithm("group", "per_token", ("loss", "reward", "none"),
+                                    loss_types=("dr_grpo", "dapo", "bnpo", "grpo"), scale_rewards=("none",)))
+# GSPO (Zheng et al. 2025): a sequence-level ratio, each sequence's loss weighed alike
+ALGORITHMS.add("gspo", Algorithm("group", "sequence_ratio", ("loss", "reward", "none"),
+                                 loss_types=("grpo", "dapo", "bnpo", "dr_grpo")))
 
 
 # ----------------------------------------------------------------------------- KL coefficient

@@ -1,5 +1,6 @@
-"""The RL recipe (`python -m easytune.train_ppo`): PPO, GRPO and RLOO from a policy, prompts and a
-reward, as an iteration step source (`easytune.rl.rollout.RLSteps`) of the one run driver.
+"""The RL recipe (`python -m easytune.train_ppo`): PPO, GRPO and its family (DAPO, Dr. GRPO, GSPO)
+and RLOO from a policy, prompts and a reward, as an iteration step source
+(`easytune.rl.rollout.RLSteps`) of the one run driver.
 
 - **ppo**: a policy, a frozen reference, a critic (the value model: `--value_model`, else the reward
   model, else the policy's initial weights with a fresh value head), the per-token KL penalty
@@ -8,8 +9,20 @@ reward, as an iteration step source (`easytune.rl.rollout.RLSteps`) of the one r
 - **grpo**: no critic; each prompt's `--rollouts_per_prompt` completions are compared with their
   group's mean (divided by the std, `--scale_rewards`); KL as k3 in the loss (`--kl_in=loss`, the
   default) or in the reward.
+- **dapo** (Yu et al. 2025): grpo with clip-higher (`--cliprange_high` defaults to 0.28), the
+  token-level loss (`--loss_type=dapo`), dynamic sampling (prompt groups whose scores are all equal
+  are dropped: zero weight, same shapes; `reward/dropped_groups`) and no KL (`--kl_in=none`); add its
+  soft overlong penalty with `--overlong_buffer`.
+- **dr_grpo** (Liu et al. 2025): grpo without the std scaling (`--scale_rewards=none`) and with the loss
+  sum divided by sequences x max_new_tokens (`--loss_type=dr_grpo`).
+- **gspo** (Zheng et al. 2025): grpo with one importance ratio per sequence, the geometric mean of its
+  token ratios, and each sequence's loss averaged alike (`--loss_type=grpo`); the paper clips tightly
+  (`--cliprange=3e-4 --cliprange_high=4e-4`).
 - **rloo**: no critic; leave-one-out baselines, a sequence-level clipped ratio; KL in the reward (the
   default) or, with `--kl_in=loss`, each sequence's summed k3 in the loss.
+`--loss_type` takes TRL GRPOTrainer's names (grpo, bnpo, dr_grpo, dapo), so a TRL config carries over:
+TRL's `importance_sampling_level="sequence"` is `--algo=gspo`, `scale_rewards` and `epsilon`/
+`epsilon_high` are `--scale_rewards` and `--cliprange`/`--cliprange_high`, `beta` is `--kl_coef`.
 The algorithms are names of registered pieces (`easytune.algos.ppo.ALGORITHMS`); this recipe never
 asks which one runs.
 """
@@ -124,6 +137,8 @@ class RLRecipe(recipe.Recipe):
         "kl_target": 6.0,
         "kl_horizon": 10000,
         "missing_eos_penalty": 0.0,
+        "overlong_buffer": 0,
+        "overlong_max_length": 0,
         "gamma": 1.0,
         "lam": 0.95,
         "whiten_rewards": False,
@@ -132,7 +147,9 @@ class RLRecipe(recipe.Recipe):
         "cliprange_value": 0.2,
         "vf_coef": 0.1,
         "value_lr": 0.0,
-        "scale_rewards": "group",
+        "scale_rewards": None,
+        "loss_type": None,
+        "dynamic_sampling": False,
         "normalize_advantages": False,
         "optimizer": {"schedule": "constant", "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
         "heldout_steps": 0,
@@ -145,7 +162,9 @@ class RLRecipe(recipe.Recipe):
     "eval_steps": "run --eval_tasks every N iterations (0 = only at the end)",
     "model": "the policy: HF directory, hub id, or easytune checkpoint/run directory, e.g. an SFT run (default: "
              "bundled SmolLM2-135M-Instruct)",
-    "algo": "ppo (critic, GAE, KL in the reward), grpo (group-relative baseline) or rloo (leave-one-out baseline)",
+    "algo": "ppo (critic, GAE, KL in the reward), grpo (group-relative baseline), dapo (grpo + clip-higher, "
+            "token-level loss, dynamic sampling, no KL), dr_grpo (grpo, advantages not divided by the std, loss "
+            "divided by a constant), gspo (grpo with a sequence-level ratio) or rloo (leave-one-out baseline)",
     "reward_fn": "module:function scoring completions, called as fn(prompts=, completions=, completion_ids=, "
                  "**record fields) -> one number per completion (default job: easytune.rewards:exact_match)",
     "reward_model": "an easytune reward model (train_reward run) or HF *ForSequenceClassification directory; "
@@ -157,7 +176,7 @@ class RLRecipe(recipe.Recipe):
                   "passed to the reward function (default: the verifiable tasks)",
     "iterations": "rollout batches (each: generate, score, then ppo_epochs x num_minibatches optimizer steps)",
     "rollout_batch_size": "completions per iteration (prompts x rollouts_per_prompt)",
-    "rollouts_per_prompt": "completions sampled per prompt (grpo/rloo: the group size, >= 2)",
+    "rollouts_per_prompt": "completions sampled per prompt (the grpo family and rloo: the group size, >= 2)",
     "max_new_tokens": "completion length limit",
     "temperature": "sampling temperature at rollout; training log-probs use the same temperature",
     "ppo_epochs": "passes over each rollout batch",
@@ -165,23 +184,36 @@ class RLRecipe(recipe.Recipe):
     "grad_accum_steps": "micro-batches accumulated per minibatch",
     "kl_coef": "KL coefficient beta (initial value with --adaptive_kl; 0 = no KL term)",
     "kl_estimator": "per-token KL estimator in the reward: k1 (log ratio), k2 or k3 (Schulman)",
-    "kl_in": "reward (fold beta*KL into the rewards) or loss (beta*k3 in the loss: per token for grpo, summed over "
-             "each sequence for rloo) (default: loss for grpo, reward otherwise)",
+    "kl_in": "reward (fold beta*KL into the rewards), loss (beta*k3 in the loss: per token for the grpo family, "
+             "summed over each sequence for rloo) or none (no KL penalty; the grpo family) (default: none for "
+             "dapo, loss for grpo, dr_grpo and gspo, reward otherwise)",
     "adaptive_kl": "adapt kl_coef towards kl_target (Ziegler et al. 2019)",
     "kl_target": "adaptive KL: target KL per completion (nats)",
     "kl_horizon": "adaptive KL: horizon in completions",
     "missing_eos_penalty": "subtracted from the score of completions that end without EOS (0 = off)",
+    "overlong_buffer": "DAPO's soft overlong penalty: the last N tokens (L_cache) before --overlong_max_length, over "
+                       "which a completion's score falls linearly from 0 to -1 with its length (-1 beyond) (0 = off)",
+    "overlong_max_length": "where the overlong penalty reaches -1 (L_max; 0 = max_new_tokens)",
     "gamma": "PPO discount",
     "lam": "PPO GAE lambda",
     "whiten_rewards": "PPO: whiten the per-token rewards before GAE",
     "cliprange": "policy ratio clip epsilon",
-    "cliprange_high": "upper clip epsilon (0 = cliprange; larger is DAPO's clip-higher)",
+    "cliprange_high": "upper clip epsilon (0 = the algorithm's: 0.28 for dapo, cliprange otherwise; larger than "
+                      "cliprange is DAPO's clip-higher)",
     "cliprange_value": "PPO value clip range",
     "vf_coef": "PPO value loss coefficient",
     "value_lr": "critic learning rate (0 = optimizer.lr)",
-    "scale_rewards": "grpo: divide advantages by the group's std (group), the batch's (batch) or not (none)",
+    "scale_rewards": "grpo, dapo, gspo: divide advantages by the group's std (group, the default), the batch's "
+                     "(batch) or not (none; dr_grpo's only choice)",
+    "loss_type": "the grpo family's loss aggregation, by TRL GRPOTrainer's names: dapo or bnpo (over the "
+                 "minibatch's tokens), grpo (each sequence's token mean, averaged over sequences) or dr_grpo (the "
+                 "sum over sequences x max_new_tokens) (default: dapo for grpo and dapo, dr_grpo for dr_grpo, "
+                 "grpo for gspo)",
+    "dynamic_sampling": "drop the prompt groups whose completions all scored the same (their rows weigh 0; "
+                        "always on for dapo; grpo family and rloo)",
     "normalize_advantages": "rloo: standardize advantages over the batch",
-    "loss_reduction": "mean: per unit over the minibatch (tokens; sequences for rloo); sum: per micro-batch",
+    "loss_reduction": "mean: per unit of the --loss_type over the minibatch (tokens, sequences, or sequences x "
+                      "max_new_tokens); sum: per micro-batch",
     "optimizer.lr": "peak learning rate (AdamW)",
     "optimizer.warmup_steps": "warmup optimizer steps (0 = use warmup_ratio)",
     "optimizer.warmup_ratio": "warmup as a fraction of all optimizer steps",
@@ -211,7 +243,8 @@ class RLRecipe(recipe.Recipe):
             kl_in=cfg.kl_in, gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
             cliprange=cfg.cliprange, cliprange_high=cfg.cliprange_high, cliprange_value=cfg.cliprange_value,
             vf_coef=cfg.vf_coef, scale_rewards=cfg.scale_rewards, normalize_advantages=cfg.normalize_advantages,
-            group_size=cfg.rollouts_per_prompt)
+            group_size=cfg.rollouts_per_prompt, loss_type=cfg.loss_type,
+            dynamic_sampling=cfg.dynamic_sampling or None)  # off: the algorithm's choice (on for dapo)
 
     @staticmethod
     def rollout_config(cfg):
@@ -219,6 +252,7 @@ class RLRecipe(recipe.Recipe):
         return RolloutConfig(rollout_batch_size=cfg.rollout_batch_size, max_new_tokens=cfg.max_new_tokens,
                              ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
                              grad_accum_steps=cfg.grad_accum_steps, missing_eos_penalty=cfg.missing_eos_penalty,
+                             overlong_buffer=cfg.overlong_buffer, overlong_max_length=cfg.overlong_max_length,
                              seed=cfg.seed)
 
     def validate(self, cfg) -> None:
@@ -295,7 +329,7 @@ class RLRecipe(recipe.Recipe):
 
         return recipe.Job(
             model=model, steps=steps, total_steps=cfg.iterations, report=report, progress="reward/mean",
-            summary={"algo": cfg.algo, "prompts": source, "iterations": cfg.iterations,
+            summary={"algo": cfg.algo, "loss_type": options.loss_type, "prompts": source, "iterations": cfg.iterations,
                      "rollout_batch_size": cfg.rollout_batch_size, "rollouts_per_prompt": cfg.rollouts_per_prompt,
                      "optimizer_steps": total_optimizer_steps,
                      "reference": "base (adapter off)" if model.adapter is not None else "copy",

@@ -12,10 +12,15 @@ One iteration:
    frozen copy) and, for PPO, the critic's values. These are the "old" log-probs and values: they
    are not recomputed after updates, so the first update's ratio is exactly 1 and later ones are not;
 3. **score**: the reward function or reward model on the decoded completions (every process
-   scores the same gathered batch), minus `missing_eos_penalty` for completions without EOS;
+   scores the same gathered batch), minus `missing_eos_penalty` for completions without EOS, plus
+   DAPO's soft overlong penalty with `overlong_buffer`;
 4. **advantages**: the algorithm's registered estimator (`easytune.algos.ppo.ADVANTAGE_ESTIMATORS`:
-   GAE for PPO, group-relative for GRPO, leave-one-out for RLOO), the rewards charged the KL where
-   the registered KL placement says so (`--kl_in`);
+   GAE for PPO, group-relative for GRPO and its family, leave-one-out for RLOO), the rewards
+   charged the KL where the registered KL placement says so (`--kl_in`). With dynamic sampling
+   (DAPO) the prompt groups whose scores are all equal are dropped, not by changing the batch's
+   shape (the jitted update would recompile for every count, and DAPO's refill by sampling more
+   is not done): their rows train with an all-zero response mask, so they weigh nothing in the
+   loss and count in none of its normalizers, as if they were not in the batch;
 5. **train**: `ppo_epochs` passes over the batch in `num_minibatches` shuffled minibatches, one
    optimizer step each for the policy (and the critic) through `train.Trainer`'s jitted step.
 """
@@ -69,6 +74,16 @@ def response_rows(prompt_tokens, prompt_positions, prompt_segments, responses, e
     }
 
 
+def minibatch_rows(rows: dict[str, np.ndarray], index, keys) -> dict[str, np.ndarray]:
+    """The rollout rows `index` with the fields `keys` the losses read; the rows of a prompt group
+    dynamic sampling dropped (`keep` 0) stay, with an all-zero `response_mask`: nothing to train on
+    and nothing counted, in a batch of the same shape (no recompile)."""
+    minibatch = {k: rows[k][index] for k in keys}
+    mask = minibatch["response_mask"]
+    minibatch["response_mask"] = mask * rows["keep"][index].astype(mask.dtype)
+    return minibatch
+
+
 def completion_ids(rows: dict[str, np.ndarray]) -> list[list[int]]:
     response_length = rows["response_mask"].shape[1]
     responses = rows["input_ids"][:, -response_length:]
@@ -80,13 +95,17 @@ def completion_ids(rows: dict[str, np.ndarray]) -> list[list[int]]:
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """The shape of an iteration: completions per iteration, their length, optimizer passes over
-    them, and what completions without EOS pay."""
+    them, what completions without EOS pay, and DAPO's soft overlong penalty: over the last
+    `overlong_buffer` tokens (L_cache; 0 = off) before `overlong_max_length` (L_max; 0 =
+    max_new_tokens) (`ppo.overlong_penalty`)."""
     rollout_batch_size: int
     max_new_tokens: int
     ppo_epochs: int = 1
     num_minibatches: int = 1
     grad_accum_steps: int = 1
     missing_eos_penalty: float = 0.0
+    overlong_buffer: int = 0
+    overlong_max_length: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -96,6 +115,20 @@ class RolloutConfig:
         if self.rollout_batch_size % self.num_minibatches:
             raise ValueError(f"--rollout_batch_size ({self.rollout_batch_size}) must divide into --num_minibatches "
                              f"({self.num_minibatches}).")
+        if self.overlong_buffer < 0 or self.overlong_max_length < 0:
+            raise ValueError(f"--overlong_buffer and --overlong_max_length must be >= 0, got {self.overlong_buffer} "
+                             f"and {self.overlong_max_length}.")
+        if self.overlong_max_length and not self.overlong_buffer:
+            raise ValueError(f"--overlong_max_length={self.overlong_max_length} sets where DAPO's overlong penalty "
+                             f"ends, which only applies with --overlong_buffer > 0 (its length in tokens).")
+        if self.overlong_buffer > self.overlong_limit:
+            raise ValueError(f"--overlong_buffer ({self.overlong_buffer}) must be at most the length it ends at, "
+                             f"{self.overlong_limit} (--overlong_max_length, else --max_new_tokens).")
+
+    @property
+    def overlong_limit(self) -> int:
+        """L_max of the overlong penalty."""
+        return self.overlong_max_length or self.max_new_tokens
 
     @property
     def minibatch(self) -> int:
@@ -192,10 +225,25 @@ class RLSteps:
             outputs = [host_array(x).reshape(self.rollout_batch, -1) for x in outputs]
         return dict(zip(("old_logprobs", "ref_logprobs", "entropy", "old_values"), outputs))
 
+    def shaped_scores(self, rows: dict[str, np.ndarray], scores: np.ndarray) -> tuple[np.ndarray, dict]:
+        """The scores `[batch]` the advantages see: less `missing_eos_penalty` for completions
+        without EOS, plus DAPO's soft overlong penalty (a function of each completion's length,
+        EOS included) when `overlong_buffer` > 0; and the penalty's mean as a metric."""
+        settings = self.settings
+        has_eos = rows["has_eos"][:, 0] > 0
+        scores = np.asarray(ppo.penalize_missing_eos(scores, has_eos, np.float32(settings.missing_eos_penalty)),
+                            np.float32)
+        if not settings.overlong_buffer:
+            return scores, {}
+        penalty = np.asarray(ppo.overlong_penalty(rows["response_mask"].sum(axis=1), settings.overlong_limit,
+                                                  settings.overlong_buffer), np.float32)
+        return scores + penalty, {"reward/overlong_penalty": float(penalty.mean())}
+
     def advantages(self, rows: dict[str, np.ndarray], scores: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
         """Advantages and returns `[batch, response]` from the algorithm's registered estimator,
         the iteration's KL coefficient `kl_coef` `[batch, 1]` (the controller's value now, read
-        by the loss when the KL is placed there), and the iteration's reward metrics."""
+        by the loss when the KL is placed there), `keep` `[batch, 1]` (0 for the completions of
+        the prompt groups dynamic sampling drops, else 1), and the iteration's reward metrics."""
         o = self.options
         mask = jnp.asarray(rows["response_mask"], jnp.float32)
         scores = jnp.asarray(scores)
@@ -210,8 +258,12 @@ class RLSteps:
         metrics["objective/kl"] = float(jnp.mean(sequence_kl))
         metrics["objective/rlhf_reward"] = float(jnp.mean(scores - kl_coef * sequence_kl))
         metrics["kl_coef"] = kl_coef
+        keep = np.ones((len(scores), 1), np.float32)
+        if o.dynamic_sampling:
+            keep[np.asarray(ppo.uniform_groups(scores, o.group_size))] = 0.0
+            metrics["reward/dropped_groups"] = float((keep[::o.group_size] == 0).sum())
         out = {"advantages": np.asarray(advantages, np.float32), "returns": np.asarray(returns, np.float32),
-               "kl_coef": np.full((len(scores), 1), kl_coef, np.float32)}
+               "kl_coef": np.full((len(scores), 1), kl_coef, np.float32), "keep": keep}
         return out, metrics
 
     def update(self, rows: dict[str, np.ndarray]) -> list[dict]:
@@ -225,8 +277,8 @@ class RLSteps:
                 order = rng.permutation(self.rollout_batch)
                 for start in range(0, self.rollout_batch, self.minibatch):
                     index = order[start:start + self.minibatch]
-                    batch = sharding.global_batch(self.mesh, {k: rows[k][index] for k in train_keys},
-                                               self.settings.grad_accum_steps)
+                    batch = sharding.global_batch(self.mesh, minibatch_rows(rows, index, train_keys),
+                                                  self.settings.grad_accum_steps)
                     metrics = dict(self.policy.train_step(batch))
                     if self.critic is not None:
                         value_metrics = self.critic.train_step(batch)
@@ -250,14 +302,14 @@ class RLSteps:
         mark = time.perf_counter()
         expanded = [r for r in records for _ in range(self.options.group_size)]
         ids = completion_ids(rows)
-        scores = np.asarray(self.score(expanded, ids), np.float32)
-        raw_scores = scores.copy()
+        raw_scores = np.asarray(self.score(expanded, ids), np.float32)
+        scores, shaping_metrics = self.shaped_scores(rows, raw_scores)
         has_eos = rows["has_eos"][:, 0] > 0
-        scores = ppo.penalize_missing_eos(scores, has_eos, np.float32(self.settings.missing_eos_penalty))
         timings["time/reward"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         advantage_rows, metrics = self.advantages(rows, scores)
+        metrics.update(shaping_metrics)
         rows.update(advantage_rows)
         step_metrics = self.update(rows)
         timings["time/train"] = time.perf_counter() - mark
