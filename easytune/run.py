@@ -467,6 +467,12 @@ def user_error_message(error: BaseException) -> str | None:
                 f"--output_dir (checkpoints already written are intact: rerun with --resume).")
     if isinstance(error, OSError) and error.errno == errno.EROFS:
         return f"{error.filename or 'the output'} is on a read-only filesystem; choose another --output_dir."
+    if type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(error) \
+            and "memory" in str(error).lower():
+        first = str(error).strip().splitlines()[0][:200]
+        return (f"out of accelerator memory ({first}); lower --batch_size (raise --grad_accum_steps) or "
+                f"--seq_length, shard more (--mesh_dim with a larger fsdp axis), use --remat, --head_chunk_size or "
+                f"an adapter (--peft).")
     if isinstance(error, MemoryError):
         return (f"out of host memory{f' ({error})' if str(error) else ''}; lower --batch_size or --seq_length, "
                 f"use --remat, --param_dtype=bfloat16 or an adapter (--peft), or a machine with more memory.")

@@ -326,3 +326,16 @@ def test_a_full_disk_is_one_sentence_and_the_last_checkpoint_survives(tiny_chat_
     assert sorted(os.listdir(kept / "checkpoints")) == ["2"]  # no temporary directory left
     import easytune
     easytune.load(str(kept), tokenizer=False)  # the last good checkpoint restores
+
+
+def test_resource_errors_are_one_sentence():
+    import errno
+
+    import jax
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/run/metrics.jsonl")
+    assert driver.user_error_message(full).startswith("no space left on device writing /data/run/metrics.jsonl;")
+    assert "read-only filesystem" in driver.user_error_message(OSError(errno.EROFS, "Read-only", "/ro/x"))
+    assert driver.user_error_message(MemoryError()).startswith("out of host memory; lower --batch_size")
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB.")
+    assert driver.user_error_message(oom).startswith("out of accelerator memory (RESOURCE_EXHAUSTED: Out of memory")
+    assert driver.user_error_message(RuntimeError("a bug")) is None  # not a user's error: its traceback

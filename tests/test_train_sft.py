@@ -237,10 +237,10 @@ def test_sum_reduction_is_token_sum_over_accumulation_steps(tiny_chat_model, tas
 @pytest.mark.parametrize("content,message", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [oops\n',
      r"train.jsonl line 2: not valid JSON"),
-    # missing field: names the record and what it has
-    ('{"question": "hi"}\n', r"train.jsonl record 1: unrecognized record with fields \['question'\]"),
+    # missing field: names the record's line (blank lines counted) and what it has
+    ('\n{"question": "hi"}\n', r"train.jsonl line 2: unrecognized record with fields \['question'\]"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}]}\n', r"robot"),
-    ("", r"has no records"),
+    ("", r"train.jsonl holds no records"),
 ])
 def test_bad_data_is_one_clear_error(tiny_chat_model, tmp_path, content, message):
     path = tmp_path / "train.jsonl"

@@ -128,8 +128,12 @@ def training_rows(cfg, model, template, source: str, records=None, pack: bool | 
     from easytune import data
     pack = cfg.pack if pack is None else pack
     if not model.is_encoder_decoder:
-        records = data.load_records(source) if records is None else records
-        examples, stats = data.tokenize_records(records, model.tokenizer, template, cfg.seq_length, source)
+        locations = None
+        if records is None:
+            located = data.load_located_records(source)
+            records, locations = [r for r, _ in located], [where for _, where in located]
+        examples, stats = data.tokenize_records(records, model.tokenizer, template, cfg.seq_length, source,
+                                                locations)
         return data.make_rows(examples, cfg.seq_length, pack=pack), stats
     fields = cfg.seq2seq
     if records is None:

@@ -91,15 +91,16 @@ def tokenize_text(text: str, tokenizer) -> Example:
 
 
 def tokenize_records(records: Sequence[dict], tokenizer, chat_template: str | None, seq_length: int,
-                     source_name: str) -> tuple[list[Example], DataStats]:
+                     source_name: str, locations: Sequence[str] | None = None) -> tuple[list[Example], DataStats]:
     """Tokenize every record (any layout of `formats`), right-truncate to `seq_length`, and drop the
-    examples left with no trainable target. Errors name `<source_name> record <n>` (1-based)."""
+    examples left with no trainable target. Errors name the record's place: `locations[i]` (e.g.
+    "train.jsonl line 3", from `load_located_records`) or else `<source_name> record <n>` (1-based)."""
     if not records:
         raise ValueError(f"{source_name} has no records.")
     stats = DataStats(num_records=len(records))
     examples = []
     for number, record in enumerate(records, start=1):
-        where = f"{source_name} record {number}"
+        where = locations[number - 1] if locations is not None else f"{source_name} record {number}"
         fmt = detect_format(record, where)
         messages = to_messages(record, fmt, where)
         try:
