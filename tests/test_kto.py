@@ -34,7 +34,7 @@ def write_jsonl(path, records):
 
 @pytest.fixture(scope="module")
 def example_file(tmp_path_factory):
-    """8 unpaired examples (5 desirable, 3 undesirable) in text and message layouts."""
+    """8 unpaired examples (4 desirable, 4 undesirable) in text and message layouts."""
     records = []
     for n, r in enumerate(data.task_pairs(data.make_task_records(6, seed=3), seed=0)):
         label = n % 2 == 0
@@ -204,25 +204,25 @@ def perturbed_chat_model(tiny_chat_model, tmp_path_factory):
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
 def test_loss_from_model_logprobs_matches_trl_on_transformers(tiny_chat_model, perturbed_chat_model, example_file,
                                                                loss_type):
-    """make_loss on our forward of the tiny model (policy) and a perturbed copy (reference) equals
+    """make_loss on our forward of a perturbed tiny model (policy) and the tiny model (reference) equals
     TRL's KTOTrainer._compute_loss on transformers' forwards of the same weights and tokens: loss,
     kl, rewards and log-probs per label."""
     import torch
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
-    policy, reference = easytune.load(tiny_chat_model), easytune.load(perturbed_chat_model)
+    policy, reference = easytune.load(perturbed_chat_model), easytune.load(tiny_chat_model)
     tokenizer = policy.tokenizer
     records, locations = data.load_pairs(example_file)
     rows, stats = unpaired.unpaired_rows(records, tokenizer, tokenizer.chat_template, 128, 8, example_file, locations)
-    assert (stats.num_desirable, stats.num_undesirable) == (5, 3)
+    assert (stats.num_desirable, stats.num_undesirable) == (4, 4)
     options = kto.KTOConfig(loss_type, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
     loss_sum, count, metrics = jax.jit(kto.make_loss(options).fn, static_argnums=0)(
         policy.config, policy.params, {k: jnp.asarray(v) for k, v in rows.items()}, reference.params)
     ours = kto.derive({"loss": float(loss_sum / count), **{k: float(v / count) for k, v in metrics.items()}})
 
-    torch_policy = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+    torch_policy = AutoModelForCausalLM.from_pretrained(perturbed_chat_model, dtype=torch.float32)
     add_fused_lm_head(torch_policy, outputs=("log_probs", "entropy", "mean_logits"))
-    torch_reference = AutoModelForCausalLM.from_pretrained(perturbed_chat_model, dtype=torch.float32).eval()
+    torch_reference = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval()
     add_fused_lm_head(torch_reference)
     with torch.no_grad():
         theirs, their_metrics = trl_kto(loss_type, 0.5, 1.0, 1.5, trl_inputs(rows, tokenizer.pad_token_id),
@@ -233,7 +233,7 @@ def test_loss_from_model_logprobs_matches_trl_on_transformers(tiny_chat_model, p
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"):
         np.testing.assert_allclose(ours[key], their_metrics[key][0], rtol=2e-5, atol=2e-5, err_msg=key)
     if loss_type == "kto":
-        assert ours["kl"] > 0.01  # the perturbed reference makes the KL term carry weight
+        assert ours["kl"] > 0.01  # the perturbation makes the KL term carry weight (not clamped to 0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -309,7 +309,7 @@ def test_train_kto_end_to_end_loss_falls_with_trl_figures(tiny_chat_model, examp
     records = logged(out)
     figures = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
     assert all(key in records[0] for key in figures) and not any(k.endswith("_sum") for k in records[0])
-    assert summary["reference"] == "copy" and summary["train_desirable"] == 5 and summary["train_undesirable"] == 3
+    assert summary["reference"] == "copy" and summary["train_desirable"] == 4 and summary["train_undesirable"] == 4
     # step 1: policy == reference, so every reward and the KL are 0 and the loss is the mean weight / 2
     assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6) and records[0]["kl"] == 0.0
     assert records[-1]["loss"] < records[0]["loss"] - 0.02
