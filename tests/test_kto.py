@@ -325,10 +325,12 @@ def test_precomputed_reference_and_lora_reference(tiny_chat_model, example_file,
     results = {}
     for mode in ("copy", "precomputed"):
         summary = run(make_cfg(tiny_chat_model, example_file, tmp_path / mode, total_steps=2, batch_size=4,
+                               mesh_dim="2,2,2",
                                precompute_reference=mode == "precomputed"))
         results[mode] = (summary, logged(tmp_path / mode))
     (copy, copy_log), (pre, pre_log) = results["copy"], results["precomputed"]
     assert pre["reference"] == "precomputed" and pre["train_state_bytes"]["frozen"] == 0
+    assert copy["reference"] == "copy" and copy["train_state_bytes"]["frozen"] > 0
     assert os.path.exists(tmp_path / "precomputed" / "reference_logps_train.npz")
     for key in ("loss", "kl", "rewards/chosen", "logps/chosen"):
         np.testing.assert_allclose([r.get(key, 0) for r in pre_log], [r.get(key, 0) for r in copy_log],

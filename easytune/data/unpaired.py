@@ -13,7 +13,8 @@ A record is one JSON object, TRL's unpaired preference layout (`parse_unpaired`)
 KTO's KL term is estimated from mismatched (prompt, completion) pairs. TRL builds them in its data
 pipeline by rotating the completions by +1 within each batch of the (sequential) dataset:
 (x_1, y_1), ..., (x_n, y_n) -> (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}). We do the same on the
-host, once, over chunks of `--batch_size` examples in dataset order, and store each example's KL
+host, once, over chunks of a micro-batch of examples (--batch_size / --grad_accum_steps, the
+batch one KL estimate is averaged over) in dataset order, and store each example's KL
 companion (its own prompt + the rotated completion) in the same row of the data as `kl_<key>`:
 the jitted step then sees fixed-shape rows and the batch iterator may shuffle them freely. The
 price: a shuffled batch's KL completions are not its own completions (TRL, sampling sequentially,
