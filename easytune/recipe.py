@@ -83,7 +83,10 @@ class Job:
     heldout: exact-match accuracy of the model's answers on held-out tasks, before training,
     every `heldout_every` steps and after (`heldout_accuracy_before/after`, `heldout_curve`).
     report(history, summary): the recipe's figures at the end, from the logged records.
-    flops_per_token: for MFU. progress: the metric the progress bar shows as its loss."""
+    flops_per_token: for MFU. progress: the metric the progress bar shows as its loss.
+    derive(record) -> record: the figures logged from a step's or an eval's metrics, where a
+    per-unit mean is not the figure (e.g. KTO's means over the desirable examples only); it must
+    leave a record it already derived as it is."""
 
     model: object
     summary: dict = dataclasses.field(default_factory=dict)
@@ -98,6 +101,7 @@ class Job:
     report: Callable[[list, dict], dict] | None = None
     flops_per_token: float | None = None
     progress: str = "loss"
+    derive: Callable[[dict], dict] | None = None
 
 
 @dataclasses.dataclass

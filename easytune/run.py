@@ -287,6 +287,8 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
                     record.update(evaluate())
                 if heldout_now:
                     record.update(on_heldout(step))
+                if job.derive is not None:
+                    record = job.derive(record)
                 if eval_now or heldout_now:
                     on_figures(step, record)
                 history.append(record)
@@ -313,6 +315,8 @@ def dataset_steps(job: Job, cfg):
     if job.eval_rows is not None:
         micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
         evaluate = lambda: trainer.evaluate(data.eval_batches(job.eval_rows, micro_batch))  # noqa: E731
+        if job.derive is not None:
+            evaluate = lambda plain=evaluate: job.derive(plain())  # noqa: E731
     return BatchSteps(trainer, batches), total, evaluate, trainer
 
 

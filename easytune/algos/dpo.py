@@ -215,18 +215,20 @@ def reference_logps(model_config, params, rows: dict[str, np.ndarray], mesh, bat
     return {f"ref_{side}_logps": np.concatenate(out[side])[:num_pairs, None] for side in SIDES}
 
 
-def cached_reference_logps(path: str, rows: dict, compute) -> dict:
-    """Reference log-probs for `rows` from `path` if it holds them for these very rows, else
-    `compute()` (saved to `path`)."""
+def cached_reference_logps(path: str, rows: dict, compute,
+                           fingerprint_keys=("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids",
+                                             "rejected_loss_mask")) -> dict:
+    """Reference log-probs for `rows` from `path` if it holds them for these very rows (the
+    arrays `fingerprint_keys` name), else `compute()` (saved to `path`)."""
     digest = hashlib.sha256()
-    for key in ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"):
+    for key in fingerprint_keys:
         digest.update(np.ascontiguousarray(rows[key]).tobytes())
     fingerprint = digest.hexdigest()
     if os.path.exists(path):
         with np.load(path) as cached:
             if str(cached["fingerprint"]) == fingerprint:
                 logger.info("reference log-probs from %s", path)
-                return {k: cached[k] for k in ("ref_chosen_logps", "ref_rejected_logps")}
+                return {k: cached[k] for k in cached.files if k != "fingerprint"}
     values = compute()
     if jax.process_index() == 0:
         np.savez(path, fingerprint=np.array(fingerprint), **values)
