@@ -83,7 +83,9 @@ class Job:
     heldout: exact-match accuracy of the model's answers on held-out tasks, before training,
     every `heldout_every` steps and after (`heldout_accuracy_before/after`, `heldout_curve`).
     report(history, summary): the recipe's figures at the end, from the logged records.
-    flops_per_token: for MFU. progress: the metric the progress bar shows as its loss."""
+    flops_per_token: for MFU. progress: the metric the progress bar shows as its loss.
+    reference: the frozen parameters a `needs_reference` loss gets when they are another model's
+    (a distillation teacher; sharded on the model's mesh), instead of the model's initial weights."""
 
     model: object
     summary: dict = dataclasses.field(default_factory=dict)
@@ -98,6 +100,7 @@ class Job:
     report: Callable[[list, dict], dict] | None = None
     flops_per_token: float | None = None
     progress: str = "loss"
+    reference: object = None
 
 
 @dataclasses.dataclass
