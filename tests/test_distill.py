@@ -1,0 +1,116 @@
+"""Knowledge distillation (`easytune.algos.distill`, `python -m easytune.train_distill`): the loss
+against TRL's GKD loss on identical logits, a tiny run whose student moves towards its teacher, and
+a teacher of another vocabulary refused in one sentence."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import logged, make_chat_model, run_config
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_loss_matches_trl_generalized_jsd(beta):
+    """Our summed divergence over trained tokens / their count equals TRL 1.16's
+    `GKDTrainer.generalized_jsd_loss(..., labels, beta, temperature, reduction="batchmean")`
+    (trl/experimental/gkd/gkd_trainer.py: the sum over positions where labels != -100 divided by
+    their count), on the same logits, with masked positions and temperature != 1."""
+    import torch
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    from easytune import models
+    from easytune.algos import distill
+
+    rng = np.random.default_rng(0)
+    batch, seq, vocab, temperature = 2, 5, 11, 0.7
+    student_logits = (3 * rng.standard_normal((batch, seq, vocab))).astype(np.float32)
+    teacher_logits = (3 * rng.standard_normal((batch, seq, vocab))).astype(np.float32)
+    mask = np.array([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]], np.int32)
+    targets = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
+    labels = np.where(mask == 1, targets, -100)
+
+    expected = GKDTrainer.generalized_jsd_loss(torch.tensor(student_logits), torch.tensor(teacher_logits),
+                                               labels=torch.tensor(labels), beta=beta, temperature=temperature,
+                                               reduction="batchmean").item()
+
+    # the Loss as the Trainer calls it, with a stand-in family that returns the given logits
+    class Config:
+        def __init__(self, model_type):
+            self.model_type = model_type
+
+    logits = {"student": student_logits, "teacher": teacher_logits}
+    family = type("Fixed", (), {"forward": staticmethod(lambda config, params, *inputs: jnp.asarray(
+        logits[config.model_type]))})
+    original = models.family
+    models.family = lambda name: family
+    try:
+        loss = distill.make_loss(distill.DistillConfig(beta=beta, temperature=temperature), Config("teacher"))
+        batch_rows = {"input_ids": targets, "positions": np.zeros_like(targets), "segment_ids": np.ones_like(targets),
+                      "target_ids": targets, "loss_mask": mask}
+        loss_sum, count, extras = loss(Config("student"), {}, batch_rows, {})
+    finally:
+        models.family = original
+    assert loss.needs_reference
+    assert float(count) == mask.sum()
+    np.testing.assert_allclose(float(loss_sum) / float(count), expected, rtol=1e-5, atol=1e-6)
+    # and the per-token divergence itself, unmasked (TRL's reduction="none")
+    per_token = GKDTrainer.generalized_jsd_loss(torch.tensor(student_logits), torch.tensor(teacher_logits),
+                                                beta=beta, temperature=temperature, reduction="none").sum(-1)
+    np.testing.assert_allclose(np.asarray(distill.generalized_jsd(student_logits, teacher_logits, beta, temperature)),
+                               per_token.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tmp_path_factory):
+    """A tiny chat model with the student's tokenizer but another shape (so other weights)."""
+    return make_chat_model(tmp_path_factory.mktemp("teacher"), hidden_size=96, intermediate_size=160,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+
+def distill_config(student, teacher, train_data, output_dir, **overrides):
+    from easytune import train_distill
+    return run_config(train_distill.DEFAULTS, {
+        "model": student, "teacher": teacher, "train_data": train_data, "output_dir": str(output_dir),
+        "eval_data": train_data, "mesh_dim": "1,-1,1", "batch_size": 8, "seq_length": 64, "total_steps": 12,
+        "log_steps": 1, "export_hf": False, "optimizer.lr": 3e-3, "optimizer.warmup_steps": 0,
+        "optimizer.schedule": "constant", "beta": 0.5, "temperature": 1.0, **overrides})
+
+
+def test_distill_run_moves_student_towards_teacher(tiny_chat_model, teacher_model, task_file, tmp_path):
+    """A short run: the eval divergence to the teacher falls, the teacher's weights are untouched,
+    and the train state holds the teacher only as a frozen input (no optimizer state for it)."""
+    import easytune
+    from easytune import train_distill
+
+    cfg = distill_config(tiny_chat_model, teacher_model, task_file, tmp_path / "run", eval_before=True)
+    summary = train_distill.run(cfg)
+    records = logged(str(tmp_path / "run"))
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12
+    assert summary["eval_loss_before"] > 0
+    assert summary["eval_loss"] < 0.8 * summary["eval_loss_before"], (summary["eval_loss_before"],
+                                                                        summary["eval_loss"])
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert "eval_student_ce" in summary
+    state = summary["train_state_bytes"]
+    teacher = easytune.load(teacher_model)
+    student = easytune.load(tiny_chat_model)
+    teacher_bytes = sum(x.nbytes for x in __import__("jax").tree.leaves(teacher.params))
+    student_bytes = sum(x.nbytes for x in __import__("jax").tree.leaves(student.params))
+    assert state["frozen"] == teacher_bytes  # the teacher alone: no copy of the student
+    assert state["optimizer"] < 2 * student_bytes + 1024  # Adam moments of the student only
+    with open(os.path.join(str(tmp_path / "run"), "config.json")) as f:
+        assert json.load(f)["teacher"] == teacher_model
+
+
+def test_teacher_with_another_vocabulary_is_one_sentence(tiny_chat_model, char_chat_model, task_file, tmp_path):
+    from easytune import train_distill
+
+    cfg = distill_config(tiny_chat_model, char_chat_model, task_file, tmp_path / "run")
+    with pytest.raises(ValueError) as error:
+        train_distill.run(cfg)
+    message = str(error.value)
+    assert "must share one tokenizer and vocabulary" in message and "54" in message and "49152" in message
+    assert message.count(". ") == 0 and "\n" not in message
