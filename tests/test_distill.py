@@ -73,34 +73,29 @@ def distill_config(student, teacher, train_data, output_dir, **overrides):
     from easytune import train_distill
     return run_config(train_distill.DEFAULTS, {
         "model": student, "teacher": teacher, "train_data": train_data, "output_dir": str(output_dir),
-        "eval_data": train_data, "mesh_dim": "1,-1,1", "batch_size": 8, "seq_length": 64, "total_steps": 12,
-        "log_steps": 1, "export_hf": False, "optimizer.lr": 3e-3, "optimizer.warmup_steps": 0,
-        "optimizer.schedule": "constant", "beta": 0.5, "temperature": 1.0, **overrides})
+        "mesh_dim": "1,-1,1", "batch_size": 8, "seq_length": 64, "total_steps": 8, "log_steps": 1,
+        "export_hf": False, "optimizer.lr": 3e-3, "optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
+        "beta": 0.5, "temperature": 1.0, **overrides})
 
 
 def test_distill_run_moves_student_towards_teacher(tiny_chat_model, teacher_model, task_file, tmp_path):
-    """A short run: the eval divergence to the teacher falls, the teacher's weights are untouched,
-    and the train state holds the teacher only as a frozen input (no optimizer state for it)."""
+    """A short run: the student's divergence to the teacher falls, and the train state holds the
+    teacher only as a frozen input (no student copy, no optimizer state for it)."""
+    import jax
+
     import easytune
     from easytune import train_distill
 
-    cfg = distill_config(tiny_chat_model, teacher_model, task_file, tmp_path / "run", eval_before=True)
-    summary = train_distill.run(cfg)
-    records = logged(str(tmp_path / "run"))
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 12
-    assert summary["eval_loss_before"] > 0
-    assert summary["eval_loss"] < 0.8 * summary["eval_loss_before"], (summary["eval_loss_before"],
-                                                                        summary["eval_loss"])
-    assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    assert "eval_student_ce" in summary
+    summary = train_distill.run(distill_config(tiny_chat_model, teacher_model, task_file, tmp_path / "run"))
+    records = [r for r in logged(str(tmp_path / "run")) if "loss" in r]
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 8 and all("student_ce" in r for r in records)
+    assert losses[0] > 0
+    assert np.mean(losses[-2:]) < 0.5 * np.mean(losses[:2]), losses
+    nbytes = lambda params: sum(x.nbytes for x in jax.tree.leaves(params))  # noqa: E731
     state = summary["train_state_bytes"]
-    teacher = easytune.load(teacher_model)
-    student = easytune.load(tiny_chat_model)
-    teacher_bytes = sum(x.nbytes for x in __import__("jax").tree.leaves(teacher.params))
-    student_bytes = sum(x.nbytes for x in __import__("jax").tree.leaves(student.params))
-    assert state["frozen"] == teacher_bytes  # the teacher alone: no copy of the student
-    assert state["optimizer"] < 2 * student_bytes + 1024  # Adam moments of the student only
+    assert state["frozen"] == nbytes(easytune.load(teacher_model).params)  # the teacher, and nothing else
+    assert state["optimizer"] < 2 * nbytes(easytune.load(tiny_chat_model).params) + 1024  # the student's moments
     with open(os.path.join(str(tmp_path / "run"), "config.json")) as f:
         assert json.load(f)["teacher"] == teacher_model
 
@@ -112,5 +107,5 @@ def test_teacher_with_another_vocabulary_is_one_sentence(tiny_chat_model, char_c
     with pytest.raises(ValueError) as error:
         train_distill.run(cfg)
     message = str(error.value)
-    assert "must share one tokenizer and vocabulary" in message and "54" in message and "49152" in message
+    assert "must share one tokenizer and vocabulary" in message and "(vocabulary 52)" in message and "(vocabulary 49152)" in message
     assert message.count(". ") == 0 and "\n" not in message
