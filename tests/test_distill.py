@@ -109,3 +109,18 @@ def test_teacher_with_another_vocabulary_is_one_sentence(tiny_chat_model, char_c
     message = str(error.value)
     assert "must share one tokenizer and vocabulary" in message and "(vocabulary 52)" in message and "(vocabulary 49152)" in message
     assert message.count(". ") == 0 and "\n" not in message
+
+
+def test_distill_into_a_lora_student(tiny_chat_model, teacher_model, task_file, tmp_path):
+    """With an adapter the frozen input holds the student's base and the teacher; only the adapter
+    trains, and its divergence falls."""
+    from easytune import train_distill
+
+    cfg = distill_config(tiny_chat_model, teacher_model, task_file, tmp_path / "run", peft="lora", total_steps=4,
+                         **{"optimizer.lr": 1e-2})
+    summary = train_distill.run(cfg)
+    losses = [r["loss"] for r in logged(str(tmp_path / "run")) if "loss" in r]
+    assert summary["peft"] == "lora" and summary["trainable_params"] < 100_000
+    state = summary["train_state_bytes"]
+    assert state["frozen"] > 2 * state["params"]  # base + teacher beside the adapter
+    assert losses[-1] < losses[0], losses
