@@ -86,7 +86,9 @@ class Job:
     flops_per_token: for MFU. progress: the metric the progress bar shows as its loss.
     derive(record) -> record: the figures logged from a step's or an eval's metrics, where a
     per-unit mean is not the figure (e.g. KTO's means over the desirable examples only); it must
-    leave a record it already derived as it is."""
+    leave a record it already derived as it is.
+    reference: the frozen parameters a `needs_reference` loss gets when they are another model's
+    (a distillation teacher; sharded on the model's mesh), instead of the model's initial weights."""
 
     model: object
     summary: dict = dataclasses.field(default_factory=dict)
@@ -102,6 +104,7 @@ class Job:
     flops_per_token: float | None = None
     progress: str = "loss"
     derive: Callable[[dict], dict] | None = None
+    reference: object = None
 
 
 @dataclasses.dataclass

@@ -310,7 +310,8 @@ def dataset_steps(job: Job, cfg):
     from easytune import data, train
     batches = data.BatchIterator(job.rows, cfg.batch_size, seed=cfg.seed)
     total = total_steps(cfg, batches)
-    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), job.model, job.loss, total)
+    trainer = train.Trainer(train.TrainConfig.from_flags(cfg), job.model, job.loss, total,
+                            reference=job.reference)
     evaluate = None
     if job.eval_rows is not None:
         micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)

@@ -214,7 +214,11 @@ class Trainer:
     their optimizer state and the frozen inputs (an adapter's base, or a reference copy), the
     jitted step, evaluation and checkpoints in `<config.output_dir>/checkpoints`."""
 
-    def __init__(self, config: TrainConfig, model, loss: Loss, total_steps: int):
+    def __init__(self, config: TrainConfig, model, loss: Loss, total_steps: int, reference=None):
+        """`reference`: the parameters a `needs_reference` loss gets, when they are not the model's
+        own (e.g. a distillation teacher, already sharded): a frozen input beside the adapter's base,
+        never trained and without optimizer state. None: the adapter's base, or a copy of the
+        initial weights."""
         self.config, self.model, self.loss = config, model, loss
         self.mesh, self.model_config = model.mesh, model.config
         self.total_steps = total_steps
@@ -240,13 +244,24 @@ class Trainer:
         else:
             self.frozen, self.params, combine = None, model.params, None
         self.param_shardings = sharding.tree_shardings(self.params, rules, self.mesh)
-        if loss.needs_reference and self.adapter is None:
+        if loss.needs_reference and self.adapter is None and reference is None:
             # the reference policy: a copy of the initial weights (training donates and replaces
             # the originals), in the same shards, never updated and without optimizer state
             with jax.set_mesh(self.mesh):
                 self.frozen = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_shardings)(
                     self.params)
         frozen_shardings = None if self.frozen is None else sharding.tree_shardings(self.frozen, rules, self.mesh)
+        if reference is not None:
+            if not loss.needs_reference:
+                raise ValueError("a reference model was given for a loss that takes none.")
+            # the frozen input carries the reference beside the base (if any); arrays keep their shards
+            reference_shardings = jax.tree.map(lambda x: x.sharding, reference)
+            self.frozen = {"base": self.frozen, "reference": reference}
+            frozen_shardings = {"base": frozen_shardings, "reference": reference_shardings}
+            combine = combine and (lambda frozen, params, rng, base_combine=combine: base_combine(
+                frozen["base"], params, rng))
+            loss = Loss(lambda c, p, b, frozen, fn=loss.fn: fn(c, p, b, frozen["reference"]), loss.unit,
+                        needs_reference=True, perplexity=loss.perplexity)
         opt_shapes = jax.eval_shape(self.optimizer.init, self.params)
         self.opt_shardings = sharding.tree_shardings(opt_shapes, rules, self.mesh)
         with jax.set_mesh(self.mesh):

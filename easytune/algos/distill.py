@@ -1,0 +1,167 @@
+"""Knowledge distillation: the student learns a frozen teacher's next-token distributions on the
+trained tokens of SFT data (`python -m easytune.train_distill --teacher=DIR --model=STUDENT ...`).
+
+Per trained token, with s = log softmax(student logits / T), t = log softmax(teacher logits / T)
+and β = --beta, the generalized Jensen-Shannon divergence of GKD (Agarwal et al., Eq. 1), exactly as
+TRL's `GKDTrainer.generalized_jsd_loss` computes it:
+
+    β = 0      KL(teacher ‖ student) = Σ_v p_t (t − s)          forward KL (word-level KD)
+    β = 1      KL(student ‖ teacher) = Σ_v p_s (s − t)          reverse KL
+    0 < β < 1  β KL(teacher ‖ m) + (1 − β) KL(student ‖ m),  m = β p_t + (1 − β) p_s
+
+(like TRL, β = 0 and β = 1 are the KLs themselves, not the limits of the mixture form, which vanish).
+The loss is summed over trained tokens and divided by their number over the global batch (TRL's
+"batchmean" with labels: the sum over unmasked tokens / their count); no T² factor, as TRL.
+
+The teacher is any model `easytune.load` reads, loaded with the run's mesh and dtype flags, with
+the student's tokenizer; it reaches the jitted loss as the Trainer's frozen `reference` input
+(never trained, no optimizer state). On-policy student samples (GKD's --lmbda) are not done here:
+the data is the fixed SFT data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from easytune import models, recipe
+from easytune.algos import logprobs, sft
+
+logger = logging.getLogger("easytune")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    beta: float = 0.5
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"--beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta}.")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}.")
+
+
+def generalized_jsd(student_logits: jax.Array, teacher_logits: jax.Array, beta: float,
+                    temperature: float = 1.0) -> jax.Array:
+    """The divergence per position `[batch, seq]` (float32, summed over the vocabulary) from logits
+    `[batch, seq, vocab]`; see the module doc."""
+    student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+
+    def kl(target, log_q):  # KL(target ‖ q) with target as log-probs (torch's kl_div, log_target=True)
+        return jnp.sum(jnp.exp(target) * (target - log_q), axis=-1)
+
+    if beta == 0:
+        return kl(teacher, student)
+    if beta == 1:
+        return kl(student, teacher)
+    mixture = jnp.logaddexp(student + jnp.log1p(-beta), teacher + jnp.log(beta))
+    return beta * kl(teacher, mixture) + (1 - beta) * kl(student, mixture)
+
+
+def make_loss(options: DistillConfig, teacher_config) -> recipe.Loss:
+    """`fn(student_config, params, batch, teacher_params) -> (sum of the divergence over trained
+    tokens, trained tokens, {"student_ce": sum of the student's cross-entropy})` over SFT rows
+    (`easytune.algos.sft.BATCH_KEYS`)."""
+
+    def loss_fn(model_config, params, batch, teacher_params):
+        inputs = batch["input_ids"], batch["positions"], batch["segment_ids"]
+        student_logits = models.family(model_config.model_type).forward(model_config, params, *inputs)
+        teacher_logits = jax.lax.stop_gradient(
+            models.family(teacher_config.model_type).forward(teacher_config, teacher_params, *inputs))
+        mask = batch["loss_mask"].astype(jnp.float32)
+        divergence = generalized_jsd(student_logits, teacher_logits, options.beta, options.temperature)
+        cross_entropy = -logprobs.token_logps(jax.lax.stop_gradient(student_logits), batch["target_ids"])
+        return jnp.sum(divergence * mask), jnp.sum(mask), {"student_ce": jnp.sum(cross_entropy * mask)}
+
+    return recipe.Loss(loss_fn, "trained_tokens", needs_reference=True)
+
+
+def check_teacher(teacher, student, teacher_name: str, student_name: str) -> None:
+    """Raise ValueError (one sentence) unless `teacher` can teach `student`: a causal LM with the
+    same vocabulary and tokenizer, on the same mesh."""
+    if teacher.is_encoder_decoder or getattr(teacher.config, "num_labels", 0):
+        raise ValueError(f"the teacher {teacher_name} must be a decoder-only causal LM like the student.")
+    same_tokenizer = (teacher.tokenizer is not None
+                      and teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab())
+    if teacher.config.vocab_size != student.config.vocab_size or not same_tokenizer:
+        raise ValueError(f"the teacher {teacher_name} (vocabulary {teacher.config.vocab_size}) and the student "
+                         f"{student_name} (vocabulary {student.config.vocab_size}) must share one tokenizer and "
+                         f"vocabulary; distill into a student of the teacher's family.")
+    if teacher.mesh != student.mesh:
+        raise ValueError(f"the teacher {teacher_name} was loaded on a different device mesh than the student.")
+    if teacher.adapter is not None and not teacher.adapter.config.is_lora:
+        raise ValueError(f"the teacher {teacher_name} carries a {teacher.adapter.config.method} adapter, which "
+                         f"cannot be merged into its weights; distill from a LoRA/DoRA or full model.")
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+class DistillRecipe(recipe.Recipe):
+    """Knowledge distillation on SFT data: the generalized JSD (forward KL, reverse KL or between,
+    `--beta`) of the student's next-token distributions to a frozen teacher's, on the trained tokens."""
+
+    name = "distillation"
+    flag_groups = ("data", "peft")
+    adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
+    defaults = {"output_dir": "outputs/distill", "teacher": None, "beta": 0.5, "temperature": 1.0, "pack": True}
+    docs = {
+        "teacher": "the frozen teacher: an HF directory, Hub id or easytune checkpoint with the student's tokenizer "
+                   "(loaded with the run's --mesh_dim/--dtype/--param_dtype)",
+        "train_data": "training data (SFT formats: messages, instruction/input/output, prompt/completion, text); the "
+                      "loss is on its trained (assistant) tokens",
+        "eval_data": "evaluation data, same formats (default: none)",
+        "beta": "generalized JSD interpolation (TRL GKD's beta): 0 = forward KL(teacher||student), "
+                "1 = reverse KL(student||teacher), between = JSD with the mixture",
+        "temperature": "softmax temperature of both distributions in the loss",
+        "pack": "pack several samples per row (best fit; attention never crosses samples)",
+        "batch_size": "global batch in sequences (rows of seq_length), across all hosts and accumulation steps",
+        "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "
+                          "averaged over accumulation steps",
+        "seed": "data order seed",
+    }
+
+    def validate(self, cfg) -> None:
+        if not cfg.teacher:
+            raise ValueError("distillation needs --teacher=<model directory or id>.")
+        if not cfg.train_data:
+            raise ValueError("distillation needs --train_data=<SFT data file or dataset name>.")
+        DistillConfig(cfg.beta, cfg.temperature)
+
+    def check_record(self, cfg, record: dict, where: str) -> None:
+        from easytune import data
+        data.to_messages(record, data.detect_format(record, where), where)
+
+    def setup(self, ctx: recipe.Context) -> recipe.Job:
+        import easytune
+        cfg, model = ctx.cfg, ctx.model
+        options = DistillConfig(cfg.beta, cfg.temperature)
+        teacher = easytune.load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
+                                attention=cfg.attention)
+        check_teacher(teacher, model, cfg.teacher, cfg.model)
+        teacher_params = teacher.merged_params()
+        pack = cfg.pack and (model.adapter is None or model.adapter.config.is_lora)
+        rows, stats = sft.training_rows(cfg, model, ctx.template, cfg.train_data, pack=pack)
+        logger.info("train data %s: %s; %d rows of %d tokens", cfg.train_data, stats.summary(),
+                    len(rows["input_ids"]), cfg.seq_length)
+        if stats.num_dropped_no_trainable_tokens:
+            recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} "
+                                        f"samples with no trainable tokens after truncation to "
+                                        f"seq_length={cfg.seq_length}")
+        eval_rows = (sft.training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0]
+                     if cfg.eval_data else None)
+        student_flops = models.flops_per_token(model.config, cfg.seq_length)
+        teacher_flops = models.flops_per_token(teacher.config, cfg.seq_length)
+        flops = None if student_flops is None or teacher_flops is None else student_flops + teacher_flops / 3
+        return recipe.Job(
+            model=model, rows=rows, eval_rows=eval_rows, loss=make_loss(options, teacher.config),
+            reference=teacher_params,
+            summary={"train_samples": stats.num_records, "train_samples_dropped": stats.num_dropped_no_trainable_tokens,
+                     "teacher": cfg.teacher, "beta": options.beta, "temperature": options.temperature},
+            flops_per_token=flops)  # the teacher's forward: a third of its training FLOPs
+
+
+RECIPE = DistillRecipe()
