@@ -6,8 +6,9 @@ Why this is hand-written: orbax reports a full disk as a tensorstore `RESOURCE_E
 ValueError after its worker threads have each logged the error with a traceback (absl `E` lines,
 asyncio's "Task exception was never retrieved"), and a failed read leaves tensorstore callbacks
 that land on a closed asyncio loop ("Event loop is closed", printed through
-`sys.unraisablehook`). Neither library offers a switch for this; the filters below drop only
-those records, and only around (or after) a failure we report ourselves.
+`sys.unraisablehook`). Neither library offers a switch for this. The filters below act only
+around a save (held, then replayed unless the disk was full) and after a full disk we report
+ourselves (the process is ending), and the unraisable hook drops only the closed-loop error.
 """
 from __future__ import annotations
 
@@ -45,22 +46,20 @@ def _is_closed_loop(error: BaseException | None) -> bool:
 
 
 class _DropFailureNoise(logging.Filter):
-    """Drops records about a storage failure already reported (full disk, a closed loop)."""
+    """Drops every warning and error of orbax (absl) and asyncio once a full disk has been
+    reported: the process is ending with that sentence, and what its worker threads still log
+    (the same failure, or "cannot schedule new futures after interpreter shutdown") adds nothing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += str(record.exc_info[1])
-        return not (any(t in text for t in NO_SPACE_TEXT) or "RESOURCE_EXHAUSTED" in text
-                    or "Event loop is closed" in text or ".orbax-checkpoint-tmp" in text)
+        return record.levelno < logging.WARNING
 
 
 _DROP = _DropFailureNoise()
 
 
 def quiet_after_failure() -> None:
-    """From now on, drop the log records orbax/tensorstore emit late about a failure this
-    process has reported (a full disk, its removed temporary directory; idempotent)."""
+    """From now on, drop the warnings orbax/tensorstore and asyncio emit late about a full disk
+    this process has reported and is ending with (idempotent)."""
     for name in NOISY_LOGGERS:
         if _DROP not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_DROP)

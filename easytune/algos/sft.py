@@ -85,11 +85,22 @@ class SFTRecipe(recipe.Recipe):
     }
 
     def check_record(self, cfg, record: dict, where: str) -> None:
-        fields = cfg.seq2seq
-        if fields.input_field in record and fields.target_field in record:
-            return  # an encoder-decoder's record: checked when tokenized
+        """A decoder's layout (`data.formats`), or else an encoder-decoder's input/target record
+        (which model it is, is known only after the load)."""
         from easytune import data
-        data.to_messages(record, data.detect_format(record, where), where)
+        from easytune.data.seq2seq import record_text
+        fields = cfg.seq2seq
+        try:
+            fmt = data.detect_format(record, where)
+        except ValueError:
+            if fields.input_field not in record and fields.target_field not in record:
+                raise
+            for field in (fields.input_field, fields.target_field):
+                record_text(record, field, where, fields.input_field, fields.target_field)
+            return
+        if fields.input_field in record and fields.target_field in record:
+            return  # an encoder-decoder's record that also has a decoder field: checked when tokenized
+        data.to_messages(record, fmt, where)
 
     def setup(self, ctx: recipe.Context) -> recipe.Job:
         from easytune import data, models
