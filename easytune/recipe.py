@@ -152,10 +152,8 @@ class Recipe:
         from easytune import config
         defaults, docs = config.recipe_flags(self.flag_groups, self.defaults, self.docs)
         if defaults["optimizer"]["lr"] == 0:
-            names = {"full": "all weights", "lora": "LoRA/QLoRA/DoRA", "prompt": "prompt/prefix/p-tuning"}
-            families = {"full": ("none",), "lora": LORA_FAMILY, "prompt": PROMPT_FAMILY}
-            methods = [f"{names[m]} {lr:g}" for m, lr in self.learning_rates.items()
-                       if set(families[m]) & {"none", *self.adapters}]
+            methods = [f"{METHOD_FAMILIES[family]} {lr:g}" for family, lr in self.learning_rates.items()
+                       if family == "full" or family in map(family_of, self.adapters)]
             docs["optimizer.lr"] = f"{docs['optimizer.lr']}; 0 = the default for the method: {', '.join(methods)}"
         return defaults, docs
 
@@ -199,24 +197,28 @@ class Recipe:
         raise NotImplementedError
 
 
-LORA_FAMILY = ("lora", "qlora", "dora")
-PROMPT_FAMILY = ("prompt", "prefix", "ptuning")
+# The method families a recipe's `learning_rates` are keyed by, as users read them.
+METHOD_FAMILIES = {"full": "all weights", "lora": "LoRA/QLoRA/DoRA", "prompt": "prompt/prefix/p-tuning"}
+
+
+def family_of(method: str) -> str:
+    """The family of an adapter method (`easytune.adapters.METHODS`) or of "none" (all weights)."""
+    from easytune.adapters.config import LORA_METHODS, PROMPT_METHODS
+    return "lora" if method in LORA_METHODS else "prompt" if method in PROMPT_METHODS else "full"
 
 
 def method_family(cfg) -> str:
-    """What the flags train: "full" (all weights), "lora" (LoRA/QLoRA/DoRA) or "prompt" (prompt,
-    prefix, p-tuning); a --peft_adapter without --peft is read for its method."""
+    """What the flags train (a `METHOD_FAMILIES` key); a --peft_adapter without --peft is read for
+    its method (its adapter_config.json's peft_type)."""
     method = cfg.get("peft", "none") or "none"
     if method == "none" and cfg.get("peft_adapter"):
-        path = os.path.join(os.path.expanduser(cfg.peft_adapter), "adapter_config.json")
+        from easytune.adapters.peft_format import CONFIG_FILE, PEFT_TYPES
+        path = os.path.join(os.path.expanduser(cfg.peft_adapter), CONFIG_FILE)
         if os.path.isfile(path):
             with open(path) as f:
                 peft_type = str(json.load(f).get("peft_type", "")).upper()
-            method = {"LORA": "lora", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix",
-                      "P_TUNING": "ptuning"}.get(peft_type, "none")
-    if method in LORA_FAMILY:
-        return "lora"
-    return "prompt" if method in PROMPT_FAMILY else "full"
+            method = next((m for m, t in PEFT_TYPES.items() if t == peft_type), "none")
+    return family_of(method)
 
 
 def heldout_accuracy(model, records, max_new_tokens: int) -> float:

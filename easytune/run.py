@@ -31,7 +31,7 @@ from typing import Callable
 from absl import flags
 
 from easytune import run_dir
-from easytune.recipe import Context, Job, Recipe, method_family
+from easytune.recipe import METHOD_FAMILIES, Context, Job, Recipe, method_family
 from easytune.storage_errors import StorageFull
 
 logger = logging.getLogger("easytune")
@@ -117,8 +117,7 @@ def complete(recipe: Recipe, cfg) -> None:
     if cfg.optimizer.lr == 0:
         cfg.optimizer.lr = recipe.learning_rate(cfg)
         logger.info("--optimizer.lr=%g (%s's default for %s)", cfg.optimizer.lr, recipe.name,
-                    {"full": "all weights", "lora": "LoRA-family adapters",
-                     "prompt": "prompt learning"}[method_family(cfg)])
+                    METHOD_FAMILIES[method_family(cfg)])
 
 
 def check_finite(record: dict, step: int, last_finite: int, cfg) -> None:

@@ -143,16 +143,7 @@ class DistillRecipe(recipe.Recipe):
                                 attention=cfg.attention)
         check_teacher(teacher, model, cfg.teacher, cfg.model)
         teacher_params = teacher.merged_params()
-        pack = cfg.pack and (model.adapter is None or model.adapter.config.is_lora)
-        rows, stats = sft.training_rows(cfg, model, ctx.template, cfg.train_data, pack=pack)
-        logger.info("train data %s: %s; %d rows of %d tokens", cfg.train_data, stats.summary(),
-                    len(rows["input_ids"]), cfg.seq_length)
-        if stats.num_dropped_no_trainable_tokens:
-            recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} "
-                                        f"samples with no trainable tokens after truncation to "
-                                        f"seq_length={cfg.seq_length}")
-        eval_rows = (sft.training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0]
-                     if cfg.eval_data else None)
+        rows, eval_rows, stats = sft.train_and_eval_rows(ctx, cfg.train_data)
         student_flops = models.flops_per_token(model.config, cfg.seq_length)
         teacher_flops = models.flops_per_token(teacher.config, cfg.seq_length)
         flops = None if student_flops is None or teacher_flops is None else student_flops + teacher_flops / 3

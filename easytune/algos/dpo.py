@@ -193,26 +193,31 @@ def make_loss(options: PreferenceConfig, precomputed: bool = False) -> recipe.Lo
 
 # ----------------------------------------------------------------------------- precomputed reference
 
-def reference_logps(model_config, params, rows: dict[str, np.ndarray], mesh, batch_size: int
-                    ) -> dict[str, np.ndarray]:
-    """The reference policy's summed response log-probs for every pair of `rows`, in one pass of
-    `batch_size` pairs at a time: `{"ref_chosen_logps", "ref_rejected_logps"}` `[num_pairs, 1]`
-    float32, to add to the rows (then the loss needs no reference model)."""
+def batched_logps(compute, params, rows: dict[str, np.ndarray], mesh, batch_size: int) -> dict[str, np.ndarray]:
+    """`compute(params, batch) -> {name: [batch]}` (jitted, outputs replicated) over every row of
+    `rows`, in one pass of `batch_size` rows at a time: `{name: [num_rows, 1]}` float32, e.g. the
+    reference policy's log-probs to add to the rows (then the loss needs no reference model)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from easytune import data, sharding
-    replicated = NamedSharding(mesh, P())
-    compute = jax.jit(lambda p, b: pair_logps(model_config, p, b), out_shardings=replicated)
-    num_pairs = len(rows["chosen_input_ids"])
-    model_rows = {k: v for k, v in rows.items() if k.startswith(SIDES)}
-    out = {side: [] for side in SIDES}
+    jitted = jax.jit(compute, out_shardings=NamedSharding(mesh, P()))
+    num_rows = len(next(iter(rows.values())))
+    out: dict[str, list] = {}
     with jax.set_mesh(mesh):
-        for host_rows in data.eval_batches(model_rows, batch_size):
+        for host_rows in data.eval_batches(rows, batch_size):
             batch = {k: v[0] for k, v in sharding.global_batch(mesh, host_rows, 1).items()}
-            logps = jax.device_get(compute(params, batch))
-            for side in SIDES:
-                out[side].append(np.asarray(logps[side], np.float32))
-    return {f"ref_{side}_logps": np.concatenate(out[side])[:num_pairs, None] for side in SIDES}
+            for name, value in jax.device_get(jitted(params, batch)).items():
+                out.setdefault(name, []).append(np.asarray(value, np.float32))
+    return {name: np.concatenate(values)[:num_rows, None] for name, values in out.items()}
+
+
+def reference_logps(model_config, params, rows: dict[str, np.ndarray], mesh, batch_size: int
+                    ) -> dict[str, np.ndarray]:
+    """The reference policy's summed response log-probs for every pair of `rows` (`batched_logps`):
+    `{"ref_chosen_logps", "ref_rejected_logps"}` `[num_pairs, 1]` float32."""
+    model_rows = {k: v for k, v in rows.items() if k.startswith(SIDES)}
+    return batched_logps(lambda p, b: {f"ref_{side}_logps": logps for side, logps in pair_logps(model_config, p, b)
+                                       .items() if side in SIDES}, params, model_rows, mesh, batch_size)
 
 
 def cached_reference_logps(path: str, rows: dict, compute,
@@ -233,6 +238,17 @@ def cached_reference_logps(path: str, rows: dict, compute,
     if jax.process_index() == 0:
         np.savez(path, fingerprint=np.array(fingerprint), **values)
     return values
+
+
+def attach_reference_logps(cfg, named_rows: dict, compute,
+                           fingerprint_keys=("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids",
+                                             "rejected_loss_mask")) -> None:
+    """Add `compute(rows)` (the reference log-probs) to each of `named_rows` (name -> rows, or
+    None), cached in `<output_dir>/reference_logps_<name>.npz` (`cached_reference_logps`)."""
+    for name, rows in named_rows.items():
+        if rows is not None:
+            rows.update(cached_reference_logps(os.path.join(cfg.output_dir, f"reference_logps_{name}.npz"), rows,
+                                               lambda rows=rows: compute(rows), fingerprint_keys))
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -356,12 +372,8 @@ class DPORecipe(recipe.Recipe):
         precomputed = cfg.precompute_reference and options.uses_reference
         if precomputed:  # the reference: the initial model, adapters off
             micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
-            for name, these in (("train", rows), ("eval", eval_rows)):
-                if these is not None:
-                    these.update(cached_reference_logps(
-                        os.path.join(cfg.output_dir, f"reference_logps_{name}.npz"), these,
-                        lambda these=these: reference_logps(model.config, model.params, these, model.mesh,
-                                                            micro_batch)))
+            attach_reference_logps(cfg, {"train": rows, "eval": eval_rows}, lambda these: reference_logps(
+                model.config, model.params, these, model.mesh, micro_batch))
         reference = ("none" if not options.uses_reference else "precomputed" if precomputed
                      else "base (adapter off)" if model.adapter is not None else "copy")
 

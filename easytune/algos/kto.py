@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from easytune import recipe
-from easytune.algos.dpo import cached_reference_logps, sequence_logps
+from easytune.algos.dpo import attach_reference_logps, batched_logps, sequence_logps
 from easytune.algos.logprobs import model_logprobs
 from easytune.data.packing import ROW_KEYS
 
@@ -167,23 +166,10 @@ def reference_logps(model_config, params, rows: dict[str, np.ndarray], mesh, bat
     """The reference policy's summed completion log-probs of every example (and of its KL
     companion, `with_kl`), in one pass of `batch_size` rows at a time: `{"ref_logps"[,
     "ref_kl_logps"]}` `[num_examples, 1]` float32, to add to the rows."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from easytune import data, sharding
-    replicated = NamedSharding(mesh, P())
     prefixes = {"ref_logps": "", **({"ref_kl_logps": "kl_"} if with_kl else {})}
-    compute = jax.jit(lambda p, b: {name: completion_logps(model_config, p, b, prefix)[0]
-                                    for name, prefix in prefixes.items()}, out_shardings=replicated)
-    num_rows = len(rows["input_ids"])
     model_rows = {k: v for k, v in rows.items() if k.replace("kl_", "", 1) in ROW_KEYS}
-    out = {name: [] for name in prefixes}
-    with jax.set_mesh(mesh):
-        for host_rows in data.eval_batches(model_rows, batch_size):
-            batch = {k: v[0] for k, v in sharding.global_batch(mesh, host_rows, 1).items()}
-            logps = jax.device_get(compute(params, batch))
-            for name in prefixes:
-                out[name].append(np.asarray(logps[name], np.float32))
-    return {name: np.concatenate(out[name])[:num_rows, None] for name in prefixes}
+    return batched_logps(lambda p, b: {name: completion_logps(model_config, p, b, prefix)[0]
+                                       for name, prefix in prefixes.items()}, params, model_rows, mesh, batch_size)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -282,13 +268,9 @@ class KTORecipe(recipe.Recipe):
         precomputed = bool(cfg.precompute_reference)
         if precomputed:  # the reference: the initial model, adapters off
             micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)
-            for name, these in (("train", rows), ("eval", eval_rows)):
-                if these is not None:
-                    these.update(cached_reference_logps(
-                        os.path.join(cfg.output_dir, f"reference_logps_{name}.npz"), these,
-                        lambda these=these: reference_logps(model.config, model.params, these, model.mesh,
-                                                            micro_batch, options.uses_kl),
-                        fingerprint_keys=("input_ids", "loss_mask", "kl_input_ids", "kl_loss_mask")))
+            attach_reference_logps(cfg, {"train": rows, "eval": eval_rows}, lambda these: reference_logps(
+                model.config, model.params, these, model.mesh, micro_batch, options.uses_kl),
+                fingerprint_keys=("input_ids", "loss_mask", "kl_input_ids", "kl_loss_mask"))
         reference = ("precomputed" if precomputed else "base (adapter off)" if model.adapter is not None
                      else "copy")
 

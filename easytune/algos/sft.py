@@ -106,23 +106,11 @@ class SFTRecipe(recipe.Recipe):
         from easytune import data, models
         from easytune.algos import seq2seq
         cfg, model = ctx.cfg, ctx.model
-        # virtual tokens belong to one example per row
-        pack = cfg.pack and (model.adapter is None or model.adapter.config.is_lora)
-        heldout = None
+        heldout, records, source = None, None, cfg.train_data
         if cfg.train_data is None:
             records, heldout = data.train_and_heldout(cfg.tasks.num_train, cfg.tasks.num_heldout, seed=cfg.seed)
             source = f"generated tasks ({len(records)} train, {len(heldout)} held out)"
-            rows, stats = training_rows(cfg, model, ctx.template, source, records, pack=pack)
-        else:
-            source = cfg.train_data
-            rows, stats = training_rows(cfg, model, ctx.template, source, pack=pack)
-        logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), len(rows["input_ids"]),
-                    cfg.seq_length)
-        if stats.num_dropped_no_trainable_tokens:
-            recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} "
-                                        f"samples with no trainable tokens after truncation to "
-                                        f"seq_length={cfg.seq_length}")
-        eval_rows = training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0] if cfg.eval_data else None
+        rows, eval_rows, stats = train_and_eval_rows(ctx, source, records)
         return recipe.Job(
             model=model, rows=rows, eval_rows=eval_rows, loss=seq2seq.LOSS if model.is_encoder_decoder else LOSS,
             summary={"train_samples": stats.num_records,
@@ -131,6 +119,22 @@ class SFTRecipe(recipe.Recipe):
                      lambda: recipe.heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)),
             # None for encoder-decoders: their FLOPs per token depend on the input/target split
             flops_per_token=models.flops_per_token(model.config, cfg.seq_length))
+
+
+def train_and_eval_rows(ctx: recipe.Context, source: str, records=None):
+    """`(rows, eval rows or None, stats)`: `training_rows` of the training data (`source`, or
+    `records` named `source`) and of --eval_data, packed unless a prompt-learning adapter's virtual
+    tokens need one example per row; the counts logged, the drops said on stderr."""
+    cfg, model = ctx.cfg, ctx.model
+    pack = cfg.pack and (model.adapter is None or model.adapter.config.is_lora)
+    rows, stats = training_rows(cfg, model, ctx.template, source, records, pack=pack)
+    logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), len(rows["input_ids"]),
+                cfg.seq_length)
+    if stats.num_dropped_no_trainable_tokens:
+        recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} "
+                                    f"samples with no trainable tokens after truncation to seq_length={cfg.seq_length}")
+    eval_rows = training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0] if cfg.eval_data else None
+    return rows, eval_rows, stats
 
 
 def training_rows(cfg, model, template, source: str, records=None, pack: bool | None = None):

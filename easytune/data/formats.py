@@ -44,13 +44,16 @@ def prefetch(source: str) -> list[tuple[dict, str]] | None:
     """Read a local data file now (its JSON, encoding and record errors raised now), keeping the
     located records for the next `load_located_records(source)`; None for a dataset name."""
     path = os.path.expanduser(source)
-    if not os.path.isfile(path):
-        if source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")):
-            load_located_records(source)  # the missing file's error
+    if not os.path.isfile(path) and not _names_a_file(path):
         return None
-    located = load_located_records(source)
+    located = load_located_records(source)  # a missing file or a directory: its error
     _PREFETCHED[_file_key(path)] = located
     return located
+
+
+def _names_a_file(source: str) -> bool:
+    """Whether `source`, not an existing file, still names one (not a `datasets` name)."""
+    return os.path.isdir(source) or source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~"))
 
 
 def load_located_records(source: str, split: str = "train") -> list[tuple[dict, str]]:
@@ -70,7 +73,7 @@ def load_located_records(source: str, split: str = "train") -> list[tuple[dict, 
         raise ValueError(f"{source}: unsupported file type; use one of {', '.join(LOCAL_EXTENSIONS)}.")
     if os.path.isdir(source):
         raise ValueError(f"{source} is a directory; pass a {', '.join(LOCAL_EXTENSIONS)} file or a dataset name.")
-    if source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")):
+    if _names_a_file(source):
         raise FileNotFoundError(f"data file {source!r} does not exist.")
     return [(record, f"{source} record {i}") for i, record in enumerate(_load_hub_dataset(source, split), start=1)]
 
