@@ -207,10 +207,17 @@ def test_the_divergence_guard_tolerates_only_skipped_steps(tiny_chat_model, task
         driver.check_finite({"loss": nan, "grad_norm": nan, "nonfinite_streak": 3.0}, 6, 3, cfg)
     with pytest.raises(driver.Diverged, match="or ride out rare bad batches with --skip_nonfinite_steps=N"):
         driver.check_finite({"loss": nan, "grad_norm": nan}, 6, 3, ConfigDict({"optimizer": {"lr": 1e-3}}))
-    # a run whose weights blew up is stopped although it skips: its steps stay non-finite
-    with pytest.raises(driver.Diverged, match="more than --skip_nonfinite_steps=2 steps in a row"):
-        run(make_cfg(tiny_chat_model, task_file, tmp_path / "run", total_steps=12, skip_nonfinite_steps=2,
-                     **{"optimizer.lr": 1e9}))
+    # a run whose weights blew up is stopped although it skips (its steps stay non-finite): from the
+    # command line, one sentence and exit status 3
+    result = subprocess.run([sys.executable, "-m", "easytune.train_sft", f"--model={tiny_chat_model}",
+                             f"--train_data={task_file}", f"--output_dir={tmp_path / 'run'}", "--logger=none",
+                             "--seq_length=64", "--batch_size=8", "--total_steps=12", "--skip_nonfinite_steps=2",
+                             "--optimizer.lr=1e9"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("easytune: error: training diverged:") and \
+        "more than --skip_nonfinite_steps=2 steps in a row" in last, last
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
