@@ -321,7 +321,7 @@ class Model:
                 return value
         return self.eos_token_ids[0] if self.eos_token_ids else 0
 
-    def generate(self, prompts, sampling=None, *, seed: int = 0, return_tokens: bool = False, **kwargs):
+    def generate(self, prompts, sampling=None, *, seed: int = 0, return_tokens: bool = False, steer=None, **kwargs):
         """Generate for one prompt or a batch.
 
         prompts: a string; a conversation (list of `{"role", "content"}` dicts, formatted with the
@@ -330,7 +330,8 @@ class Model:
         `return_tokens=True`. kwargs: `max_new_tokens`, `temperature`, `top_k`, `top_p` when
         `sampling` (a `generate.SamplingConfig`) is not given. For an encoder-decoder (T5) the
         prompts are the encoder's input (text or ids, no chat template) and the result is what the
-        decoder generates from `decoder_start_token_id`.
+        decoder generates from `decoder_start_token_id`. steer: a `generate.Steering` logits hook
+        (e.g. `easytune.algos.ilql.steering(heads, beta)` for ILQL-steered sampling).
         """
         from easytune.generate import SamplingConfig, generate_tokens
         sampling = sampling or SamplingConfig(**kwargs)
@@ -339,7 +340,7 @@ class Model:
             raise ValueError("this model has no tokenizer; pass token ids instead of text.")
         token_prompts = batch if as_tokens else [self._encode(p) for p in batch]
         outputs = generate_tokens(self.config, self.forward_params, token_prompts, sampling,
-                                  self.eos_token_ids, self.pad_token_id, seed, mesh=self.mesh)
+                                  self.eos_token_ids, self.pad_token_id, seed, mesh=self.mesh, steer=steer)
         if as_tokens or return_tokens:
             return outputs
         return [self.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,19 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Steering:
+    """A logits-processing hook on the one generate call: at every step, before temperature,
+    top-k/top-p and sampling, `fn(params, hidden [batch, hidden], logits [batch, vocab] float32) ->
+    logits` with `hidden` the final hidden states (after the last norm) that the logits come from
+    (e.g. ILQL's `log_softmax(logits) + beta * (Q - V)`, `easytune.algos.ilql.steering`). `fn` is
+    part of the compiled program (use a module-level function: one compile per function); `params`
+    are traced (new values reuse it). Decoder-only models."""
+
+    fn: Callable
+    params: Any = None
+
+
 def filter_logits(logits, temperature, *, top_k: int, top_p, use_top_p: bool):
     """Temperature, then top-k, then top-p (nucleus) filtering of `logits [batch, vocab]`, in the
     order transformers applies them; filtered-out entries become -inf."""
@@ -71,14 +84,15 @@ def sample_tokens(logits, key, temperature, *, top_k: int, top_p, greedy: bool, 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _generate(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, params, tokens, positions,
-              segment_ids, eos_ids, pad_id, key, temperature, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _generate(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, steer_fn, params, tokens, positions,
+              segment_ids, eos_ids, pad_id, key, temperature, top_p, steer_params):
     """Prefill `tokens [batch, prompt]` then decode up to `max_new` tokens in a while loop.
 
     Returns `[batch, max_new]` token ids; rows that hit an id in `eos_ids` are `pad_id` after it.
-    Only shapes and the static sampling switches trigger compilation; temperature and top_p are
-    traced, so changing them reuses the program.
+    Only shapes, the static sampling switches and `steer_fn` (`Steering.fn`, or None) trigger
+    compilation; temperature, top_p and `steer_params` are traced, so changing them reuses the
+    program.
     """
     family = models.family(config.model_type)
     batch, prompt_len = tokens.shape
@@ -89,8 +103,12 @@ def _generate(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, p
     cache = family.init_cache(config, batch, num_virtual + prompt_len + max_new)
     cache, params = family.prime_cache(config, params, cache)
     positions = positions + num_virtual
+    def next_logits(hidden):  # [batch, 1, hidden] -> [batch, vocab], steered
+        logits = family.logits_from_hidden(config, params, hidden)[:, 0]
+        return logits if steer_fn is None else steer_fn(steer_params, hidden[:, 0], logits)
+
     hidden, cache = family.hidden_states(config, params, tokens, positions, segment_ids, cache)
-    logits = family.logits_from_hidden(config, params, hidden[:, -1:])[:, 0]
+    logits = next_logits(hidden[:, -1:])
     next_positions = positions[:, -1] + 1
 
     def cond(state):
@@ -108,7 +126,7 @@ def _generate(config, max_new: int, top_k: int, greedy: bool, use_top_p: bool, p
             config, params, token[:, None], next_positions[:, None],
             jnp.ones((batch, 1), jnp.int32), cache,
         )
-        logits = family.logits_from_hidden(config, params, hidden)[:, 0]
+        logits = next_logits(hidden)
         return step + 1, cache, logits, next_positions + 1, done, out, key
 
     out = jnp.full((batch, max_new), pad_id, jnp.int32)
@@ -187,7 +205,7 @@ def right_pad(prompts: Sequence[Sequence[int]], length: int | None = None):
 
 
 def generate(config, params, inputs: Sequence[jax.Array], sampling: SamplingConfig, eos_ids: Sequence[int],
-             pad_id: int, key: jax.Array) -> jax.Array:
+             pad_id: int, key: jax.Array, steer: Steering | None = None) -> jax.Array:
     """Completions `[batch, max_new_tokens]` (int32), left on the device(s) the inputs are on; a
     row is `pad_id` after its first id in `eos_ids`. The one generation call: `generate_tokens`,
     `Model.generate`, RL rollouts and evaluation all come here.
@@ -195,13 +213,18 @@ def generate(config, params, inputs: Sequence[jax.Array], sampling: SamplingConf
     inputs: decoder-only, `(tokens, positions, segment_ids)` `[batch, prompt]` left-padded (see
     `left_pad`); encoder-decoder, `(input_ids, segment_ids)` right-padded (see `right_pad`).
     Recompiles only for new shapes and sampling switches (greedy, top_k, whether top_p is on):
-    temperature and top_p are traced."""
+    temperature and top_p are traced. `steer`: a logits-processing hook (`Steering`)."""
     seq2seq = models.is_encoder_decoder(config.model_type)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    return (_generate_seq2seq if seq2seq else _generate)(
-        config, sampling.max_new_tokens, sampling.top_k, sampling.temperature == 0.0, sampling.top_p < 1.0,
-        params, *inputs, eos, jnp.int32(pad_id), key,
-        jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+    switches = (config, sampling.max_new_tokens, sampling.top_k, sampling.temperature == 0.0, sampling.top_p < 1.0)
+    traced = (eos, jnp.int32(pad_id), key, jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+    if seq2seq:
+        if steer is not None:
+            raise ValueError("steered generation (a Steering hook) is for decoder-only models; this is an "
+                             "encoder-decoder.")
+        return _generate_seq2seq(*switches, params, *inputs, *traced)
+    return _generate(*switches, None if steer is None else steer.fn, params, *inputs, *traced,
+                     None if steer is None else steer.params)
 
 
 def generate_tokens(
@@ -213,12 +236,14 @@ def generate_tokens(
     pad_id: int,
     seed: int = 0,
     mesh=None,
+    steer: Steering | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts; each result stops after (and includes) its EOS.
     For encoder-decoders the prompts are the encoder inputs and the results the decoder's tokens.
 
     With a `mesh`, prompts are split over its batch axes (when the batch divides them) and the
     call works in multi-process runs: every process passes the same prompts and gets all results.
+    `steer`: a logits-processing hook (`Steering`, decoder-only).
     """
     seq2seq = models.is_encoder_decoder(config.model_type)
     if seq2seq:
@@ -234,7 +259,7 @@ def generate_tokens(
         from easytune import sharding
         spec = sharding.input_sharding(mesh, len(prompts))
         inputs = [jax.device_put(x, spec) for x in inputs]
-    out = generate(config, params, inputs, sampling, eos_ids, pad_id, jax.random.key(seed))
+    out = generate(config, params, inputs, sampling, eos_ids, pad_id, jax.random.key(seed), steer)
     results = []
     eos_set = set(eos_ids)
     for row in host_array(out).tolist():

@@ -37,7 +37,7 @@ class Loss:
     needs_reference: bool = False
     perplexity: bool = False
 
-    def __call__(self, model_config, params, batch, reference=None):
+    def __call__(self, model_config, params, batch, reference=None):  # params: see `Heads` when a job has them
         if self.needs_reference:
             return self.fn(model_config, params, batch, reference)
         return self.fn(model_config, params, batch)
@@ -69,6 +69,27 @@ class StepSource(Protocol):
 
 
 @dataclasses.dataclass
+class Heads:
+    """Parameters a recipe trains beside the model's (ILQL's value and Q heads), in one optimizer
+    with them. With a job's `heads`, the loss's `params` is `{"model": the model's parameters,
+    "heads": these}`; the checkpoint holds them as the item `heads` beside `params` (the model's),
+    so every step still loads with `easytune.load` and exports as the plain model.
+
+    params: the tree, placed on the model's mesh; the Trainer hands the trained values back here
+    (`Trainer.publish`). frozen(path) -> bool: leaves (by their path in `params`, e.g.
+    "target_q/0/out/kernel") the optimizer leaves alone: no update, no optimizer state (target
+    copies). after_step(params, step_index) -> params: run inside the jitted step after each
+    optimizer update (step_index counts from 0; e.g. ILQL's Polyak update of its targets).
+    rules: sharding rules `(regex, PartitionSpec)` matched before the model's against paths
+    "heads/<path>" (and the optimizer state's paths that end in them)."""
+
+    params: dict
+    frozen: Callable[[str], bool] | None = None
+    after_step: Callable | None = None
+    rules: tuple = ()
+
+
+@dataclasses.dataclass
 class Job:
     """What a recipe hands the driver: a run of it.
 
@@ -88,7 +109,8 @@ class Job:
     per-unit mean is not the figure (e.g. KTO's means over the desirable examples only); it must
     leave a record it already derived as it is.
     reference: the frozen parameters a `needs_reference` loss gets when they are another model's
-    (a distillation teacher; sharded on the model's mesh), instead of the model's initial weights."""
+    (a distillation teacher; sharded on the model's mesh), instead of the model's initial weights.
+    heads: parameters trained beside the model's (`Heads`)."""
 
     model: object
     summary: dict = dataclasses.field(default_factory=dict)
@@ -105,6 +127,7 @@ class Job:
     progress: str = "loss"
     derive: Callable[[dict], dict] | None = None
     reference: object = None
+    heads: Heads | None = None
 
 
 @dataclasses.dataclass

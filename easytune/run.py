@@ -310,7 +310,7 @@ def dataset_steps(job: Job, cfg):
     batches = data.BatchIterator(job.rows, cfg.batch_size, seed=cfg.seed)
     total = total_steps(cfg, batches)
     trainer = train.Trainer(train.TrainConfig.from_flags(cfg), job.model, job.loss, total,
-                            reference=job.reference)
+                            reference=job.reference, heads=job.heads)
     evaluate = None
     if job.eval_rows is not None:
         micro_batch = cfg.batch_size // max(cfg.grad_accum_steps, 1)

@@ -110,11 +110,13 @@ def _decay_mask(params):
         lambda path, _: any(name in sharding.path_name(path) for name in DECAYED), params)
 
 
-def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0
+def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0, frozen=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (clipped, scheduled); with `skip_nonfinite_steps` N > 0 wrapped in
     `optax.apply_if_finite`, which skips an update whose gradients are not finite (weights and
-    moments untouched) unless more than N in a row were, and counts them in its state."""
+    moments untouched) unless more than N in a row were, and counts them in its state.
+    `frozen(path) -> bool`: leaves of the trained tree that get no update and no optimizer state
+    (`optax.multi_transform` with `set_to_zero`; e.g. ILQL's target heads)."""
     if opt.lr <= 0:
         raise ValueError(f"--optimizer.lr must be > 0, got {opt.lr}.")
     schedule = make_schedule(opt, total_steps)
@@ -124,6 +126,11 @@ def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0
     parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                              mask=_decay_mask))
     optimizer = optax.chain(*parts)
+    if frozen is not None:
+        def labels(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: "frozen" if frozen(sharding.path_name(path)) else "trained", params)
+        optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
     if skip_nonfinite_steps > 0:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=skip_nonfinite_steps)
     return optimizer, schedule
@@ -140,14 +147,15 @@ def split_loss_output(output) -> tuple[jax.Array, jax.Array, dict]:
 
 
 def build_train_step(model_config, loss: Loss, optimizer, reduction: str, grad_accum_steps: int,
-                     combine=None, seed: int = 0):
+                     combine=None, seed: int = 0, after_step=None):
     """`step(params, opt_state, frozen, batch, step_index) -> (params, opt_state, metrics)`; batch
     leaves are `[grad_accum_steps, micro_batch, ...]`.
 
     `params` are what is trained (all weights, or an adapter's); `combine(frozen, params, rng)`
     builds the model's parameter tree from them (default: `params` itself). rng is
     `fold_in(key(seed), step_index)` per micro-batch, for adapter dropout. A loss that
-    `needs_reference` also gets `frozen` (the reference policy's parameters).
+    `needs_reference` also gets `frozen` (the reference policy's parameters). `after_step(params,
+    step_index) -> params` runs after the update (e.g. a Polyak update of target parameters).
 
     The loss's extra sums (if any) are logged as means per unit: `sum / count` over the global
     batch, whatever the reduction. metrics[loss.unit] is the number of units.
@@ -188,6 +196,8 @@ def build_train_step(model_config, loss: Loss, optimizer, reduction: str, grad_a
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if after_step is not None:
+            params = after_step(params, step_index)
         metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), loss.unit: count,
                    **{name: value / jnp.maximum(count, 1.0) for name, value in extras.items()}}
         if isinstance(opt_state, optax.ApplyIfFiniteState):  # --skip_nonfinite_steps
@@ -203,7 +213,7 @@ def build_train_step(model_config, loss: Loss, optimizer, reduction: str, grad_a
 def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
                                            enable_async_checkpointing=False)
-    array_items = {name: checkpoint.bounded_handler() for name in ("params", "opt_state")}
+    array_items = {name: checkpoint.bounded_handler() for name in ("params", "opt_state", "heads")}
     json_items = {name: ocp.JsonCheckpointHandler() for name in ("data", "model")}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_handlers={**array_items, **json_items})
@@ -214,11 +224,12 @@ class Trainer:
     their optimizer state and the frozen inputs (an adapter's base, or a reference copy), the
     jitted step, evaluation and checkpoints in `<config.output_dir>/checkpoints`."""
 
-    def __init__(self, config: TrainConfig, model, loss: Loss, total_steps: int, reference=None):
+    def __init__(self, config: TrainConfig, model, loss: Loss, total_steps: int, reference=None, heads=None):
         """`reference`: the parameters a `needs_reference` loss gets, when they are not the model's
         own (e.g. a distillation teacher, already sharded): a frozen input beside the adapter's base,
         never trained and without optimizer state. None: the adapter's base, or a copy of the
-        initial weights."""
+        initial weights. `heads` (`easytune.recipe.Heads`): parameters trained beside the model's;
+        the trained tree is then `{"model": ..., "heads": ...}`, and so is the loss's `params`."""
         self.config, self.model, self.loss = config, model, loss
         self.mesh, self.model_config = model.mesh, model.config
         self.total_steps = total_steps
@@ -231,7 +242,12 @@ class Trainer:
             raise ValueError(f"the micro-batch ({config.batch_size} / {config.grad_accum_steps} accumulation steps = "
                              f"{micro}) must divide over dp x fsdp = {data_parallel} devices; change "
                              f"--batch_size, --grad_accum_steps or --mesh_dim.")
-        self.optimizer, self.schedule = make_optimizer(config.optimizer, total_steps, config.skip_nonfinite_steps)
+        self.heads = heads
+        frozen_heads = None
+        if heads is not None and heads.frozen is not None:
+            frozen_heads = lambda name: name.startswith("heads/") and heads.frozen(name[len("heads/"):])  # noqa: E731
+        self.optimizer, self.schedule = make_optimizer(config.optimizer, total_steps, config.skip_nonfinite_steps,
+                                                       frozen_heads)
         rules = adapters.rules_for(self.model_config)
         self.adapter = model.adapter
         if self.adapter is not None:
@@ -262,12 +278,23 @@ class Trainer:
                 frozen["base"], params, rng))
             loss = Loss(lambda c, p, b, frozen, fn=loss.fn: fn(c, p, b, frozen["reference"]), loss.unit,
                         needs_reference=True, perplexity=loss.perplexity)
+        after_step = None
+        if heads is not None:  # trained beside the model's parameters, sharded by their own rules first
+            model_combine = combine or (lambda frozen, params, rng: params)
+            combine = lambda frozen, params, rng: {  # noqa: E731
+                "model": model_combine(frozen, params["model"], rng), "heads": params["heads"]}
+            self.params = {"model": self.params, "heads": heads.params}
+            rules = tuple(heads.rules) + tuple(rules)
+            self.param_shardings = sharding.tree_shardings(self.params, rules, self.mesh)
+            if heads.after_step is not None:
+                after_step = lambda params, step_index: {  # noqa: E731
+                    "model": params["model"], "heads": heads.after_step(params["heads"], step_index)}
         opt_shapes = jax.eval_shape(self.optimizer.init, self.params)
         self.opt_shardings = sharding.tree_shardings(opt_shapes, rules, self.mesh)
         with jax.set_mesh(self.mesh):
             self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.params)
         step = build_train_step(self.model_config, loss, self.optimizer, config.loss_reduction,
-                                config.grad_accum_steps, combine, seed=config.seed)
+                                config.grad_accum_steps, combine, seed=config.seed, after_step=after_step)
         batch_sharding = NamedSharding(self.mesh, BATCH_SPEC)
         self._step = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, frozen_shardings,
                                                  batch_sharding, None),
@@ -289,10 +316,24 @@ class Trainer:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of the live train state (global array sizes): trained `params`, `optimizer` state,
-        and `frozen` inputs (an adapter's base model, or a reference copy)."""
+        `frozen` inputs (an adapter's base model, or a reference copy), and a recipe's `heads`."""
         def nbytes(tree):
             return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-        return {"params": nbytes(self.params), "optimizer": nbytes(self.opt_state), "frozen": nbytes(self.frozen)}
+        model_params, heads = self._split(self.params)
+        out = {"params": nbytes(model_params), "optimizer": nbytes(self.opt_state), "frozen": nbytes(self.frozen)}
+        if heads is not None:
+            out["heads"] = nbytes(heads)
+        return out
+
+    def _split(self, tree):
+        """`(the model's part, the heads' part or None)` of a tree shaped like the trained params."""
+        return (tree["model"], tree["heads"]) if self.heads is not None else (tree, None)
+
+    def _array_items(self, tree, make) -> dict:
+        """Checkpoint items `params` (the model's) and, with heads, `heads`, from a tree shaped like
+        the trained params; `make` wraps each (an orbax save or restore argument)."""
+        model_part, heads = self._split(tree)
+        return {"params": make(model_part), **({"heads": make(heads)} if heads is not None else {})}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -310,7 +351,7 @@ class Trainer:
         with storage_errors.held_library_logs():
             try:
                 saved = self.manager.save(self.step, args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(self.params),
+                    **self._array_items(self.params, ocp.args.StandardSave),
                     opt_state=ocp.args.StandardSave(self.opt_state),
                     data=ocp.args.JsonSave(data_state),
                     model=ocp.args.JsonSave(self._model_meta()),
@@ -321,7 +362,7 @@ class Trainer:
                     raise
                 storage_errors.settle(self.manager)
                 storage_errors.remove_temporary(str(self.manager.directory), self.step)
-                needed = sum(self.state_bytes()[k] for k in ("params", "optimizer"))
+                needed = sum(self.state_bytes().get(k, 0) for k in ("params", "optimizer", "heads"))
                 raise storage_errors.StorageFull(storage_errors.no_space_message(
                     f"the checkpoint of step {self.step}", str(self.manager.directory), needed,
                     self.config.keep_checkpoints, intact)) from None
@@ -337,11 +378,12 @@ class Trainer:
                                                    best_mode=mode, enable_async_checkpointing=False)
             self.best_manager = ocp.CheckpointManager(
                 os.path.abspath(os.path.join(self.config.output_dir, "best")), options=options,
-                item_handlers={"params": checkpoint.bounded_handler(), "model": ocp.JsonCheckpointHandler()})
+                item_handlers={"params": checkpoint.bounded_handler(), "heads": checkpoint.bounded_handler(),
+                               "model": ocp.JsonCheckpointHandler()})
         if self.step in self.best_manager.all_steps():
             return
         self.best_manager.save(self.step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(self.params), model=ocp.args.JsonSave(self._model_meta())),
+            **self._array_items(self.params, ocp.args.StandardSave), model=ocp.args.JsonSave(self._model_meta())),
             metrics={metric: float(value)})
         self.best_manager.wait_until_finished()
 
@@ -351,8 +393,9 @@ class Trainer:
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
+                target = checkpoint.abstract_target(self.params, self.param_shardings)
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(checkpoint.abstract_target(self.params, self.param_shardings)),
+                    **self._array_items(target, ocp.args.StandardRestore),
                     opt_state=ocp.args.StandardRestore(checkpoint.abstract_target(self.opt_state, self.opt_shardings)),
                     data=ocp.args.JsonRestore(),
                 ))
@@ -364,7 +407,8 @@ class Trainer:
                 continue
             for bad_step, _ in failures:  # so this run's own saves at those steps are not refused
                 self.manager.delete(bad_step)
-            self.params, self.opt_state, self.step = restored["params"], restored["opt_state"], step
+            params = {"model": restored["params"], "heads": restored["heads"]} if self.heads else restored["params"]
+            self.params, self.opt_state, self.step = params, restored["opt_state"], step
             self.publish()
             logger.info("resumed from step %d", step)
             return dict(restored["data"])
@@ -408,8 +452,12 @@ class Trainer:
         return metrics
 
     def publish(self) -> None:
-        """Hand the trained weights back to the model handle (for generation and export)."""
+        """Hand the trained weights back to the model handle (for generation and export), and the
+        heads' to the recipe's `Heads`."""
+        model_params, heads = self._split(self.params)
         if self.adapter is not None:
-            self.adapter.params = self.params
+            self.adapter.params = model_params
         else:
-            self.model.params = self.params
+            self.model.params = model_params
+        if heads is not None:
+            self.heads.params = heads
