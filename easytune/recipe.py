@@ -110,7 +110,11 @@ class Job:
     leave a record it already derived as it is.
     reference: the frozen parameters a `needs_reference` loss gets when they are another model's
     (a distillation teacher; sharded on the model's mesh), instead of the model's initial weights.
-    heads: parameters trained beside the model's (`Heads`)."""
+    heads: parameters trained beside the model's (`Heads`).
+    resample(rows, step) -> (rows, metrics): replaces a step's host rows before it trains, after the
+    trained weights are handed to the model handle (on-policy data: GKD's student samples); a
+    function of (rows, step) only, so a resumed run sees the same data. Its metrics (host floats)
+    join the step's."""
 
     model: object
     summary: dict = dataclasses.field(default_factory=dict)
@@ -128,6 +132,7 @@ class Job:
     derive: Callable[[dict], dict] | None = None
     reference: object = None
     heads: Heads | None = None
+    resample: Callable[[dict, int], tuple[dict, dict]] | None = None
 
 
 @dataclasses.dataclass

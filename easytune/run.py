@@ -44,10 +44,11 @@ flags.disclaim_key_flags()
 
 class BatchSteps:
     """A Trainer's optimizer steps over `batches` (host rows; `state()`/`restore()` give the
-    data position saved with every checkpoint)."""
+    data position saved with every checkpoint), each batch first through `resample` if given
+    (`Job.resample`)."""
 
-    def __init__(self, trainer, batches):
-        self.trainer, self.batches = trainer, batches
+    def __init__(self, trainer, batches, resample=None):
+        self.trainer, self.batches, self.resample = trainer, batches, resample
 
     @property
     def step(self) -> int:
@@ -58,9 +59,13 @@ class BatchSteps:
 
         from easytune import train
         rows = next(self.batches)
+        extra = {}
+        if self.resample is not None:
+            self.trainer.publish()  # the weights the new rows are sampled from
+            rows, extra = self.resample(rows, self.trainer.step)
         with jax.set_mesh(self.trainer.mesh):
             batch = train.global_batch(self.trainer.mesh, rows, self.trainer.config.grad_accum_steps)
-            return self.trainer.train_step(batch), train.count_tokens(rows)
+            return {**self.trainer.train_step(batch), **extra}, train.count_tokens(rows)
 
     def learning_rate(self) -> float:
         return self.trainer.learning_rate()
@@ -317,7 +322,7 @@ def dataset_steps(job: Job, cfg):
         evaluate = lambda: trainer.evaluate(data.eval_batches(job.eval_rows, micro_batch))  # noqa: E731
         if job.derive is not None:
             evaluate = lambda plain=evaluate: job.derive(plain())  # noqa: E731
-    return BatchSteps(trainer, batches), total, evaluate, trainer
+    return BatchSteps(trainer, batches, job.resample), total, evaluate, trainer
 
 
 def combine_evaluations(first, second, steps):

@@ -121,3 +121,40 @@ def test_distill_into_a_lora_student(tiny_chat_model, teacher_model, task_file, 
     state = summary["train_state_bytes"]
     assert state["frozen"] > 2 * state["params"]  # base + teacher beside the adapter
     assert losses[-1] < losses[0], losses
+
+
+def test_last_turn_prompt_is_the_generation_prompt_of_the_last_assistant_turn(tiny_chat_model):
+    """An on-policy sample continues the conversation where its last assistant turn starts: the
+    prompt taken from a row equals the chat template's rendering of the turns before it with the
+    generation prompt."""
+    import easytune
+    from easytune import data
+    from easytune.algos import distill
+    model = easytune.load(tiny_chat_model)
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3 + 3?"}, {"role": "assistant", "content": "6"}]
+    template = model.tokenizer.chat_template
+    rows = data.make_rows([data.tokenize_conversation(messages, model.tokenizer, template)], 64, pack=False)
+    expected = data.render_ids(model.tokenizer, messages[:-1], add_generation_prompt=True, chat_template=template)
+    assert distill.last_turn_prompt(rows["input_ids"][0], rows["loss_mask"][0]) == expected
+    assert distill.last_turn_prompt(rows["input_ids"][0], np.zeros_like(rows["loss_mask"][0])) is None
+
+
+def test_on_policy_steps_train_on_the_students_samples(tiny_chat_model, teacher_model, task_file, tmp_path):
+    """--lmbda=0.5: each step flips TRL's coin (seeded by step); on an on-policy step the trained
+    tokens are exactly the student's sampled completions (their count = the samples' lengths), on
+    the others the data's."""
+    from easytune import train_distill
+    cfg = distill_config(tiny_chat_model, teacher_model, task_file, tmp_path / "run", lmbda=0.5, max_new_tokens=12,
+                         seq_length=128, total_steps=8)  # rows with room for prompt + sample
+    train_distill.run(cfg)
+    records = [r for r in logged(str(tmp_path / "run")) if "loss" in r]
+    coins = [np.random.default_rng([cfg.seed, step]).random() <= 0.5 for step in range(8)]
+    assert [r["on_policy"] for r in records] == [float(c) for c in coins]
+    assert 0 < sum(coins) < 8
+    for record in records:
+        if record["on_policy"]:  # every row replaced by a sample of at most 12 tokens
+            assert 1 <= record["sampled_tokens"] <= 12
+            assert record["trained_tokens"] == 8 * record["sampled_tokens"]
+        else:
+            assert "sampled_tokens" not in record

@@ -15,8 +15,15 @@ The loss is summed over trained tokens and divided by their number over the glob
 
 The teacher is any model `easytune.load` reads, loaded with the run's mesh and dtype flags, with
 the student's tokenizer; it reaches the jitted loss as the Trainer's frozen `reference` input
-(never trained, no optimizer state). On-policy student samples (GKD's --lmbda) are not done here:
-the data is the fixed SFT data.
+(never trained, no optimizer state).
+
+On-policy (GKD, `--lmbda`): with probability lmbda per step (TRL's `random.random() <= lmbda`),
+the step's examples are replaced by the student's own samples: each row's prompt (the tokens
+before its last assistant turn) with a completion the current student samples at --temperature
+(top-k off, as TRL's generation config), trained on the completion's tokens (TRL also puts the
+prompt's tokens in the labels; we keep the loss on the completion, as off-policy). The coin and
+the samples are seeded by (--seed, step), so a resumed run sees the same data. Sequence-level KD
+from teacher samples (TRL's `seq_kd`) is not done.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from easytune import models, recipe
 from easytune.algos import logprobs, sft
@@ -98,6 +106,53 @@ def check_teacher(teacher, student, teacher_name: str, student_name: str) -> Non
                          f"cannot be merged into its weights; distill from a LoRA/DoRA or full model.")
 
 
+# ----------------------------------------------------------------------------- on-policy samples
+
+def last_turn_prompt(input_ids: np.ndarray, loss_mask: np.ndarray) -> list[int] | None:
+    """The tokens of an unpacked row before its last run of trained tokens (the prompt of its last
+    assistant turn, with the generation prompt), or None for a row with no trained token. Row
+    layout as `packing.make_rows`: loss_mask[t] says whether token t + 1 is trained."""
+    trained = np.flatnonzero(loss_mask)
+    if trained.size == 0:
+        return None
+    breaks = np.flatnonzero(np.diff(trained) > 1)
+    start = trained[breaks[-1] + 1] if breaks.size else trained[0]
+    return input_ids[:start + 1].tolist()
+
+
+class StudentSamples:
+    """`Job.resample` for on-policy GKD: with probability `lmbda` a step's rows become the
+    student's samples on their prompts (see the module doc); metrics `on_policy` (1 or 0) and
+    `sampled_tokens` (mean completion length of the step's samples)."""
+
+    def __init__(self, model, lmbda: float, temperature: float, max_new_tokens: int, seed: int):
+        from easytune.generate import SamplingConfig
+        self.model, self.lmbda, self.seed = model, lmbda, seed
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def __call__(self, rows: dict, step: int) -> tuple[dict, dict]:
+        from easytune.data.packing import make_rows
+        from easytune.data.tokenize import Example
+        if np.random.default_rng([self.seed, step]).random() > self.lmbda:
+            return rows, {"on_policy": 0.0}
+        width = rows["input_ids"].shape[1]
+        prompts = {i: last_turn_prompt(ids, mask) for i, (ids, mask) in enumerate(zip(rows["input_ids"],
+                                                                                      rows["loss_mask"]))}
+        prompts = {i: p for i, p in prompts.items() if p is not None and len(p) < width}
+        if not prompts:
+            return rows, {"on_policy": 0.0}
+        samples = self.model.generate(list(prompts.values()), sampling=self.sampling, seed=self.seed * 1_000_003 + step,
+                                      return_tokens=True)
+        examples = [Example((p + s)[:width], ([0] * len(p) + [1] * len(s))[:width])
+                    for p, s in zip(prompts.values(), samples)]
+        sampled = make_rows(examples, width, pack=False)
+        out = {key: value.copy() for key, value in rows.items()}
+        for row, index in enumerate(prompts):
+            for key in sampled:
+                out[key][index] = sampled[key][row]
+        return out, {"on_policy": 1.0, "sampled_tokens": float(np.mean([len(s) for s in samples]))}
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 class DistillRecipe(recipe.Recipe):
@@ -107,7 +162,8 @@ class DistillRecipe(recipe.Recipe):
     name = "distillation"
     flag_groups = ("data", "peft")
     adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
-    defaults = {"output_dir": "outputs/distill", "teacher": None, "beta": 0.5, "temperature": 1.0, "pack": True}
+    defaults = {"output_dir": "outputs/distill", "teacher": None, "beta": 0.5, "temperature": 1.0, "pack": True,
+                "lmbda": 0.0, "max_new_tokens": 128}
     docs = {
         "teacher": "the frozen teacher: an HF directory, Hub id or easytune checkpoint with the student's tokenizer "
                    "(loaded with the run's --mesh_dim/--dtype/--param_dtype)",
@@ -116,7 +172,12 @@ class DistillRecipe(recipe.Recipe):
         "eval_data": "evaluation data, same formats (default: none)",
         "beta": "generalized JSD interpolation (TRL GKD's beta): 0 = forward KL(teacher||student), "
                 "1 = reverse KL(student||teacher), between = JSD with the mixture",
-        "temperature": "softmax temperature of both distributions in the loss",
+        "temperature": "softmax temperature of both distributions in the loss, and of the student's samples "
+                       "(--lmbda)",
+        "lmbda": "GKD's on-policy fraction: the probability that a step trains on the student's own samples of "
+                 "its prompts instead of the data's completions (0 = off-policy, supervised KD; rows are not "
+                 "packed when > 0)",
+        "max_new_tokens": "longest student sample (--lmbda > 0)",
         "pack": "pack several samples per row (best fit; attention never crosses samples)",
         "batch_size": "global batch in sequences (rows of seq_length), across all hosts and accumulation steps",
         "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "
@@ -130,6 +191,13 @@ class DistillRecipe(recipe.Recipe):
         if not cfg.train_data:
             raise ValueError("distillation needs --train_data=<SFT data file or dataset name>.")
         DistillConfig(cfg.beta, cfg.temperature)
+        if not 0.0 <= cfg.lmbda <= 1.0:
+            raise ValueError(f"--lmbda must be in [0, 1] (the share of on-policy steps), got {cfg.lmbda}.")
+        if cfg.lmbda > 0 and cfg.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1 for on-policy samples, got {cfg.max_new_tokens}.")
+        if cfg.lmbda > 0 and cfg.pack:  # a student sample replaces one example: one example per row
+            logger.info("--lmbda=%g: one example per row (--pack=false)", cfg.lmbda)
+            cfg.pack = False
 
     def check_record(self, cfg, record: dict, where: str) -> None:
         from easytune import data
@@ -150,6 +218,8 @@ class DistillRecipe(recipe.Recipe):
         return recipe.Job(
             model=model, rows=rows, eval_rows=eval_rows, loss=make_loss(options, teacher.config),
             reference=teacher_params,
+            resample=StudentSamples(model, cfg.lmbda, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+            if cfg.lmbda > 0 else None,
             summary={"train_samples": stats.num_records, "train_samples_dropped": stats.num_dropped_no_trainable_tokens,
                      "teacher": cfg.teacher, "beta": options.beta, "temperature": options.temperature},
             flops_per_token=flops)  # the teacher's forward: a third of its training FLOPs
