@@ -272,8 +272,8 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
                 check_finite(_host_floats(metrics), step, last_finite, cfg)
                 last_finite = step
             if log_now or eval_now or heldout_now:
+                record = {"step": step, **_host_floats(metrics)}  # waits for the step: then the clock
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, **_host_floats(metrics)}
                 check_finite(record, step, last_finite, cfg)
                 last_finite = step
                 learning_rate = steps.learning_rate()

@@ -20,6 +20,15 @@ def make_cfg(model, train_data, output_dir, **overrides):
                                  "optimizer.lr": 1e-3, **overrides})
 
 
+def test_logged_step_time_waits_for_the_step(tiny_chat_model, task_file, tmp_path):
+    """step_seconds (and so tokens/s and MFU) times the steps themselves, not their asynchronous
+    dispatch: logged every step, the step times add up to the loop's time after the first step."""
+    summary = run(make_cfg(tiny_chat_model, task_file, tmp_path / "out", total_steps=6))
+    records = logged(tmp_path / "out")
+    after_first = summary["train_seconds"] - records[0]["first_step_seconds"]
+    assert sum(r["step_seconds"] for r in records[1:]) > 0.5 * after_first, (records, summary)
+
+
 def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
