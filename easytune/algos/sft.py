@@ -61,6 +61,7 @@ class SFTRecipe(recipe.Recipe):
     defaults = {
         "output_dir": "outputs/sft",
         "pack": True,
+        "train_on": "assistant",
         "tasks": {"num_train": 640, "num_heldout": 100, "max_new_tokens": 16},
         "seq2seq": {"input_field": "input", "target_field": "target", "target_length": 0},
     }
@@ -70,6 +71,8 @@ class SFTRecipe(recipe.Recipe):
         "eval_data": "evaluation data, same formats (default: none; the default job uses its held-out tasks)",
         "batch_size": "global batch in sequences (rows of seq_length), across all hosts and accumulation steps",
         "pack": "pack several samples per row (best fit; attention never crosses samples)",
+        "train_on": "assistant: the loss covers the assistant turns only; all: every token of the conversation "
+                    "(system, user and template tokens too)",
         "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "
                           "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
         "optimizer.lr": "peak learning rate (AdamW); full fine-tuning of 7B+ models usually wants 1e-5 to 2e-5",
@@ -83,6 +86,11 @@ class SFTRecipe(recipe.Recipe):
         "seq2seq.target_length": "encoder-decoder models (T5): decoder tokens per row (0 = seq_length, the "
                                  "encoder's)",
     }
+
+    def validate(self, cfg) -> None:
+        from easytune.data.tokenize import TRAIN_ON
+        if cfg.train_on not in TRAIN_ON:
+            raise ValueError(f"--train_on must be one of {', '.join(TRAIN_ON)}, got {cfg.train_on!r}.")
 
     def check_record(self, cfg, record: dict, where: str) -> None:
         """A decoder's layout (`data.formats`), or else an encoder-decoder's input/target record
@@ -148,7 +156,7 @@ def training_rows(cfg, model, template, source: str, records=None, pack: bool | 
             located = data.load_located_records(source)
             records, locations = [r for r, _ in located], [where for _, where in located]
         examples, stats = data.tokenize_records(records, model.tokenizer, template, cfg.seq_length, source,
-                                                locations)
+                                                locations, train_on=cfg.get("train_on", "assistant"))
         return data.make_rows(examples, cfg.seq_length, pack=pack), stats
     fields = cfg.seq2seq
     if records is None:

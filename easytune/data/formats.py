@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+from easytune.data import sources
+
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -26,12 +28,13 @@ _LAYOUTS = ('{"messages": [{"role", "content"}, ...]} (or "conversations"), '
 
 def load_records(source: str, split: str = "train") -> list[dict]:
     """The records of `source`: a local .jsonl, .json (a list of objects or {"data": [...]}) or
-    .parquet file, or else a Hugging Face `datasets` name loaded with `load_dataset(source, split=split)`."""
+    .parquet file, a `datasets` name or local directory in the Hub's layout (`name[:subset]:split`,
+    `split` when none is named), or a weighted mixture of these (`easytune.data.sources`)."""
     return [record for record, _ in load_located_records(source, split)]
 
 
-# Local files read ahead of the model (`prefetch`): the run driver checks the data before the
-# model loads, and the recipe's later read takes the records from here once instead of re-reading.
+# Local data read ahead of the model (`prefetch`): the run driver checks the data before the model
+# loads, and the recipe's later read takes the records from here once instead of re-reading.
 _PREFETCHED: dict[tuple, list[tuple[dict, str]]] = {}
 
 
@@ -40,42 +43,77 @@ def _file_key(path: str) -> tuple:
     return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
 
 
+def _spec_key(source: str, parts) -> tuple | None:
+    """The cache key of a spec whose parts are all local files (None otherwise)."""
+    if not all(part.is_local_file for part in parts):
+        return None
+    return (source, *(_file_key(os.path.expanduser(part.name)) for part in parts))
+
+
 def prefetch(source: str) -> list[tuple[dict, str]] | None:
-    """Read a local data file now (its JSON, encoding and record errors raised now), keeping the
-    located records for the next `load_located_records(source)`; None for a dataset name."""
+    """Read local data now (a file, or a mixture of local files; JSON, encoding and record errors
+    raised now), keeping the located records for the next `load_located_records(source)`; None
+    when the spec names a dataset (read, and checked, when the recipe loads it)."""
     path = os.path.expanduser(source)
     if not os.path.isfile(path) and not _names_a_file(path):
-        return None
-    located = load_located_records(source)  # a missing file or a directory: its error
+        parts = sources.parse_source(source)  # a weight or a part that does not parse: now
+        key = _spec_key(source, parts)
+        if key is None:
+            return None
+        located = load_located_records(source)
+        _PREFETCHED[key] = located
+        return located
+    located = load_located_records(source)  # a missing file: its error
     _PREFETCHED[_file_key(path)] = located
     return located
 
 
 def _names_a_file(source: str) -> bool:
-    """Whether `source`, not an existing file, still names one (not a `datasets` name)."""
-    return os.path.isdir(source) or source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~"))
+    """Whether `source`, not an existing file, still names one (not a dataset name or spec)."""
+    return source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")) and ":" not in source \
+        and "," not in source and not os.path.isdir(source)
 
 
 def load_located_records(source: str, split: str = "train") -> list[tuple[dict, str]]:
-    """`(record, where)` pairs of `source` (as `load_records`), where naming the record's place for
-    error messages: "train.jsonl line 3", "train.json item 2", "train.parquet row 5", "name record 4"."""
-    source = os.path.expanduser(source)
-    if os.path.isfile(source):
-        prefetched = _PREFETCHED.pop(_file_key(source), None)
-        if prefetched is not None:
-            return prefetched
-        if source.endswith(".jsonl"):
-            return _read_jsonl(source)
-        if source.endswith(".json"):
-            return _read_json(source)
-        if source.endswith(".parquet"):
-            return [(record, f"{source} row {i}") for i, record in enumerate(_read_parquet(source), start=1)]
-        raise ValueError(f"{source}: unsupported file type; use one of {', '.join(LOCAL_EXTENSIONS)}.")
-    if os.path.isdir(source):
-        raise ValueError(f"{source} is a directory; pass a {', '.join(LOCAL_EXTENSIONS)} file or a dataset name.")
-    if _names_a_file(source):
-        raise FileNotFoundError(f"data file {source!r} does not exist.")
-    return [(record, f"{source} record {i}") for i, record in enumerate(_load_hub_dataset(source, split), start=1)]
+    """`(record, where)` pairs of `source` (a local file, a dataset's split, or a mixture:
+    `easytune.data.sources`), where naming the record's place for error messages: "train.jsonl
+    line 3", "train.json item 2", "train.parquet row 5", "org/name:train record 4". `split`: the
+    split of a dataset named without one."""
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        return _read_local(path)
+    parts = sources.parse_source(source)
+    key = _spec_key(source, parts)
+    if key is not None and key in _PREFETCHED:
+        return _PREFETCHED.pop(key)
+    if len(parts) == 1 and parts[0].weight is None:
+        return _load_part(parts[0], split)
+    located = []
+    for part in parts:
+        located.extend(sources.weighted(_load_part(part, split), part))
+    return located
+
+
+def _load_part(part, split: str) -> list[tuple[dict, str]]:
+    path = os.path.expanduser(part.name)
+    if os.path.isfile(path):
+        return _read_local(path)
+    if not os.path.isdir(path) and _names_a_file(path):
+        raise FileNotFoundError(f"data file {part.name!r} does not exist.")
+    return sources.load_dataset_split(part, split)
+
+
+def _read_local(path: str) -> list[tuple[dict, str]]:
+    prefetched = _PREFETCHED.pop(_file_key(path), None)
+    if prefetched is not None:
+        return prefetched
+    if path.endswith(".jsonl"):
+        return _read_jsonl(path)
+    if path.endswith(".json"):
+        return _read_json(path)
+    if path.endswith(".parquet"):
+        return [(record, f"{path} row {i}") for i, record in enumerate(_read_parquet(path), start=1)]
+    raise ValueError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_EXTENSIONS)}.")
 
 
 def _decode(raw: bytes, path: str, line_number: int | None = None) -> str:
@@ -132,19 +170,6 @@ def _read_parquet(path: str) -> list[dict]:
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow.") from None
     return pq.read_table(path).to_pylist()
-
-
-def _load_hub_dataset(name: str, split: str) -> list[dict]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"{name!r} is not a local file; loading it from the Hub needs `pip install datasets`.") from None
-    try:
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise FileNotFoundError(f"{name!r} is not a local file and could not be loaded with "
-                                f"datasets.load_dataset(split={split!r}) ({e}).") from None
-    return [dict(record) for record in dataset]
 
 
 def _check_object(record, where: str) -> dict:
@@ -221,7 +246,24 @@ def _message(message, where: str) -> dict:
     role = message.get("role")
     if role not in ROLES:
         raise ValueError(f"{where}: unknown role {role!r}; roles must be one of {', '.join(ROLES)}.")
+    if isinstance(message.get("content"), list):  # content parts (OpenAI / multimodal layout): text only
+        message = {**message, "content": _text_parts(message["content"], where)}
     return {"role": role, "content": _string(message, "content", where)}
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """The text of a content given as parts `[{"type": "text", "text": "..."}, ...]`, concatenated."""
+    texts = []
+    for i, part in enumerate(parts):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+            raise ValueError(f"{where}: content part {i} is {kind!r}; text models take text parts "
+                             f"{{\"type\": \"text\", \"text\": ...}} only.")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _string(record: dict, key: str, where: str) -> str:

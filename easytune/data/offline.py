@@ -24,7 +24,7 @@ from easytune.data.formats import _json_type, _message
 from easytune.data.packing import make_rows
 from easytune.data.templates import render_ids
 from easytune.data.tokenize import Example, tokenize_conversation
-from easytune.data.unpaired import _text_turns
+from easytune.data.unpaired import prompt_and_completion
 
 
 @dataclasses.dataclass
@@ -76,13 +76,7 @@ def parse_offline(record: dict, where: str) -> OfflineExample:
         raise ValueError(f"{where}: missing {' and '.join(repr(k) for k in missing)}; an offline RL record needs "
                          f"'prompt', 'completion' and 'reward' (or 'messages' and 'reward'). It has fields "
                          f"{sorted(record)}.")
-    prompt = _text_turns(record["prompt"], where, "prompt", "user")
-    if prompt[-1]["role"] == "assistant":
-        raise ValueError(f"{where}: the prompt ends with an assistant turn; the completion is what follows it, so "
-                         f"the prompt should end with a user (or system) turn.")
-    completion = _text_turns(record["completion"], where, "completion", "assistant")
-    if any(m["role"] != "assistant" for m in completion):
-        raise ValueError(f"{where}: 'completion' must hold assistant turns only (the prompt goes in 'prompt').")
+    prompt, completion = prompt_and_completion(record, where)
     return OfflineExample(prompt + completion, len(prompt), float(reward))
 
 

@@ -90,11 +90,19 @@ def tokenize_text(text: str, tokenizer) -> Example:
     return Example(input_ids, [0] + [1] * (len(input_ids) - 1))
 
 
+TRAIN_ON = ("assistant", "all")
+
+
 def tokenize_records(records: Sequence[dict], tokenizer, chat_template: str | None, seq_length: int,
-                     source_name: str, locations: Sequence[str] | None = None) -> tuple[list[Example], DataStats]:
+                     source_name: str, locations: Sequence[str] | None = None, train_on: str = "assistant"
+                     ) -> tuple[list[Example], DataStats]:
     """Tokenize every record (any layout of `formats`), right-truncate to `seq_length`, and drop the
     examples left with no trainable target. Errors name the record's place: `locations[i]` (e.g.
-    "train.jsonl line 3", from `load_located_records`) or else `<source_name> record <n>` (1-based)."""
+    "train.jsonl line 3", from `load_located_records`) or else `<source_name> record <n>` (1-based).
+    `train_on`: "assistant" trains the assistant turns only; "all" every token of the conversation
+    (system, user and template tokens too)."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"--train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}.")
     if not records:
         raise ValueError(f"{source_name} has no records.")
     stats = DataStats(num_records=len(records))
@@ -112,6 +120,8 @@ def tokenize_records(records: Sequence[dict], tokenizer, chat_template: str | No
                 example = tokenize_conversation(messages, tokenizer, chat_template)
         except Exception as e:  # template errors (jinja, raise_exception) and ours, located
             raise ValueError(f"{where}: {e}") from e
+        if train_on == "all":
+            example = Example(example.input_ids, [1] * len(example.input_ids))
         truncated = len(example.input_ids) > seq_length
         example = Example(example.input_ids[:seq_length], example.loss_mask[:seq_length])
         if example.num_trainable_targets == 0:

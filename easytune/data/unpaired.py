@@ -99,6 +99,12 @@ def parse_unpaired(record: dict, where: str) -> list[UnpairedExample]:
     label = record["label"]
     if not isinstance(label, (bool, np.bool_)):
         raise ValueError(f"{where}: 'label' must be true (desirable) or false (undesirable), got {label!r}.")
+    return [UnpairedExample(*prompt_and_completion(record, where), bool(label))]
+
+
+def prompt_and_completion(record: dict, where: str) -> tuple[list[dict], list[dict]]:
+    """The turns of a record's 'prompt' (a string: one user turn) and 'completion' (a string: one
+    assistant turn; a list: assistant turns only); ValueError naming `where`."""
     prompt = _text_turns(record["prompt"], where, "prompt", "user")
     if prompt[-1]["role"] == "assistant":
         raise ValueError(f"{where}: the prompt ends with an assistant turn; the completion is what follows it, so "
@@ -106,7 +112,7 @@ def parse_unpaired(record: dict, where: str) -> list[UnpairedExample]:
     completion = _text_turns(record["completion"], where, "completion", "assistant")
     if any(m["role"] != "assistant" for m in completion):
         raise ValueError(f"{where}: 'completion' must hold assistant turns only (the prompt goes in 'prompt').")
-    return [UnpairedExample(prompt, completion, bool(label))]
+    return prompt, completion
 
 
 def unpair(records: Sequence[dict], locations: Sequence[str]) -> tuple[list[UnpairedExample], list[str]]:
