@@ -399,6 +399,8 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         summary["train_state_bytes"] = trainer.state_bytes()
     else:
         steps, total, evaluate = job.steps, job.total_steps, None
+        if hasattr(steps, "state_bytes"):
+            summary["train_state_bytes"] = steps.state_bytes()
     if cfg.get("eval_tasks"):  # lm-eval tasks on the trained model, beside the eval loss
         from easytune.eval.during_training import task_evaluator
         evaluate = combine_evaluations(evaluate, task_evaluator(model, cfg), steps)

@@ -337,6 +337,13 @@ class RLSteps:
     def learning_rate(self) -> float:
         return self.policy.learning_rate()
 
+    def state_bytes(self) -> dict[str, int]:
+        """The policy's live train state (`Trainer.state_bytes`), plus the critic's (`critic_*`)."""
+        out = dict(self.policy.state_bytes())
+        if self.critic is not None:
+            out.update({f"critic_{k}": v for k, v in self.critic.state_bytes().items()})
+        return out
+
     def state(self) -> dict:
         return {"iteration": self.step, "prompts": self.prompts.state(), "kl_coef": self.kl.value}
 
