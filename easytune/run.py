@@ -31,6 +31,8 @@ from typing import Callable
 from absl import flags
 
 from easytune import run_dir
+from easytune.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
+from easytune.preemption import Preempted
 from easytune.recipe import METHOD_FAMILIES, Context, Job, Recipe, method_family
 from easytune.storage_errors import StorageFull
 
@@ -243,11 +245,12 @@ def _host_floats(metrics: dict) -> dict:
 
 
 def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout: Callable[[int], dict],
-         on_figures: Callable[[int, dict], None]) -> list[dict]:
+         on_figures: Callable[[int, dict], None], preemption=None) -> list[dict]:
     """Advance `steps` to `total`: log every --log_steps (and at the end), evaluate
     every --eval_steps, held-out accuracy every `job.heldout_every` (not at the end: the run's
     final figure is taken after), checkpoint every --save_steps (and at the end). Returns the
-    logged records."""
+    logged records. When `preemption` (`preemption.PreemptionWatch`) reports a preemption at a step
+    boundary, the step is checkpointed and `Preempted` raised."""
     import jax
 
     from easytune import logging_utils
@@ -302,6 +305,14 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
             if save_now:
                 steps.save()
                 window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
+            if preemption is not None and step < total and preemption.reached(step):
+                if not save_now:
+                    if not (log_now or eval_now or heldout_now):  # never save a diverged state
+                        check_finite(_host_floats(metrics), step, last_finite, cfg)
+                    steps.save()
+                raise Preempted(f"stopped by a preemption signal (SIGTERM) after step {step} of {total}; its "
+                                f"checkpoint is saved in {os.path.join(cfg.output_dir, 'checkpoints')}: run the same "
+                                f"command with --resume to continue.")
     finally:  # an error's sentence then starts on a line of its own
         progress.close()
     return history
@@ -436,8 +447,16 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
             summary.update(before)
 
     train_start = time.time()
-    history = loop(job, steps, total, cfg, evaluate, metrics_logger,
-                   lambda step: {"heldout_accuracy": heldout(step, f"at step {step}")}, keep_best)
+    from easytune.preemption import PreemptionWatch
+    preemption = PreemptionWatch()
+    try:
+        history = loop(job, steps, total, cfg, evaluate, metrics_logger,
+                       lambda step: {"heldout_accuracy": heldout(step, f"at step {step}")}, keep_best, preemption)
+    except Preempted:
+        metrics_logger.close()
+        raise
+    finally:
+        preemption.close()
     summary["train_seconds"] = time.time() - train_start
     if history and "loss" in history[0]:
         summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
@@ -488,7 +507,7 @@ def user_error_message(error: BaseException) -> str | None:
         return (f"out of host memory{f' ({error})' if str(error) else ''}; lower --batch_size or --seq_length, "
                 f"use --remat, --param_dtype=bfloat16 or an adapter (--peft), or a machine with more memory.")
     if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                          StorageFull, Diverged)):
+                          StorageFull, Diverged, Preempted)):
         return " ".join(str(error).split()) or type(error).__name__
     return None
 
@@ -497,8 +516,8 @@ def entry_point(recipe: Recipe):
     """`(DEFAULTS, DOCS, run, main)` of a `python -m easytune.train_*` module: its flags are
     defined (absl) when this is called, `run(cfg)` runs the recipe, `main` is absl's (launch it
     with `launch(main)`). A user's error (flags, data, paths; a diverged run) ends the process with
-    one sentence on stderr and exit status 2 (3 for divergence); --debug (or EASYTUNE_DEBUG=1)
-    shows the traceback."""
+    one sentence on stderr and exit status 2 (3 for divergence); a preempted run (SIGTERM: its
+    checkpoint saved) exits with 143; --debug (or EASYTUNE_DEBUG=1) shows the traceback."""
     from absl import app
 
     from easytune import config as config_lib
@@ -522,6 +541,9 @@ def entry_point(recipe: Recipe):
             message = user_error_message(error)
             if debug or message is None:
                 raise
+            if isinstance(error, Preempted):
+                print(f"easytune: {message}", file=sys.stderr)
+                sys.exit(PREEMPTED_EXIT_STATUS)
             print(f"easytune: error: {message}", file=sys.stderr)
             sys.exit(3 if isinstance(error, Diverged) else 2)
 

@@ -54,6 +54,31 @@ def test_sigkill_mid_run_then_resume_reproduces_the_losses(tiny_chat_model, task
     assert losses(out) == reference_run  # every step, bit-equal
 
 
+def test_sigterm_saves_at_the_step_boundary_then_resume_reproduces_the_losses(tiny_chat_model, task_file,
+                                                                              reference_run, tmp_path):
+    """SIGTERM (a preemptible VM's or SLURM's notice) mid-run: the run checkpoints the step it is
+    on, though no save is due (--save_steps beyond the run), says so in one line and exits 143;
+    --resume then reproduces the uninterrupted losses bit for bit."""
+    out = tmp_path / "run"
+    command = train_command(tiny_chat_model, task_file, out, "--total_steps=12", "--save_steps=100")
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(losses(out) if os.path.exists(out / "metrics.jsonl") else {}) < 3 and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 143, stderr[-3000:]
+    saved = sorted(int(p) for p in os.listdir(out / "checkpoints") if p.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < 12, saved
+    assert stderr.strip().splitlines()[-1] == (
+        f"easytune: stopped by a preemption signal (SIGTERM) after step {saved[0]} of 12; its checkpoint is saved "
+        f"in {out}/checkpoints: run the same command with --resume to continue.")
+    assert "Traceback" not in stderr
+    run_to_end(command + ["--resume"])
+    assert losses(out) == reference_run  # every step, bit-equal
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_chat_model, task_file, reference_run, tmp_path):
     out = tmp_path / "run"
     run_to_end(train_command(tiny_chat_model, task_file, out, "--total_steps=12"))
