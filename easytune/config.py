@@ -2,11 +2,14 @@
 
 Nested fields are set with dotted flags (`--optimizer.lr=2e-5`), a preset with
 `--config=configs/<preset>.py` (a file whose `get_config()` returns a dict or ConfigDict of
-overrides). Precedence: command line > preset > defaults. `--help` lists every field with its doc.
+overrides) or `--config=<run>/easytune_config.json` (a run's flags, replayed; its --resume,
+--resume_override and --config are not). Precedence: command line > preset > defaults.
+`--help` lists every field with its doc.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from typing import Any, Mapping
 
@@ -52,9 +55,24 @@ def define_flags(defaults: Mapping, docs: Mapping[str, str], flag_values=flags.F
             flags.DEFINE_string(name, "" if value is None else str(value), doc, flag_values=flag_values)
 
 
+# a run's recorded flags that say how that run was started, not what it computes: not replayed
+REPLAY_SKIPS = ("resume", "resume_override", "config")
+
+
 def _load_preset(path: str) -> dict:
+    """A preset's overrides: a `.py` file's `get_config()`, or a `.json` file of flags (a run's
+    `easytune_config.json`, which replays that run)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config preset {path} does not exist.")
+    if path.endswith(".json"):
+        with open(path) as f:
+            try:
+                preset = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--config {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+        if not isinstance(preset, dict):
+            raise ValueError(f"--config {path} must hold a JSON object of flags.")
+        return {k: v for k, v in preset.items() if k not in REPLAY_SKIPS}
     spec = importlib.util.spec_from_file_location("easytune_preset", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -30,7 +30,7 @@ from typing import Callable
 
 from absl import flags
 
-from easytune import run_dir
+from easytune import run_dir, run_record
 from easytune.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from easytune.preemption import Preempted
 from easytune.recipe import METHOD_FAMILIES, Context, Job, Recipe, method_family
@@ -221,10 +221,12 @@ def total_steps(cfg, batches) -> int:
     return steps
 
 
-def export(cfg, model, summary: dict, default_job: bool) -> None:
+def export(cfg, model, summary: dict, default_job: bool, recipe_name: str = "") -> None:
     """The exports the run asks for (--export_hf, --export_peft); the default job also writes
     <output_dir>/hf (adapters merged, unless a prompt-learning adapter, which cannot be) and, with
-    an adapter, <output_dir>/peft."""
+    an adapter, <output_dir>/peft. The HF export gets a model card (README.md); the peft adapter
+    names the base model as the user gave it (`base_model_name_or_path`), so it loads elsewhere."""
+    from easytune import run_record
     adapter = model.adapter
     hf_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf")
                                if default_job and (adapter is None or adapter.config.is_lora) else None)
@@ -232,8 +234,12 @@ def export(cfg, model, summary: dict, default_job: bool) -> None:
     if hf_dir:
         model.save_pretrained(hf_dir)
         summary["export_hf"] = hf_dir
+        import jax
+        if jax.process_index() == 0:
+            with open(os.path.join(hf_dir, "README.md"), "w") as f:
+                f.write(run_record.model_card(recipe_name, cfg, summary))
     if peft_dir:
-        model.save_peft(peft_dir)
+        model.save_peft(peft_dir, base_model=run_record.base_model_name(cfg))
         summary["export_peft"] = peft_dir
 
 
@@ -421,8 +427,8 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         steps.restore()
     if is_main:  # after a resume is known to work: a refused one leaves the run's files as they were
         model.tokenizer.save_pretrained(cfg.output_dir)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        run_record.save_config(cfg.output_dir, cfg)  # easytune_config.json: --config replays it
+    summary["run"] = run_record.record(cfg, model)
     logging_utils.truncate_metrics(cfg.output_dir, steps.step)  # before the logger opens the file
     metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
     if model.adapter is not None:
@@ -477,7 +483,7 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         summary["best"] = keep_best.best
     if job.report is not None:
         summary.update(job.report(history, summary))
-    export(cfg, model, summary, default_job=cfg.train_data is None)
+    export(cfg, model, summary, default_job=cfg.train_data is None, recipe_name=recipe.name)
 
     metrics_logger.close()
     summary["wall_seconds"] = time.time() - started

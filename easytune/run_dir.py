@@ -35,11 +35,15 @@ RESUMABLE_PREFIXES = ("jax_distributed.",)
 
 
 def saved_config(output_dir: str) -> dict | None:
-    path = os.path.join(output_dir, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The flags a run in `output_dir` saved (`easytune_config.json`; `config.json` for runs written
+    before that name), or None."""
+    from easytune.run_record import CONFIG_FILE
+    for name in (CONFIG_FILE, "config.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:

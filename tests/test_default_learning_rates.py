@@ -56,7 +56,7 @@ def test_lora_at_the_default_learning_rate_learns_a_style(tmp_path):
                              "--logger=none", f"--export_peft={out}/peft"],
                             env=ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["optimizer"]["lr"] == 1e-3  # the LoRA default was used
+    assert json.loads((out / "easytune_config.json").read_text())["optimizer"]["lr"] == 1e-3  # the LoRA default was used
     model = easytune.load()
     assert marked(model, heldout) == 0  # the base model does not talk like this
     model.load_adapter(str(out / "peft"))

@@ -92,7 +92,7 @@ def test_distill_run_moves_student_towards_teacher(tiny_chat_model, teacher_mode
     state = summary["train_state_bytes"]
     assert state["frozen"] == nbytes(easytune.load(teacher_model).params)  # the teacher, and nothing else
     assert state["optimizer"] < 2 * nbytes(easytune.load(tiny_chat_model).params) + 1024  # the student's moments
-    with open(os.path.join(str(tmp_path / "run"), "config.json")) as f:
+    with open(os.path.join(str(tmp_path / "run"), "easytune_config.json")) as f:
         assert json.load(f)["teacher"] == teacher_model
 
 

@@ -1,5 +1,7 @@
 """PEFT through `train_sft`: only adapter parameters train (and carry optimizer state), the base
 stays bit-identical, sharding does not change the result, and exports load in transformers/peft."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -40,6 +42,8 @@ def test_lora_starts_at_base_trains_only_adapter_and_exports(tiny_chat_model, ta
     summary = run(cfg)
     records = logged(out)
     assert records[-1]["loss"] < records[0]["loss"]
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:  # the base as the user named it
+        assert json.load(f)["base_model_name_or_path"] == tiny_chat_model
     # LoRA on q, v, down of 2 layers: r * (in + out) each
     assert summary["trainable_params"] == 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))
 

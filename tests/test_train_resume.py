@@ -137,8 +137,18 @@ def test_help_documents_every_flag_and_presets_merge(tiny_chat_model, task_file,
     preset.write_text("def get_config():\n    return {'optimizer': {'lr': 3e-4, 'b2': 0.95}, 'seed': 7}\n")
     run_to_end(train_command(tiny_chat_model, task_file, tmp_path / "p", "--total_steps=1", f"--config={preset}",
                              "--optimizer.b2=0.9"))
-    with open(tmp_path / "p" / "config.json") as f:
+    with open(tmp_path / "p" / "easytune_config.json") as f:
         saved = json.load(f)
     # command line (lr in train_command, b2 here) beats the preset, the preset beats the defaults
     assert saved["optimizer"]["lr"] == 1e-3 and saved["optimizer"]["b2"] == 0.9 and saved["seed"] == 7
     assert saved["optimizer"]["eps"] == DEFAULTS["optimizer"]["eps"]
+    # the run record replays: --config=<run>/easytune_config.json with a new output_dir is the same run
+    recorded = tmp_path / "p" / "easytune_config.json"
+    run_to_end([sys.executable, "-m", "easytune.train_sft", f"--config={recorded}", f"--output_dir={tmp_path / 'q'}"])
+    with open(tmp_path / "q" / "easytune_config.json") as f:
+        replayed = json.load(f)
+    assert {**replayed, "output_dir": None, "config": None} == {**saved, "output_dir": None, "config": None}
+    assert losses(tmp_path / "q") == losses(tmp_path / "p")  # and computes the same (a 1-step run)
+    with open(tmp_path / "q" / "summary.json") as f:
+        record = json.load(f)["run"]
+    assert record["command"].startswith("python -m easytune.train_sft --config=") and record["process_count"] == 1

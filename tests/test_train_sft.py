@@ -44,6 +44,15 @@ def test_run_logs_trains_checkpoints_and_exports(tiny_chat_model, task_file, tmp
     assert [r["learning_rate"] for r in records] == pytest.approx([float(schedule(s - 1)) for s in (2, 3, 4, 6)])
     assert records[-1]["loss"] < records[0]["loss"]
     assert summary["last_loss"] == records[-1]["loss"]
+    # the run record and the export's model card
+    record = summary["run"]
+    assert record["versions"]["jax"] == jax.__version__ and record["process_count"] == 1
+    assert record["mesh"] == {"dp": 1, "fsdp": 8, "mp": 1} and record["devices"]["count"] == 8
+    assert record["base_model"] == tiny_chat_model
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith(f"---\nbase_model: {tiny_chat_model}\nlibrary_name: transformers\ntags:\n- easytune\n- sft")
+    assert f"- {json.dumps(task_file)}" in card and f"| eval_loss | {summary['eval_loss']:.6g} |" in card
+    assert "| `optimizer.lr` | `0.001` |" in card and f"- jax: {jax.__version__}" in card
     with pytest.raises(ValueError, match="already holds checkpoints .* pass --resume"):
         run(cfg)  # a new run into a used directory would mix two runs' checkpoints
     # the export loads in transformers and matches the trained parameters
