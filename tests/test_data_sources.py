@@ -143,3 +143,33 @@ def test_content_as_text_parts():
     record["messages"][0]["content"].append({"type": "image", "url": "x.png"})
     with pytest.raises(ValueError, match=r"r 1 messages\[0\]: content part 2 is 'image'; text models take text"):
         data.to_messages(record, "messages", "r 1")
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.get('tool_calls') %}<tool_call>{{ m['tool_calls'] | tojson }}</tool_call>{% else %}{{ m['content'] }}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tools_and_tool_calls_render_and_only_assistant_turns_train(tiny_chat_model):
+    """A record with a `tools` column (a JSON string, as datasets store it) and tool-call turns: the
+    template renders the tools and the call; the loss covers the assistant's call and its final
+    answer, not the tool's result or the prompt."""
+    import easytune
+    from easytune import data
+    tokenizer = easytune.load(tiny_chat_model).tokenizer
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]
+    record = {"tools": json.dumps(tools), "messages": [
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": None, "tool_calls": call},
+        {"role": "tool", "name": "add", "content": "4"}, {"role": "assistant", "content": "It is 4."}]}
+    [example], _ = data.tokenize_records([record], tokenizer, TOOL_TEMPLATE, 512, "x")
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith('<|im_start|>system\nTools: [{"type": "function", "function": {"name": "add"')
+    assert "<|im_start|>tool\n4<|im_end|>" in text
+    trained = tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask) if m])
+    assert trained == ('<tool_call>[{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]'
+                       '</tool_call><|im_end|>\nIt is 4.<|im_end|>\n')
+    with pytest.raises(ValueError, match=r"r 1: 'tools' must be a list of tool \(function\) schemas"):
+        data.tokenize_records([{**record, "tools": {"add": 1}}], tokenizer, TOOL_TEMPLATE, 512, "x", ["r 1"])

@@ -18,7 +18,7 @@ import os
 from easytune.data import sources
 
 FORMATS = ("messages", "alpaca", "prompt_completion", "text")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
@@ -248,16 +248,43 @@ def _message(message, where: str) -> dict:
         raise ValueError(f"{where}: unknown role {role!r}; roles must be one of {', '.join(ROLES)}.")
     if isinstance(message.get("content"), list):  # content parts (OpenAI / multimodal layout): text only
         message = {**message, "content": _text_parts(message["content"], where)}
+    if role == "assistant" and message.get("tool_calls"):  # a tool call: its content may be empty
+        calls = message["tool_calls"]
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise ValueError(f"{where}: 'tool_calls' must be a list of objects, got {_json_type(calls)}.")
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: 'content' must be a string, got {_json_type(content)}.")
+        return {"role": role, "content": content, "tool_calls": calls}
+    if role == "tool":  # a tool's result: context, rendered by the template with its call's id or name
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: a tool message's 'content' must be a string, got {_json_type(content)}.")
+        return {"role": role, "content": content,
+                **{k: message[k] for k in ("tool_call_id", "name") if message.get(k) is not None}}
     return {"role": role, "content": _string(message, "content", where)}
+
+
+def record_tools(record: dict, where: str) -> list[dict] | None:
+    """A record's `tools` column (function schemas the template renders; a JSON string or a list),
+    or None."""
+    tools = record.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: 'tools' is a string but not valid JSON ({e.msg}).") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"{where}: 'tools' must be a list of tool (function) schemas, got {_json_type(tools)}.")
+    return tools
 
 
 def _text_parts(parts: list, where: str) -> str:
     """The text of a content given as parts `[{"type": "text", "text": "..."}, ...]`, concatenated."""
     texts = []
     for i, part in enumerate(parts):
-        if isinstance(part, str):
-            texts.append(part)
-            continue
         if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else _json_type(part)
             raise ValueError(f"{where}: content part {i} is {kind!r}; text models take text parts "

@@ -59,14 +59,17 @@ def adopt_chat_template(tokenizer, name: str | None) -> str:
     return template
 
 
-def render_ids(tokenizer, sequence, *, add_generation_prompt: bool, chat_template: str | None = None) -> list[int]:
+def render_ids(tokenizer, sequence, *, add_generation_prompt: bool, chat_template: str | None = None,
+               tools: list[dict] | None = None) -> list[int]:
     """Token ids of `sequence`: a string tokenized as is, or a conversation (list of
     `{"role", "content"}` dicts) rendered with `chat_template` (default: the tokenizer's own).
-    add_generation_prompt: True for a prompt to generate from, False for a whole conversation."""
+    add_generation_prompt: True for a prompt to generate from, False for a whole conversation.
+    tools: function schemas the template renders (its `tools` variable)."""
     if isinstance(sequence, str):
         return list(tokenizer(sequence)["input_ids"])
+    extra = {"tools": tools} if tools else {}
     ids = tokenizer.apply_chat_template(list(sequence), chat_template=chat_template, tokenize=True,
-                                        add_generation_prompt=add_generation_prompt)
+                                        add_generation_prompt=add_generation_prompt, **extra)
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-from easytune.data.formats import detect_format, to_messages
+from easytune.data.formats import detect_format, record_tools, to_messages
 from easytune.data.templates import render_ids
 
 
@@ -49,12 +49,14 @@ class DataStats:
                 f"{self.num_tokens} tokens, {self.num_trainable_tokens} trained")
 
 
-def tokenize_conversation(messages: Sequence[dict], tokenizer, chat_template: str) -> Example:
-    """Tokenize `messages` with `chat_template`; loss on every assistant turn's tokens, nothing else."""
+def tokenize_conversation(messages: Sequence[dict], tokenizer, chat_template: str, tools=None) -> Example:
+    """Tokenize `messages` with `chat_template` (and the record's `tools`, rendered by the template);
+    loss on every assistant turn's tokens (tool calls included), nothing else (tool results are
+    context)."""
     if messages and messages[0]["role"] == "assistant":
         raise ValueError("the conversation starts with an assistant message; there is no prompt before it, "
                          "so its tokens can't be located. Put a system or user message first.")
-    render = functools.partial(render_ids, tokenizer, chat_template=chat_template)
+    render = functools.partial(render_ids, tokenizer, chat_template=chat_template, tools=tools)
     input_ids = render(messages, add_generation_prompt=False)
     loss_mask = [0] * len(input_ids)
     for turn, message in enumerate(messages):
@@ -111,13 +113,14 @@ def tokenize_records(records: Sequence[dict], tokenizer, chat_template: str | No
         where = locations[number - 1] if locations is not None else f"{source_name} record {number}"
         fmt = detect_format(record, where)
         messages = to_messages(record, fmt, where)
+        tools = record_tools(record, where)
         try:
             if messages is None:
                 example = tokenize_text(record["text"], tokenizer)
             else:
                 if chat_template is None:
                     raise ValueError("conversations need a chat template; pass --chat_template.")
-                example = tokenize_conversation(messages, tokenizer, chat_template)
+                example = tokenize_conversation(messages, tokenizer, chat_template, tools)
         except Exception as e:  # template errors (jinja, raise_exception) and ours, located
             raise ValueError(f"{where}: {e}") from e
         if train_on == "all":

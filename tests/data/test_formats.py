@@ -91,7 +91,7 @@ def test_unknown_layout_names_where_fields_and_layouts():
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}, r"messages\[1\]: missing 'content'"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}, r"'content' is empty"),
     ({"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "Yo"}]},
-     r"'content' must be a string, got a list"),
+     r"messages\[0\]: content part 0 is 'a string'; text models take text parts"),
     ({"messages": []}, r"'messages' must be a non-empty list"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, r"no assistant message"),
     ({"instruction": "Do it.", "output": 3}, r"'output' must be a string"),
