@@ -3,7 +3,7 @@
 Nested fields are set with dotted flags (`--optimizer.lr=2e-5`), a preset with
 `--config=configs/<preset>.py` (a file whose `get_config()` returns a dict or ConfigDict of
 overrides) or `--config=<run>/easytune_config.json` (a run's flags, replayed; its --resume,
---resume_override and --config are not). Precedence: command line > preset > defaults.
+--resume_override, --config and --jax_distributed.* are not). Precedence: command line > preset > defaults.
 `--help` lists every field with its doc.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def define_flags(defaults: Mapping, docs: Mapping[str, str], flag_values=flags.F
 
 
 # a run's recorded flags that say how that run was started, not what it computes: not replayed
-REPLAY_SKIPS = ("resume", "resume_override", "config")
+REPLAY_SKIPS = ("resume", "resume_override", "config", "jax_distributed")  # + this process's launch
 
 
 def _load_preset(path: str) -> dict:

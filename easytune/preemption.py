@@ -31,7 +31,7 @@ class PreemptionWatch:
     def __init__(self):
         import jax
         self._requested = False
-        self._previous = None
+        self._installed, self._previous = False, None
         self._sync = None
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -45,8 +45,9 @@ class PreemptionWatch:
         else:
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+                self._installed = True
             except ValueError:  # not the main thread: leave signals alone
-                self._previous = None
+                pass
 
     def _on_signal(self, signum, frame) -> None:
         if not self._requested:
@@ -59,6 +60,6 @@ class PreemptionWatch:
         return self._requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:  # the previous handler; SIG_DFL where it was not set from Python
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed, self._previous = False, None

@@ -51,6 +51,7 @@ def test_specs_parse_into_parts(tmp_path):
                  r"is not a number"),
     ("{a}:0", r"the weight 0 must be a fraction in \(0, 1\] or a whole count"),
     ("{a}:2.5", r"the weight 2.5 must be a fraction in \(0, 1\] or a whole count"),
+    ("{a}:inf", r"the weight inf must be a fraction in \(0, 1\] or a whole count"),
     ("{a},,{a}", r"has an empty part"),
     ("org/ds:a:b:c", r"data part 'org/ds:a:b:c' does not parse"),
 ])
@@ -74,6 +75,9 @@ def test_mixture_takes_fractions_and_counts_in_a_fixed_order(tmp_path):
     assert len(set(texts[5:9])) == 4
     assert all(where.startswith((f"{a} line", f"{b} line")) for _, where in located)
     assert located == load_located_records(f"{a}:0.5,{b}:10")  # the same order every time
+    from easytune.data import prefetch
+    for spec in (f"{a},{b}", f"{a}:0.5,{b}"):  # read ahead (before the model loads) with the last part whole
+        assert [r for r, _ in prefetch(spec)] == [r for r, _ in load_located_records(spec)]
 
 
 def test_hub_layout_directory_splits(hub_layout):
@@ -140,6 +144,9 @@ def test_content_as_text_parts():
                            {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]}
     assert data.to_messages(record, "messages", "r 1") == [{"role": "user", "content": "What is 2+2?"},
                                                            {"role": "assistant", "content": "4"}]
+    with pytest.raises(ValueError, match=r"r 1 messages\[1\]: content part 0 has no string 'text' \(got null\)"):
+        data.to_messages({"messages": [record["messages"][0], {"role": "assistant", "content": [{"type": "text"}]}]},
+                         "messages", "r 1")
     record["messages"][0]["content"].append({"type": "image", "url": "x.png"})
     with pytest.raises(ValueError, match=r"r 1 messages\[0\]: content part 2 is 'image'; text models take text"):
         data.to_messages(record, "messages", "r 1")

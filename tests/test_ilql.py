@@ -337,6 +337,23 @@ def test_resume_continues_the_heads_and_their_targets(char_chat_model, episodes,
         np.testing.assert_allclose(b["loss_v"], a["loss_v"], rtol=1e-5)
 
 
+def test_targets_follow_the_q_heads_after_every_kth_optimizer_step(char_chat_model, episodes, tmp_path):
+    """The Trainer runs the Polyak update after the optimizer's (trlx: after `opt.step()`, when
+    `iter_count % k == 0`): with alpha 1 and k 2 the targets equal the Q heads after step 2 exactly,
+    and after step 3 they still hold step 2's Q heads, which step 3 then moved."""
+    import jax
+
+    from easytune import train_ilql
+    from easytune.algos import ilql
+    common = {"log_steps": 1, "reward_fn": "", "steps_for_target_q_sync": 2, "alpha": 1.0}
+    two = train_ilql.run(ilql_config(char_chat_model, episodes, tmp_path / "two", total_steps=2, **common))
+    three = train_ilql.run(ilql_config(char_chat_model, episodes, tmp_path / "three", total_steps=3, **common))
+    heads_two, heads_three = ilql.load_heads(two["ilql_heads"])[0], ilql.load_heads(three["ilql_heads"])[0]
+    jax.tree.map(np.testing.assert_array_equal, heads_two["target_q"], heads_two["q"])
+    jax.tree.map(np.testing.assert_array_equal, heads_three["target_q"], heads_two["q"])
+    assert not np.array_equal(heads_three["q"]["0"]["out"]["kernel"], heads_two["q"]["0"]["out"]["kernel"])
+
+
 def test_bad_episodes_are_one_sentence_naming_the_line(char_chat_model, tmp_path):
     """A record without a numeric reward is reported with its file and line before the model loads."""
     from easytune import train_ilql

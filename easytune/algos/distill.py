@@ -122,8 +122,10 @@ def last_turn_prompt(input_ids: np.ndarray, loss_mask: np.ndarray) -> list[int] 
 
 class StudentSamples:
     """`Job.resample` for on-policy GKD: with probability `lmbda` a step's rows become the
-    student's samples on their prompts (see the module doc); metrics `on_policy` (1 or 0) and
-    `sampled_tokens` (mean completion length of the step's samples)."""
+    student's samples on their prompts (see the module doc); metrics `on_policy` (the share of the
+    step's examples replaced by samples: 0 on an off-policy step; below 1 when a prompt fills its
+    whole row) and `sampled_tokens` (mean completion length of the step's samples). The sampling
+    time counts in the step's time."""
 
     def __init__(self, model, lmbda: float, temperature: float, max_new_tokens: int, seed: int):
         from easytune.generate import SamplingConfig
@@ -138,6 +140,7 @@ class StudentSamples:
         width = rows["input_ids"].shape[1]
         prompts = {i: last_turn_prompt(ids, mask) for i, (ids, mask) in enumerate(zip(rows["input_ids"],
                                                                                       rows["loss_mask"]))}
+        with_prompt = sum(p is not None for p in prompts.values())
         prompts = {i: p for i, p in prompts.items() if p is not None and len(p) < width}
         if not prompts:
             return rows, {"on_policy": 0.0}
@@ -150,7 +153,8 @@ class StudentSamples:
         for row, index in enumerate(prompts):
             for key in sampled:
                 out[key][index] = sampled[key][row]
-        return out, {"on_policy": 1.0, "sampled_tokens": float(np.mean([len(s) for s in samples]))}
+        return out, {"on_policy": len(prompts) / with_prompt,
+                     "sampled_tokens": float(np.mean([len(s) for s in samples]))}
 
 
 # ----------------------------------------------------------------------------- the recipe

@@ -403,11 +403,14 @@ class ILQLRecipe(recipe.Recipe):
                 eval_rewards = (eval_rewards - stats.reward_mean) / scale
             eval_rows = offline.offline_rows(eval_examples, eval_rewards, cfg.seq_length)
 
-        host_heads = init_heads(jax.random.key(cfg.seed), model.config.hidden_size, model.config.vocab_size,
-                                options.two_qs)
-        shardings = sharding.tree_shardings({"heads": host_heads}, HEAD_RULES, model.mesh)["heads"]
-        heads = recipe.Heads(params=jax.device_put(host_heads, shardings), frozen=is_target,
-                             after_step=sync_after_step(options), rules=HEAD_RULES)
+        make = functools.partial(init_heads, hidden_size=model.config.hidden_size,
+                                 vocab_size=model.config.vocab_size, two_qs=options.two_qs)
+        key = jax.random.key(cfg.seed)
+        shapes = jax.eval_shape(make, key)
+        shardings = sharding.tree_shardings({"heads": shapes}, HEAD_RULES, model.mesh)["heads"]
+        with jax.set_mesh(model.mesh):  # created in their shards, never whole on one device
+            params = jax.jit(make, out_shardings=shardings)(key)
+        heads = recipe.Heads(params=params, frozen=is_target, after_step=sync_after_step(options), rules=HEAD_RULES)
 
         def report(history, summary):
             out = {"ilql_heads": os.path.join(cfg.output_dir, HEADS_FILE)}  # beside the checkpoints' "heads" item
@@ -421,7 +424,7 @@ class ILQLRecipe(recipe.Recipe):
             model=model, rows=rows, eval_rows=eval_rows, loss=make_loss(options), heads=heads, report=report,
             summary={"train_episodes": stats.num_kept, "train_episodes_dropped": stats.num_dropped,
                      "reward_mean": stats.reward_mean, "reward_std": stats.reward_std,
-                     "head_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(host_heads)))})
+                     "head_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))})
 
     @staticmethod
     def sampled_rewards(cfg, model, heads: dict, located) -> dict:

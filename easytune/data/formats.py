@@ -70,8 +70,8 @@ def prefetch(source: str) -> list[tuple[dict, str]] | None:
 
 def _names_a_file(source: str) -> bool:
     """Whether `source`, not an existing file, still names one (not a dataset name or spec)."""
-    return source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")) and ":" not in source \
-        and "," not in source and not os.path.isdir(source)
+    looks_like_a_path = source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~"))
+    return looks_like_a_path and ":" not in source and "," not in source and not os.path.isdir(source)
 
 
 def load_located_records(source: str, split: str = "train") -> list[tuple[dict, str]]:
@@ -285,10 +285,12 @@ def _text_parts(parts: list, where: str) -> str:
     """The text of a content given as parts `[{"type": "text", "text": "..."}, ...]`, concatenated."""
     texts = []
     for i, part in enumerate(parts):
-        if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type", "text") != "text":
             kind = part.get("type") if isinstance(part, dict) else _json_type(part)
             raise ValueError(f"{where}: content part {i} is {kind!r}; text models take text parts "
                              f"{{\"type\": \"text\", \"text\": ...}} only.")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}: content part {i} has no string 'text' (got {_json_type(part.get('text'))}).")
         texts.append(part["text"])
     return "".join(texts)
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from easytune.data.formats import _json_type, _message
+from easytune.data.formats import _json_type, _message, record_tools
 from easytune.data.packing import make_rows
 from easytune.data.templates import render_ids
 from easytune.data.tokenize import Example, tokenize_conversation
@@ -104,12 +104,14 @@ def tokenize_offline(located: Sequence[tuple[dict, str]], tokenizer, chat_templa
     examples, rewards = [], []
     for record, where in located:
         episode = parse_offline(record, where)
+        tools = record_tools(record, where)
         try:
-            whole = tokenize_conversation(episode.messages, tokenizer, chat_template)
+            whole = tokenize_conversation(episode.messages, tokenizer, chat_template, tools)
             mask = list(whole.loss_mask)
             if episode.prompt_turns is not None:  # the prompt's own assistant turns are context
                 prompt_length = len(render_ids(tokenizer, episode.messages[:episode.prompt_turns],
-                                               add_generation_prompt=True, chat_template=chat_template))
+                                               add_generation_prompt=True, chat_template=chat_template,
+                                               tools=tools))
                 mask[:prompt_length] = [0] * min(prompt_length, len(mask))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e

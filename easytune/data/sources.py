@@ -16,6 +16,7 @@ line 3", "org/ds:train record 7"), so an error in any part names it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 
@@ -53,12 +54,13 @@ def parse_source(spec: str) -> list[SourcePart]:
     for text in spec.split(","):
         text = text.strip()
         if not text:
-            raise ValueError(f"--data {spec!r} has an empty part; separate the parts of a mixture with single commas.")
+            raise ValueError(f"data spec {spec!r} has an empty part; separate the parts of a mixture with single "
+                             f"commas.")
         pieces = text.split(":")
         weight = _number(pieces[-1]) if len(pieces) > 1 else None
         if weight is not None:
             pieces = pieces[:-1]
-            if not weight > 0 or (weight > 1 and weight != int(weight)):
+            if not math.isfinite(weight) or not weight > 0 or (weight > 1 and weight != int(weight)):
                 raise ValueError(f"mixture part {text!r}: the weight {weight:g} must be a fraction in (0, 1] or a "
                                  f"whole count of records > 1.")
         name = pieces[0]
@@ -113,8 +115,9 @@ def load_dataset_split(part: SourcePart, default_split: str) -> list[tuple[dict,
                          f"{part.name}:<subset>:{split}.")
     splits = datasets.get_dataset_split_names(name, subset)
     if split not in splits:
-        raise ValueError(f"{part.name}{f':{subset}' if subset else ''} has no split {split!r}; its splits: "
-                         f"{', '.join(splits)}. Name one as {part.name}:<split>.")
+        named = f"{part.name}:{subset}" if subset else part.name
+        raise ValueError(f"{named} has no split {split!r}; its splits: {', '.join(splits)}. Name one as "
+                         f"{named}:<split>.")
     dataset = datasets.load_dataset(name, subset, split=split)
     label = f"{part.name}{f':{subset}' if subset else ''}:{split}"
     return [(dict(record), f"{label} record {i}") for i, record in enumerate(dataset, start=1)]
