@@ -12,6 +12,7 @@ ourselves (the process is ending), and the unraisable hook drops only the closed
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import glob
@@ -19,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 
 logger = logging.getLogger("easytune")
 
@@ -128,13 +130,30 @@ def settle(manager) -> None:
         pass
 
 
-def remove_temporary(directory: str, step: int) -> None:
-    """Remove orbax's half-written `<step>.orbax-checkpoint-tmp*` under `directory` (local paths)."""
-    for path in glob.glob(os.path.join(glob.escape(str(directory)), f"{step}.orbax-checkpoint-tmp*")):
-        for _ in range(3):  # a worker thread may still be closing a file in it
+def remove_temporary(directory: str, step: int, settle_seconds: float = 1.0, timeout: float = 15.0) -> None:
+    """Remove orbax's half-written `<step>.orbax-checkpoint-tmp*` under `directory` (local paths).
+
+    Writer threads that outlive the failed save (on a busy machine the directory was seen to be
+    left behind after a single removal pass) are waited out: the directory must stay gone for
+    `settle_seconds` (at most `timeout`), and it is removed once more when the process exits, after
+    the library's threads have been joined."""
+    pattern = os.path.join(glob.escape(str(directory)), f"{step}.orbax-checkpoint-tmp*")
+
+    def remove() -> bool:
+        for path in glob.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)
-            if not os.path.exists(path):
-                break
+        return not glob.glob(pattern)
+
+    deadline, gone_since = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if not remove():
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= settle_seconds:
+            break
+        time.sleep(0.05)
+    atexit.register(remove)
 
 
 def free_bytes(directory: str) -> int | None:
