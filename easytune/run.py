@@ -32,7 +32,7 @@ from absl import flags
 
 from easytune import run_dir, run_record
 from easytune.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
-from easytune.preemption import Preempted
+from easytune.preemption import Preempted, PreemptionWatch
 from easytune.recipe import METHOD_FAMILIES, Context, Job, Recipe, method_family
 from easytune.storage_errors import StorageFull
 
@@ -226,7 +226,6 @@ def export(cfg, model, summary: dict, default_job: bool, recipe_name: str = "") 
     <output_dir>/hf (adapters merged, unless a prompt-learning adapter, which cannot be) and, with
     an adapter, <output_dir>/peft. The HF export gets a model card (README.md); the peft adapter
     names the base model as the user gave it (`base_model_name_or_path`), so it loads elsewhere."""
-    from easytune import run_record
     adapter = model.adapter
     hf_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf")
                                if default_job and (adapter is None or adapter.config.is_lora) else None)
@@ -276,7 +275,8 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
             eval_now = evaluate is not None and cfg.get("eval_steps", 0) > 0 and step % cfg.eval_steps == 0
             heldout_now = job.heldout is not None and job.heldout_every > 0 and step % job.heldout_every == 0 \
                 and step < total
-            save_now = cfg.save_steps > 0 and (step % cfg.save_steps == 0 or step == total)
+            preempted = preemption is not None and step < total and preemption.reached(step)
+            save_now = preempted or cfg.save_steps > 0 and (step % cfg.save_steps == 0 or step == total)
             if save_now and not (log_now or eval_now or heldout_now):  # never save a diverged state
                 check_finite(_host_floats(metrics), step, last_finite, cfg)
                 last_finite = step
@@ -311,11 +311,7 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
             if save_now:
                 steps.save()
                 window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
-            if preemption is not None and step < total and preemption.reached(step):
-                if not save_now:
-                    if not (log_now or eval_now or heldout_now):  # never save a diverged state
-                        check_finite(_host_floats(metrics), step, last_finite, cfg)
-                    steps.save()
+            if preempted:  # its checkpoint just saved
                 raise Preempted(f"stopped by a preemption signal (SIGTERM) after step {step} of {total}; its "
                                 f"checkpoint is saved in {os.path.join(cfg.output_dir, 'checkpoints')}: run the same "
                                 f"command with --resume to continue.")
@@ -453,7 +449,6 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
             summary.update(before)
 
     train_start = time.time()
-    from easytune.preemption import PreemptionWatch
     preemption = PreemptionWatch()
     try:
         history = loop(job, steps, total, cfg, evaluate, metrics_logger,

@@ -329,6 +329,10 @@ class Trainer:
         """`(the model's part, the heads' part or None)` of a tree shaped like the trained params."""
         return (tree["model"], tree["heads"]) if self.heads is not None else (tree, None)
 
+    def _join(self, items: dict):
+        """The trained params' tree from restored checkpoint items (inverse of `_array_items`)."""
+        return {"model": items["params"], "heads": items["heads"]} if self.heads is not None else items["params"]
+
     def _array_items(self, tree, make) -> dict:
         """Checkpoint items `params` (the model's) and, with heads, `heads`, from a tree shaped like
         the trained params; `make` wraps each (an orbax save or restore argument)."""
@@ -391,9 +395,9 @@ class Trainer:
         """Restore the newest readable checkpoint; a corrupt one is skipped with a warning.
         Returns the data iterator state, or None when there is nothing to resume."""
         failures = []
+        target = checkpoint.abstract_target(self.params, self.param_shardings)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                target = checkpoint.abstract_target(self.params, self.param_shardings)
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     **self._array_items(target, ocp.args.StandardRestore),
                     opt_state=ocp.args.StandardRestore(checkpoint.abstract_target(self.opt_state, self.opt_shardings)),
@@ -407,8 +411,7 @@ class Trainer:
                 continue
             for bad_step, _ in failures:  # so this run's own saves at those steps are not refused
                 self.manager.delete(bad_step)
-            params = {"model": restored["params"], "heads": restored["heads"]} if self.heads else restored["params"]
-            self.params, self.opt_state, self.step = params, restored["opt_state"], step
+            self.params, self.opt_state, self.step = self._join(restored), restored["opt_state"], step
             self.publish()
             logger.info("resumed from step %d", step)
             return dict(restored["data"])

@@ -45,7 +45,8 @@ def half_depth_student(directory: str) -> str:
 
 
 def run_config(defaults, overrides: dict):
-    """An entry point's config: `defaults` with `overrides` (dotted keys for nested fields)."""
+    """An entry point's config: `defaults` with `overrides` (dotted keys for nested fields). As
+    tests/conftest.py's, which cannot be imported here: it simulates 8 devices, and this measures one."""
     from ml_collections import ConfigDict
     cfg = ConfigDict(defaults)
     for key, value in overrides.items():

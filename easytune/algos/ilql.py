@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from easytune import models, recipe
+from easytune.algos import logprobs
 
 logger = logging.getLogger("easytune")
 
@@ -145,8 +146,7 @@ def next_action_index(action_mask: jax.Array) -> jax.Array:
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """`[...]` float32: −log softmax(logits)[target]."""
-    logits = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return -logprobs.token_logps(logits, targets)
 
 
 def ilql_terms(options: ILQLConfig, logits, qs, target_qs, values, target_ids, action_mask, reward) -> dict:
@@ -397,10 +397,8 @@ class ILQLRecipe(recipe.Recipe):
         eval_rows, eval_located = None, None
         if cfg.eval_data:
             eval_located, eval_examples, eval_raw, _ = episodes(cfg.eval_data)
-            eval_rewards = np.asarray(eval_raw, np.float64)
-            if cfg.normalize_rewards:  # with the training data's mean and std
-                scale = 1.0 if stats.reward_std is None else stats.reward_std + np.finfo(np.float64).eps
-                eval_rewards = (eval_rewards - stats.reward_mean) / scale
+            eval_rewards = (offline.zscore(eval_raw, stats.reward_mean, stats.reward_std)  # the training data's
+                            if cfg.normalize_rewards else np.asarray(eval_raw, np.float64))
             eval_rows = offline.offline_rows(eval_examples, eval_rewards, cfg.seq_length)
 
         make = functools.partial(init_heads, hidden_size=model.config.hidden_size,

@@ -85,11 +85,15 @@ def normalize_rewards(rewards: Sequence[float]) -> tuple[np.ndarray, float, floa
     divided by (the unbiased std + float64 eps) unless the std is undefined (one record: None)."""
     returns = np.asarray(rewards, np.float64)
     mean = float(returns.mean())
-    returns = returns - mean
-    if len(returns) < 2:
-        return returns, mean, None
-    std = float(returns.std(ddof=1))
-    return returns / (std + np.finfo(np.float64).eps), mean, std
+    std = float((returns - mean).std(ddof=1)) if len(returns) > 1 else None
+    return zscore(returns, mean, std), mean, std
+
+
+def zscore(rewards: Sequence[float], mean: float, std: float | None) -> np.ndarray:
+    """`(rewards - mean) / (std + float64 eps)` in float64 (only centred when `std` is None): the
+    training data's statistics applied to any rewards (e.g. the eval data's)."""
+    centred = np.asarray(rewards, np.float64) - mean
+    return centred if std is None else centred / (std + np.finfo(np.float64).eps)
 
 
 def tokenize_offline(located: Sequence[tuple[dict, str]], tokenizer, chat_template: str | None, seq_length: int,
