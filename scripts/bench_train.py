@@ -1,26 +1,59 @@
-"""Training throughput on this machine: one easytune SFT step next to one Hugging Face
-transformers + PyTorch step (AdamW, same model, batch and sequence length, float32), interleaved.
+"""Training throughput: one easytune SFT step next to one Hugging Face transformers + PyTorch step
+(AdamW with clipping, same model, tokens, batch and sequence length), interleaved pair by pair.
 
-    python scripts/bench_train.py [--batch 8] [--seq 128] [--pairs 5] [--model DIR]
+    python scripts/bench_train.py [--batch 8] [--seq 128] [--pairs 5] [--dtype float32|bfloat16]
+    python scripts/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 --dtype bfloat16   # on a GPU
 
-Prints tokens/s of each (medians) and the median of the per-pair ratios easytune/transformers.
+--dtype=float32: both sides compute and keep weights in float32. --dtype=bfloat16: easytune computes
+in bf16 with float32 master weights (`dtype=bfloat16, param_dtype=float32`), PyTorch keeps float32
+weights under `torch.autocast(bfloat16)`: each framework's mixed precision. PyTorch runs on CUDA
+when JAX's backend is a GPU, else on the CPU. --model: an HF directory (default: the bundled
+SmolLM2-135M-Instruct); --shape: random weights of a named shape instead, written to a temporary
+directory (for machines without the bundled model; speed does not depend on the values).
+
+Prints tokens/s of each (medians), MFU where a peak is known, and, last, the median of the
+per-pair ratios: `ratio easytune/transformers: R x (range A-B)`.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import numpy as np
+
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         rope_theta=100000.0),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                        rope_theta=500000.0),
+}
+
+
+def random_hf_dir(shape: str) -> str:
+    """An HF LLaMA directory of `shape` with random weights (no tokenizer: the benchmark feeds token ids)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    directory = tempfile.mkdtemp(prefix=f"bench_train_{shape}_")
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF directory (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random weights of this shape")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention", default="xla", help="easytune's --attention (xla, pallas, cudnn, auto)")
     args = parser.parse_args()
 
     import jax
@@ -29,10 +62,11 @@ def main():
     from easytune import assets, train
     from easytune.algos import sft
 
-    directory = args.model or assets.smollm2_hf_dir()
-    model = easytune.load(directory, devices=jax.devices()[:1], mesh_dim="1,1,1", remat=args.remat)
-    trainer = train.Trainer(train.TrainConfig("/tmp/easytune_bench_train", batch_size=args.batch), model, sft.LOSS,
-                            total_steps=10**6)
+    directory = args.model or (random_hf_dir(args.shape) if args.shape else assets.smollm2_hf_dir())
+    model = easytune.load(directory, devices=jax.devices()[:1], mesh_dim="1,1,1", remat=args.remat,
+                          dtype=args.dtype, param_dtype="float32", attention=args.attention, tokenizer=False)
+    trainer = train.Trainer(train.TrainConfig(tempfile.mkdtemp(prefix="easytune_bench_train_"), batch_size=args.batch),
+                            model, sft.LOSS, total_steps=10**6)
     rng = np.random.RandomState(0)
     tokens = rng.randint(0, model.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     rows = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:],
@@ -50,20 +84,25 @@ def main():
 
     import torch
     from transformers import AutoModelForCausalLM
-    torch_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    torch_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
     torch_model.train()
     optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-5)
-    input_ids = torch.tensor(tokens[:, :-1], dtype=torch.long)
-    labels = torch.tensor(tokens[:, 1:], dtype=torch.long)
+    input_ids = torch.tensor(tokens[:, :-1], dtype=torch.long, device=device)
+    labels = torch.tensor(tokens[:, 1:], dtype=torch.long, device=device)
+    autocast = args.dtype == "bfloat16"
 
     def theirs():
         start = time.perf_counter()
-        logits = torch_model(input_ids=input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            logits = torch_model(input_ids=input_ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     compile_seconds = ours()
@@ -73,11 +112,19 @@ def main():
     ours_tps = statistics.median(step_tokens / p[0] for p in pairs)
     theirs_tps = statistics.median(step_tokens / p[1] for p in pairs)
     ratios = [p[1] / p[0] for p in pairs]
-    print(f"train step, batch {args.batch} x seq {args.seq}, float32, {args.pairs} interleaved pairs "
+    torch_name = f"transformers (PyTorch {torch.__version__.split('+')[0]}, {device})"
+    print(f"train step, {args.shape or directory}, batch {args.batch} x seq {args.seq}, {args.dtype}, "
+          f"attention {args.attention}, {args.pairs} interleaved pairs on {jax.devices()[0].device_kind} "
           f"(easytune first step incl. compile: {compile_seconds:.1f}s):")
-    print(f"  easytune (JAX):              {ours_tps:8.1f} tokens/s (median)")
-    print(f"  transformers (PyTorch, CPU): {theirs_tps:8.1f} tokens/s (median)")
-    print(f"  ratio easytune/transformers: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
+    from easytune import logging_utils, models
+    flops = models.flops_per_token(model.config, args.seq)
+    peak = logging_utils.peak_flops_per_device()
+
+    def mfu(tps):
+        return f", MFU {tps * flops / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if flops and peak else ""
+    print(f"  easytune (JAX {jax.__version__}):  {ours_tps:10.1f} tokens/s (median){mfu(ours_tps)}")
+    print(f"  {torch_name}: {theirs_tps:10.1f} tokens/s (median){mfu(theirs_tps)}")
+    print(f"ratio easytune/transformers: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":
