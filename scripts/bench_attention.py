@@ -195,15 +195,17 @@ def bench_train_step(args, backend: str) -> None:
                                 Model(config, params, None, mesh), sft.LOSS, total_steps=10**6)
         step_batch = train.global_batch(mesh, rows, 1)
 
-        def step(compiled):
-            trainer.params, trainer.opt_state, metrics = compiled(trainer.params, trainer.opt_state, step_batch)
+        def step(compiled):  # what Trainer.train_step runs, on the compiled program measured below
+            trainer.params, trainer.opt_state, metrics = compiled(trainer.params, trainer.opt_state, trainer.frozen,
+                                                                  step_batch, np.int32(0))
             return metrics
 
         try:
             with jax.set_mesh(mesh):
-                compiled, mib = compile_with_memory(trainer._step, trainer.params, trainer.opt_state, step_batch)
+                compiled, mib = compile_with_memory(trainer._step, trainer.params, trainer.opt_state, trainer.frozen,
+                                                    step_batch, np.int32(0))
                 seconds = timed(step, compiled, warmup=args.warmup, repeats=args.repeats)
-            results[attention] = (seconds, mib), "interpret mode" if attention == "pallas" and backend == "cpu" else ""
+            results[attention] = (seconds, mib), "interpret mode" if attention in ("pallas", "splash") and backend == "cpu" else ""
         except Exception as e:
             results[attention] = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
         trainer = params = compiled = None  # free this attention's state before the next

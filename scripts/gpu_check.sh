@@ -4,6 +4,8 @@
 # benchmark (easytune's kernel, cuDNN, XLA, JAX's Pallas mha; a ~1B train step with each); the SFT
 # step next to transformers + PyTorch on the same GPU (fp32 and bf16 mixed precision); and an SFT
 # run through the CLI (bf16, the pallas kernel, a checkpoint, resume, HF export).
+# The device image lacks some of easytune's pure-Python dependencies: carry them as wheels in .whl/
+# (ml_collections, tensorboardX, gguf, datasets, dill, multiprocess) and install them to a --target first.
 #
 #     bash scripts/gpu_check.sh            # logs in $OUT (the device tool's folder) or ./gpu_check_out
 #     ONLY=env,sft_cli JAX_PLATFORMS=cpu PY=python bash scripts/gpu_check.sh   # some stages (a dry run on CPU)
@@ -33,7 +35,7 @@ print(jax.devices())'"
 # the real kernel (interpret=None picks Triton on a GPU) against the XLA reference; conftest sets
 # highest matmul precision, so fp32 dots are IEEE on both sides
 TAIL=12 stage kernel_tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  -k "values_and_gradients or (scale_and_softcap and pallas) or other_head_dims or invalid_inputs or prefill"
+  -k "${KTESTS:-values_and_gradients or (scale_and_softcap and pallas) or other_head_dims or invalid_inputs or prefill}"
 
 TAIL=45 stage attention 180 $PY scripts/bench_attention.py --seqs=${SEQS:-1024,4096,16384} --head_dims=64,128 \
   --repeats 5 --warmup 2

@@ -219,8 +219,15 @@ def test_invalid_inputs_are_clear_errors():
         layers.attention(q, q, q, q_positions=positions, implementation="flash")
     with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple"):
         layers.attention(q, q[:, :, :3], q[:, :, :3], q_positions=positions)
-    with pytest.raises(ValueError, match="cudnn' needs an NVIDIA GPU with cuDNN, but the backend is cpu"):
-        layers.attention(q, q, q, q_positions=positions, implementation="cudnn")
+    if jax.default_backend() != "gpu":  # scripts/gpu_check.sh runs this test on a GPU too
+        with pytest.raises(ValueError, match="cudnn' needs an NVIDIA GPU with cuDNN, but the backend is cpu"):
+            layers.attention(q, q, q, q_positions=positions, implementation="cudnn")
+    else:  # float32 q: cuDNN's fused attention takes bf16/fp16 only (JAX's own error is a NotImplementedError)
+        with pytest.raises(ValueError, match="attention='cudnn' computes in bfloat16 or float16, not float32"):
+            layers.attention(q, q, q, q_positions=positions, implementation="cudnn")
+    with pytest.raises(ValueError, match="attention='cudnn' computes in bfloat16 or float16, not float32; use"):
+        decoder.DecoderConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=1,
+                              num_kv_heads=1, head_dim=64, dtype="float32", attention="cudnn")
     # and at config time, before anything compiles
     arch = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
@@ -228,7 +235,8 @@ def test_invalid_inputs_are_clear_errors():
     with pytest.raises(ValueError, match=r"attention='pallas' supports head_dim .* not 16; use attention='xla'"):
         decoder.DecoderConfig(**arch, head_dim=16, attention="pallas")
     decoder.DecoderConfig(**arch, head_dim=16, attention="auto")  # auto falls back where pallas cannot run
-    assert layers.resolve_attention("auto", 64) == "xla"  # on CPU: interpret mode is for tests, not speed
+    # on CPU xla (interpret mode is for tests, not speed); gpu_check.sh runs this on a GPU too
+    assert layers.resolve_attention("auto", 64) == {"gpu": "pallas", "tpu": "splash"}.get(jax.default_backend(), "xla")
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
@@ -375,3 +383,4 @@ def test_bench_script_runs_tiny_on_cpu():
         assert name in out, out
     assert "cudnn" in out and "skipped" in out  # unavailable on CPU, said so
     assert "train step" in out and "ratio" in out
+    assert "failed" not in out, out  # every implementation that runs here ran, kernels and train steps

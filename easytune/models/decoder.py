@@ -118,7 +118,7 @@ class DecoderConfig(common.ComputeDtypes):
                 raise ValueError(f"{name} must be > 0 or None, got {value!r}.")
         parse_dtype(self.dtype)
         parse_dtype(self.param_dtype)
-        layers.check_attention(self.attention, self.head_dim)
+        layers.check_attention(self.attention, self.head_dim, self.dtype)
         if not isinstance(self.head_chunk_size, int) or self.head_chunk_size < 0:
             raise ValueError(f"head_chunk_size must be a number of tokens >= 0 (0: no fused head), "
                              f"got {self.head_chunk_size!r}.")

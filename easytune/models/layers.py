@@ -278,6 +278,7 @@ def _cudnn(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids,
     if jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU with cuDNN, but the backend is "
                          f"{jax.default_backend()}; use attention='xla' or 'auto'.")
+    check_attention("cudnn", dtype=q.dtype)
     mask = None
     if q_segment_ids is not None:
         mask = attention_mask(q_positions, q_segment_ids, q_positions, q_segment_ids, causal=False)[:, None]
@@ -291,12 +292,16 @@ def _log_fallback_once(reason: str) -> None:
     logging.getLogger(__name__).warning(reason)
 
 
-def check_attention(implementation: str, head_dim: int | None = None) -> None:
-    """Raise a one-sentence ValueError for an unknown implementation, or for 'pallas' with a
-    head_dim the kernel does not support (checked when a model config is made)."""
+def check_attention(implementation: str, head_dim: int | None = None, dtype=None) -> None:
+    """Raise a one-sentence ValueError for an unknown implementation, for 'pallas' with a head_dim
+    the kernel does not support, or for 'cudnn' with a compute dtype cuDNN's fused attention does
+    not take (float32) (checked when a model config is made)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; "
                          f"choose one of {sorted(ATTENTION_IMPLEMENTATIONS)}.")
+    if implementation == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention='cudnn' computes in bfloat16 or float16, not {jnp.dtype(dtype).name}; "
+                         f"use --dtype=bfloat16, or attention='pallas' (or 'auto') for float32.")
     if implementation == "splash":
         from easytune.kernels import tpu_attention
         tpu_attention.check_platform(jax.default_backend())
