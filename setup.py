@@ -37,7 +37,12 @@ setup(
         # several GB of CUDA wheels. Move these together, after running the suite on the new set.
         "test": ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "accelerate==1.15.0",
                  "bitsandbytes==0.50.2", "lm_eval==0.4.13", "langdetect==1.0.9", "immutabledict==4.3.1",
-                 "pytest", "pytest-xdist", "tensorboard"],
+                 "pytest", "pytest-xdist", "tensorboard",
+                 # tests/test_gcs.py: a real GCS JSON API on 127.0.0.1, reached through gcsfs
+                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19"],
+        # gs:// paths (--output_dir, --train_data, load, exports): gcsfs serves them to etils.epath;
+        # orbax's tensorstore writes checkpoints there without it.
+        "gcs": ["gcsfs>=2024.2"],
         # python -m easytune.eval: lm-evaluation-harness drives the tasks (its `hf` backend is the
         # tests' oracle for this one); langdetect and immutabledict are what its IFEval checkers
         # (easytune.eval.verifiers) import.

@@ -36,6 +36,11 @@ def _resolve(path: str | None) -> str:
     if path is None:
         from easytune import assets
         return assets.smollm2_hf_dir()
+    from easytune import checkpoint, storage
+    if storage.is_remote(path):  # an easytune checkpoint is read where it is; an HF directory is downloaded
+        if not storage.isdir(path):
+            raise FileNotFoundError(f"model path {path!r} does not exist (or is not a directory).")
+        return path if checkpoint.locate(path) is not None else storage.local_copy(path)
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
@@ -86,7 +91,7 @@ def load(
     head_chunk_size > 0: the training losses run the LM head fused with its log-softmax, this many
     tokens at a time, never holding `[tokens, vocab]` logits (`easytune.models.fused_head`).
     """
-    from easytune import checkpoint, hf, sharding
+    from easytune import checkpoint, hf, sharding, storage
     from easytune.dtypes import dtype_name
 
     directory = _resolve(path)
@@ -103,7 +108,7 @@ def load(
                                      mesh_dim=mesh_dim, remat=remat, attention=attention,
                                      head_chunk_size=head_chunk_size, tokenizer=tokenizer, devices=devices)
         params = checkpoint.restore_params(params_path, config, mesh)
-        directory = tokenizer_dir
+        directory = storage.local_files(tokenizer_dir)
     else:
         config_path = os.path.join(directory, hf.CONFIG_FILE)
         if not os.path.exists(config_path):
@@ -119,7 +124,7 @@ def load(
         params = hf.load_params(directory, config, mesh)
     model = Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
                   hf_config, generation_config)
-    model.source = directory
+    model.source = path if storage.is_remote(path) else directory
     if adapter is not None:
         model.load_adapter(adapter)
     return model
@@ -136,7 +141,8 @@ def _load_adapter_run(meta, params_path, tokenizer_dir, **kwargs) -> "Model":
     params = checkpoint.restore_tree(params_path, shapes, adapters.shardings_for(shapes, model.config, model.mesh))
     model.adapter = adapters.Adapter(config, params)
     if kwargs.get("tokenizer", True):
-        model.tokenizer = _load_tokenizer(tokenizer_dir)
+        from easytune import storage
+        model.tokenizer = _load_tokenizer(storage.local_files(tokenizer_dir))
     return model
 
 
@@ -219,9 +225,11 @@ class Model:
         from easytune.adapters import peft_format
         if self.adapter is None:
             raise ValueError("this model has no adapter to save; train with --peft or call add_adapter first.")
-        peft_format.save(directory, self.adapter, self.config, base_model or self.source)
-        if self.tokenizer is not None and jax_process_index() == 0:
-            self.tokenizer.save_pretrained(directory)
+        from easytune import storage
+        with storage.writable_dir(directory, upload_from_this_process=jax_process_index() == 0) as local:
+            peft_format.save(local, self.adapter, self.config, base_model or self.source)
+            if self.tokenizer is not None and jax_process_index() == 0:
+                self.tokenizer.save_pretrained(local)
 
     @property
     def forward_params(self) -> dict:
@@ -417,14 +425,22 @@ class Model:
     def save_pretrained(self, directory: str, dtype: str | None = None, max_shard_size: int = 5 * 1024**3) -> None:
         """Write a Hugging Face directory (config.json, safetensors, tokenizer with its chat template)
         that `transformers.AutoModelForCausalLM.from_pretrained` loads (`AutoModelForSeq2SeqLM` for
-        T5). dtype: on-disk dtype (default: the parameters' dtype)."""
+        T5). dtype: on-disk dtype (default: the parameters' dtype). A URL (`gs://...`) is written
+        locally, then uploaded."""
+        import jax
+
+        from easytune import storage
+        from easytune.dtypes import dtype_name
+        out_dtype = dtype_name(dtype or self.config.param_dtype)
+        with storage.writable_dir(directory, upload_from_this_process=jax.process_index() == 0) as local:
+            self._save_pretrained(local, out_dtype, max_shard_size)
+
+    def _save_pretrained(self, directory: str, out_dtype: str, max_shard_size: int) -> None:
         import json
 
         import jax
 
         from easytune import hf
-        from easytune.dtypes import dtype_name
-        out_dtype = dtype_name(dtype or self.config.param_dtype)
         with jax.set_mesh(self.mesh):
             hf.save_params(directory, self.config, self.merged_params(), out_dtype, max_shard_bytes=max_shard_size)
         if jax.process_index() == 0:

@@ -17,7 +17,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from easytune import models, sharding
+from easytune import models, sharding, storage
 from easytune.models import common
 
 MARKER = "easytune.json"
@@ -60,22 +60,24 @@ def model_meta(config, hf_config: dict | None = None, generation_config: dict | 
 def save_model(directory: str, config, params, hf_config: dict | None = None,
                generation_config: dict | None = None, tokenizer=None) -> None:
     """Write an easytune checkpoint of `params` (sharded arrays are saved shard by shard)."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = storage.absolute(directory)
+    if not storage.is_remote(directory):
+        os.makedirs(directory, exist_ok=True)
     _checkpointer().save(os.path.join(directory, "params"), ocp.args.StandardSave(params), force=True)
-    if jax.process_index() == 0:
-        meta = model_meta(config, hf_config, generation_config)
-        tmp = os.path.join(directory, MARKER + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, os.path.join(directory, MARKER))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+    main = jax.process_index() == 0
+    with storage.writable_dir(directory, upload_from_this_process=main) as files:  # a URL: uploaded after
+        if main:
+            meta = model_meta(config, hf_config, generation_config)
+            tmp = os.path.join(files, MARKER + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(meta, f, indent=2)
+            os.replace(tmp, os.path.join(files, MARKER))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(files)
 
 
 def _read_meta(path: str) -> dict:
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(storage.read_text(path))
     if meta.get("format") != "easytune" or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not easytune v{FORMAT_VERSION} checkpoint metadata.")
     return meta
@@ -83,25 +85,25 @@ def _read_meta(path: str) -> dict:
 
 def _training_steps(run_dir: str) -> list[int]:
     checkpoints = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(checkpoints):
+    if not storage.isdir(checkpoints):
         return []
-    return sorted(int(d) for d in os.listdir(checkpoints)
-                  if d.isdigit() and os.path.exists(os.path.join(checkpoints, d, "model", "metadata")))
+    return sorted(int(d) for d in storage.listdir(checkpoints)
+                  if d.isdigit() and storage.exists(os.path.join(checkpoints, d, "model", "metadata")))
 
 
 def locate(path: str) -> tuple[dict, str, str] | None:
     """`(metadata, params directory, tokenizer directory)` for a model checkpoint, a training
     step directory, or a training run directory (its latest step); None if `path` is none of them."""
-    if os.path.isfile(os.path.join(path, MARKER)):
+    if storage.isfile(os.path.join(path, MARKER)):
         return _read_meta(os.path.join(path, MARKER)), os.path.join(path, "params"), path
-    if os.path.isfile(os.path.join(path, "model", "metadata")) and os.path.isdir(os.path.join(path, "params")):
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if storage.isfile(os.path.join(path, "model", "metadata")) and storage.isdir(os.path.join(path, "params")):
+        run_dir = os.path.dirname(os.path.dirname(storage.absolute(path).rstrip("/")))
         return _read_meta(os.path.join(path, "model", "metadata")), os.path.join(path, "params"), run_dir
     steps = _training_steps(path)
     if steps:
         return locate(os.path.join(path, "checkpoints", str(steps[-1])))
-    kept = [d for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-    if len(kept) == 1 and os.path.isfile(os.path.join(path, kept[0], "model", "metadata")):
+    kept = [d for d in storage.listdir(path) if d.isdigit()] if storage.isdir(path) else []
+    if len(kept) == 1 and storage.isfile(os.path.join(path, kept[0], "model", "metadata")):
         return locate(os.path.join(path, kept[0]))  # <run>/best: the one step kept there
     return None
 
@@ -121,7 +123,7 @@ def restore_tree(path: str, shapes, shardings):
     """An array tree from an orbax directory, each array restored straight into its shards.
     shapes: the tree's `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`); shardings: a matching
     tree. An array the checkpoint lacks is a clear error before anything is read."""
-    directory = os.path.abspath(path)  # orbax wants absolute paths
+    directory = storage.absolute(path)  # orbax wants absolute paths (or URLs)
     stored = _checkpointer().metadata(directory)
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)

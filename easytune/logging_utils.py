@@ -83,6 +83,11 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(raw, step=int(step))
 
+    def flush(self) -> None:
+        """Write what is buffered (TensorBoard's events) to the files, e.g. before they are uploaded."""
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

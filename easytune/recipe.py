@@ -148,7 +148,9 @@ class Context:
     def write_jsonl(self, name: str, records) -> None:
         """Records the run generated (pairs, prompts) into the output directory (process 0)."""
         if self.is_main:
-            with open(os.path.join(self.cfg.output_dir, name), "w") as f:
+            from easytune import storage
+            # into the run's files (a URL's local mirror: uploaded with them)
+            with open(os.path.join(storage.run_files(self.cfg.output_dir), name), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
 

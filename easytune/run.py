@@ -30,7 +30,7 @@ from typing import Callable
 
 from absl import flags
 
-from easytune import run_dir, run_record
+from easytune import run_dir, run_record, storage
 from easytune.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from easytune.preemption import Preempted, PreemptionWatch
 from easytune.recipe import METHOD_FAMILIES, Context, Job, Recipe, method_family
@@ -109,9 +109,12 @@ def start(recipe: Recipe, cfg) -> tuple[bool, run_dir.RunLock]:
         raise ValueError(f"--log_steps must be >= 1, got {cfg.log_steps}.")
     complete(recipe, cfg)
     recipe.check_data(cfg)  # before the model loads, and before anything is written
+    storage.check_writable(cfg.output_dir)  # a URL: reachable, with credentials that may write there
     run_dir.check_start(cfg)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    lock = run_dir.RunLock(cfg.output_dir, enabled=is_main)
+    if cfg.resume and is_main:
+        storage.fetch_run_files(cfg.output_dir)  # a URL: metrics and TensorBoard so far, into the local mirror
+    os.makedirs(storage.run_files(cfg.output_dir), exist_ok=True)
+    lock = run_dir.RunLock(storage.run_files(cfg.output_dir), enabled=is_main)
     lock.acquire()
     return is_main, lock
 
@@ -230,13 +233,15 @@ def export(cfg, model, summary: dict, default_job: bool, recipe_name: str = "") 
     hf_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf")
                                if default_job and (adapter is None or adapter.config.is_lora) else None)
     peft_dir = cfg.get("export_peft") or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None)
+    import jax
+    main = jax.process_index() == 0
     if hf_dir:
-        model.save_pretrained(hf_dir)
-        summary["export_hf"] = hf_dir
-        import jax
-        if jax.process_index() == 0:
-            with open(os.path.join(hf_dir, "README.md"), "w") as f:
-                f.write(run_record.model_card(recipe_name, cfg, summary))
+        with storage.writable_dir(hf_dir, upload_from_this_process=main) as local:  # a URL: uploaded after
+            model.save_pretrained(local)
+            summary["export_hf"] = hf_dir
+            if main:
+                with open(os.path.join(local, "README.md"), "w") as f:
+                    f.write(run_record.model_card(recipe_name, cfg, summary))
     if peft_dir:
         model.save_peft(peft_dir, base_model=run_record.base_model_name(cfg))
         summary["export_peft"] = peft_dir
@@ -310,6 +315,9 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
                 window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
             if save_now:
                 steps.save()
+                if jax.process_index() == 0 and storage.is_remote(cfg.output_dir):
+                    metrics_logger.flush()
+                    storage.sync_run_files(cfg.output_dir)  # metrics and TensorBoard beside the checkpoint
                 window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
             if preempted:  # its checkpoint just saved
                 raise Preempted(f"stopped by a preemption signal (SIGTERM) after step {step} of {total}; its "
@@ -421,12 +429,14 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
     summary["total_steps"] = total
     if cfg.resume:
         steps.restore()
+    files = storage.run_files(cfg.output_dir)  # the run directory, or its local mirror for a URL
     if is_main:  # after a resume is known to work: a refused one leaves the run's files as they were
-        model.tokenizer.save_pretrained(cfg.output_dir)
-        run_record.save_config(cfg.output_dir, cfg)  # easytune_config.json: --config replays it
+        model.tokenizer.save_pretrained(files)
+        run_record.save_config(files, cfg)  # easytune_config.json: --config replays it
+        storage.sync_run_files(cfg.output_dir)
     summary["run"] = run_record.record(cfg, model)
-    logging_utils.truncate_metrics(cfg.output_dir, steps.step)  # before the logger opens the file
-    metrics_logger = logging_utils.MetricsLogger(cfg.output_dir, cfg.logger, config=cfg.to_dict())
+    logging_utils.truncate_metrics(files, steps.step)  # before the logger opens the file
+    metrics_logger = logging_utils.MetricsLogger(files, cfg.logger, config=cfg.to_dict())
     if model.adapter is not None:
         summary.update({"peft": model.adapter.config.method, "trainable_params": adapters.count(model.adapter.params)})
 
@@ -483,8 +493,9 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
     metrics_logger.close()
     summary["wall_seconds"] = time.time() - started
     if is_main:
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+        with open(os.path.join(files, "summary.json"), "w") as f:
             json.dump(strict_json(summary), f, indent=2, allow_nan=False)
+        storage.sync_run_files(cfg.output_dir)
         print(json.dumps(summary, indent=2))
     return summary
 

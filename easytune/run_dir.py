@@ -38,20 +38,21 @@ def saved_config(output_dir: str) -> dict | None:
     """The flags a run in `output_dir` saved (`easytune_config.json`; `config.json` for runs written
     before that name), or None."""
     from easytune.run_record import CONFIG_FILE
+    from easytune import storage
     for name in (CONFIG_FILE, "config.json"):
         path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
+        if storage.isfile(path):
+            return json.loads(storage.read_text(path))
     return None
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:
     """Training steps saved in `<output_dir>/checkpoints` (orbax step directories)."""
+    from easytune import storage
     directory = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    return sorted(int(name) for name in storage.listdir(directory) if name.isdigit())
 
 
 def check_start(cfg) -> None:

@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
-from easytune import adapters, checkpoint, sharding, storage_errors
+from easytune import adapters, checkpoint, sharding, storage, storage_errors
 from easytune.data.batching import count_tokens, eval_batches  # noqa: F401 (the loop's batch helpers)
 from easytune.recipe import Loss
 from easytune.sharding import BATCH_SPEC, global_batch
@@ -215,7 +215,7 @@ def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
                                            enable_async_checkpointing=False)
     array_items = {name: checkpoint.bounded_handler() for name in ("params", "opt_state", "heads")}
     json_items = {name: ocp.JsonCheckpointHandler() for name in ("data", "model")}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    return ocp.CheckpointManager(storage.absolute(directory), options=options,
                                  item_handlers={**array_items, **json_items})
 
 
@@ -345,7 +345,7 @@ class Trainer:
         meta = checkpoint.model_meta(self.model_config, self.model.hf_config, self.model.generation_config)
         if self.adapter is not None:  # the checkpoint's params are the adapter's; the base is referenced
             meta["adapter"] = self.adapter.config.to_dict()
-            meta["base_model"] = os.path.abspath(self.model.source) if self.model.source else None
+            meta["base_model"] = storage.absolute(self.model.source) if self.model.source else None
         return meta
 
     def save(self, data_state: dict) -> None:
@@ -381,7 +381,7 @@ class Trainer:
             options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m[metric],
                                                    best_mode=mode, enable_async_checkpointing=False)
             self.best_manager = ocp.CheckpointManager(
-                os.path.abspath(os.path.join(self.config.output_dir, "best")), options=options,
+                storage.absolute(os.path.join(self.config.output_dir, "best")), options=options,
                 item_handlers={"params": checkpoint.bounded_handler(), "heads": checkpoint.bounded_handler(),
                                "model": ocp.JsonCheckpointHandler()})
         if self.step in self.best_manager.all_steps():

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easytune import recipe
+from easytune import recipe, storage
 from easytune.algos.logprobs import model_logprobs, token_logps  # noqa: F401 (token_logps: this module's API too)
 from easytune.data.packing import ROW_KEYS
 
@@ -247,7 +247,8 @@ def attach_reference_logps(cfg, named_rows: dict, compute,
     None), cached in `<output_dir>/reference_logps_<name>.npz` (`cached_reference_logps`)."""
     for name, rows in named_rows.items():
         if rows is not None:
-            rows.update(cached_reference_logps(os.path.join(cfg.output_dir, f"reference_logps_{name}.npz"), rows,
+            rows.update(cached_reference_logps(os.path.join(storage.run_files(cfg.output_dir),
+                                                            f"reference_logps_{name}.npz"), rows,
                                                lambda rows=rows: compute(rows), fingerprint_keys))
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from easytune import models, recipe
+from easytune import models, recipe, storage
 from easytune.algos import logprobs
 
 logger = logging.getLogger("easytune")
@@ -412,7 +412,7 @@ class ILQLRecipe(recipe.Recipe):
 
         def report(history, summary):
             out = {"ilql_heads": os.path.join(cfg.output_dir, HEADS_FILE)}  # beside the checkpoints' "heads" item
-            save_heads(out["ilql_heads"], heads.params, options)
+            save_heads(os.path.join(storage.run_files(cfg.output_dir), HEADS_FILE), heads.params, options)
             if cfg.reward_fn:
                 out.update(self.sampled_rewards(cfg, model, heads.params, eval_located or located))
                 out["behaviour_reward_mean"] = float(np.mean(raw))

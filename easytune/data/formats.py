@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from easytune.data import sources
 
@@ -50,10 +51,37 @@ def _spec_key(source: str, parts) -> tuple | None:
     return (source, *(_file_key(os.path.expanduser(part.name)) for part in parts))
 
 
+_URL_PART = re.compile(r"^([a-z][a-z0-9+.-]*://[^:,]+)(.*)$")
+_LOCALIZED: dict[str, str] = {}
+
+
+def localize(source: str) -> str:
+    """`source` with each part that is a URL (`gs://bucket/train.jsonl:0.5`, a dataset directory
+    `gs://bucket/ufb:test_prefs`) replaced by a local copy of it (downloaded once per process)."""
+    if "://" not in source:
+        return source
+    from easytune import storage
+    parts = []
+    for text in source.split(","):
+        match = _URL_PART.match(text.strip())
+        if match and storage.is_remote(match.group(1)):
+            url = match.group(1)
+            if url not in _LOCALIZED:
+                try:
+                    _LOCALIZED[url] = storage.local_copy(url)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"data file {url!r} does not exist.") from None
+            text = _LOCALIZED[url] + match.group(2)
+        parts.append(text)
+    return ",".join(parts)
+
+
 def prefetch(source: str) -> list[tuple[dict, str]] | None:
     """Read local data now (a file, or a mixture of local files; JSON, encoding and record errors
     raised now), keeping the located records for the next `load_located_records(source)`; None
-    when the spec names a dataset (read, and checked, when the recipe loads it)."""
+    when the spec names a dataset (read, and checked, when the recipe loads it). Parts given as
+    URLs (`gs://...`) are downloaded first."""
+    source = localize(source)
     path = os.path.expanduser(source)
     if not os.path.isfile(path) and not _names_a_file(path):
         parts = sources.parse_source(source)  # a weight or a part that does not parse: now
@@ -79,6 +107,7 @@ def load_located_records(source: str, split: str = "train") -> list[tuple[dict, 
     `easytune.data.sources`), where naming the record's place for error messages: "train.jsonl
     line 3", "train.json item 2", "train.parquet row 5", "org/name:train record 4". `split`: the
     split of a dataset named without one."""
+    source = localize(source)
     path = os.path.expanduser(source)
     if os.path.isfile(path):
         return _read_local(path)
