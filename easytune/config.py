@@ -131,6 +131,7 @@ SHARED_DEFAULTS = {
     "log_steps": 1,
     "save_steps": 0,
     "keep_checkpoints": 2,
+    "async_checkpoints": True,
     "resume": False,
     "export_hf": None,
     "keep_best": None,
@@ -172,6 +173,8 @@ SHARED_DOCS = {
     "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
     "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
     "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
+    "async_checkpoints": "write checkpoints in the background while training goes on (the arrays are copied to "
+                         "host memory first); the run waits for the last one before it exports or exits",
     "resume": "continue from the newest readable checkpoint in output_dir",
     "export_hf": "write a Hugging Face directory here at the end, adapters merged (default job: <output_dir>/hf)",
     "keep_best": "also keep the best checkpoint by this evaluated figure (eval_loss, eval_accuracy, "

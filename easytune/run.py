@@ -320,6 +320,8 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
                     storage.sync_run_files(cfg.output_dir)  # metrics and TensorBoard beside the checkpoint
                 window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
             if preempted:  # its checkpoint just saved
+                from easytune import train
+                train.wait_for_saves()  # written, not only started, before the process ends
                 raise Preempted(f"stopped by a preemption signal (SIGTERM) after step {step} of {total}; its "
                                 f"checkpoint is saved in {os.path.join(cfg.output_dir, 'checkpoints')}: run the same "
                                 f"command with --resume to continue.")
@@ -388,7 +390,18 @@ def run(recipe: Recipe, cfg) -> dict:
     try:
         return _run(recipe, cfg, is_main, started)
     finally:
+        _finish_background_saves()
         lock.release()
+
+
+def _finish_background_saves() -> None:
+    """A run that stops on an error still completes the checkpoint being written (the error it
+    stopped on is what is reported; a failure of that write too is logged)."""
+    from easytune import train
+    try:
+        train.wait_for_saves()
+    except Exception as error:  # noqa: BLE001
+        logger.warning("the checkpoint being written when the run stopped failed too: %s", error)
 
 
 def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
@@ -473,6 +486,8 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
     if cfg.save_steps == 0:
         steps.save()
+    from easytune import train
+    train.wait_for_saves()  # the last checkpoint is complete before the exports and the summary
     steps.publish()
     final = {}
     if evaluate is not None:

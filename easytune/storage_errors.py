@@ -84,6 +84,25 @@ def quiet_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+class _DropOrphanedReadFailures(logging.Filter):
+    """Drops asyncio's "Future/Task exception was never retrieved" records: after a failed read
+    (a torn checkpoint, reported in one warning line) the read's other futures carry the same
+    error and are logged whenever the garbage collector reaches them, as tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg)
+
+
+_ORPHANED = _DropOrphanedReadFailures()
+
+
+def quiet_failed_read() -> None:
+    """After a read failure that has been reported: drop its late noise (idempotent)."""
+    quiet_closed_loop_callbacks()
+    if _ORPHANED not in logging.getLogger("asyncio").filters:
+        logging.getLogger("asyncio").addFilter(_ORPHANED)
+
+
 class _Hold(logging.Filter):
     """Holds every record back (to be replayed if the operation succeeds)."""
 

@@ -17,10 +17,12 @@ step loads with `easytune.load` and exports with `easytune.export_hf`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import weakref
 from typing import Iterator
 
 import jax
@@ -66,6 +68,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     skip_nonfinite_steps: int = 0
+    async_checkpoints: bool = False  # the run driver's --async_checkpoints (default on) sets it
 
     @classmethod
     def from_flags(cls, cfg, **changes) -> "TrainConfig":
@@ -210,9 +213,22 @@ def build_train_step(model_config, loss: Loss, optimizer, reduction: str, grad_a
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+_TRAINERS = weakref.WeakSet()  # every live Trainer, for `wait_for_saves`
+
+
+def wait_for_saves() -> None:
+    """Wait until every Trainer's background checkpoint write is complete (the run driver calls
+    this before it exports, reports or exits)."""
+    for trainer in list(_TRAINERS):
+        trainer.wait_for_saves()
+
+
+def checkpoint_manager(directory: str, keep: int, async_saves: bool = False) -> ocp.CheckpointManager:
+    """async_saves: orbax copies the arrays to host memory, returns, and writes them in a thread
+    while training goes on (`Trainer.wait_for_saves` waits; the step directory appears, renamed
+    from orbax's temporary one, only when complete)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=async_saves)
     array_items = {name: checkpoint.bounded_handler() for name in ("params", "opt_state", "heads")}
     json_items = {name: ocp.JsonCheckpointHandler() for name in ("data", "model")}
     return ocp.CheckpointManager(storage.absolute(directory), options=options,
@@ -308,7 +324,10 @@ class Trainer:
         self._eval = jax.jit(evaluate)
         self.step = 0
         self.best_manager = None
-        self.manager = checkpoint_manager(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
+        self.manager = checkpoint_manager(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints,
+                                          config.async_checkpoints)
+        self._pending_save = None  # (step, last intact step, held logs) of a save still being written
+        _TRAINERS.add(self)
         if not config.resume and self.manager.all_steps():
             raise ValueError(f"{self.manager.directory} already holds checkpoints (steps "
                              f"{list(self.manager.all_steps())}); pass --resume to continue that run, or choose a "
@@ -349,30 +368,56 @@ class Trainer:
         return meta
 
     def save(self, data_state: dict) -> None:
-        """Checkpoint the train state at this step. A full disk is one `StorageFull` sentence
-        (the space needed, the last intact step); the partial write is removed."""
+        """Checkpoint the train state at this step. With `TrainConfig.async_checkpoints` the
+        write goes on in the background after the arrays are copied to host memory (the next
+        step may donate them), and the next save, `wait_for_saves` or the run's end waits for it.
+        A full disk is one `StorageFull` sentence (the space needed, the last intact step); the
+        partial write is removed."""
+        self.wait_for_saves()  # one save in flight at a time; the previous one's failure is reported now
         intact = self.manager.latest_step()
-        with storage_errors.held_library_logs():
+        hold = contextlib.ExitStack()  # orbax's log lines held until the write is done (see storage_errors)
+        hold.enter_context(storage_errors.held_library_logs())
+        try:
+            saved = self.manager.save(self.step, args=ocp.args.Composite(
+                **self._array_items(self.params, ocp.args.StandardSave),
+                opt_state=ocp.args.StandardSave(self.opt_state),
+                data=ocp.args.JsonSave(data_state),
+                model=ocp.args.JsonSave(self._model_meta()),
+            ))
+        except BaseException as error:
+            with hold:
+                self._raise_storage_failure(error, self.step, intact)
+        self._pending_save = (self.step, intact, hold)
+        if not self.config.async_checkpoints:
+            self.wait_for_saves()
+        if not saved:
+            self.wait_for_saves()
+            if self.step not in self.manager.all_steps():
+                raise RuntimeError(f"orbax declined to save step {self.step} in {self.manager.directory} "
+                                   f"(it holds {list(self.manager.all_steps())}).")
+
+    def wait_for_saves(self) -> None:
+        """Block until the checkpoint being written in the background is complete (a no-op when
+        none is); its failure (a full disk: `StorageFull`) is raised here."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is None:
+            return
+        step, intact, hold = pending
+        with hold:
             try:
-                saved = self.manager.save(self.step, args=ocp.args.Composite(
-                    **self._array_items(self.params, ocp.args.StandardSave),
-                    opt_state=ocp.args.StandardSave(self.opt_state),
-                    data=ocp.args.JsonSave(data_state),
-                    model=ocp.args.JsonSave(self._model_meta()),
-                ))
                 self.manager.wait_until_finished()
-            except Exception as error:
-                if not storage_errors.is_no_space(error):
-                    raise
-                storage_errors.settle(self.manager)
-                storage_errors.remove_temporary(str(self.manager.directory), self.step)
-                needed = sum(self.state_bytes().get(k, 0) for k in ("params", "optimizer", "heads"))
-                raise storage_errors.StorageFull(storage_errors.no_space_message(
-                    f"the checkpoint of step {self.step}", str(self.manager.directory), needed,
-                    self.config.keep_checkpoints, intact)) from None
-        if not saved and self.step not in self.manager.all_steps():
-            raise RuntimeError(f"orbax declined to save step {self.step} in {self.manager.directory} "
-                               f"(it holds {list(self.manager.all_steps())}).")
+            except BaseException as error:
+                self._raise_storage_failure(error, step, intact)
+
+    def _raise_storage_failure(self, error: BaseException, step: int, intact: int | None) -> None:
+        if not storage_errors.is_no_space(error):
+            raise error
+        storage_errors.settle(self.manager)
+        storage_errors.remove_temporary(str(self.manager.directory), step)
+        needed = sum(self.state_bytes().get(k, 0) for k in ("params", "optimizer", "heads"))
+        raise storage_errors.StorageFull(storage_errors.no_space_message(
+            f"the checkpoint of step {step}", str(self.manager.directory), needed,
+            self.config.keep_checkpoints, intact)) from None
 
     def save_best(self, metric: str, value: float, mode: str) -> None:
         """Offer the current weights as the best checkpoint by `metric` (`value` now; `mode` max or
@@ -404,7 +449,7 @@ class Trainer:
                     data=ocp.args.JsonRestore(),
                 ))
             except Exception as e:  # a torn or corrupted checkpoint: fall back to the one before
-                storage_errors.quiet_closed_loop_callbacks()  # one warning line, not tracebacks
+                storage_errors.quiet_failed_read()  # one warning line, not tracebacks
                 failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
                 logger.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
                                step, self.manager.directory, failures[-1][1])

@@ -1,9 +1,10 @@
 """Runs whose every path is a `gs://` URL, against a real GCS JSON API: the `gcp-storage-emulator`
-server (`tests/gcs_emulator.py`: with the generation headers GCS sends) started here on 127.0.0.1, reached by gcsfs (etils.epath) through STORAGE_EMULATOR_HOST and by
-orbax's tensorstore through TENSORSTORE_GCS_HTTP_URL. Training data read from the bucket, checkpoints
-and run files written there, a SIGKILLed run resumed from it to the uninterrupted losses, an HF
-export to the bucket that transformers loads after download, and a bucket that does not exist
-refused in one sentence before anything compiles."""
+server (`tests/gcs_emulator.py`: with the generation headers GCS sends) started here on 127.0.0.1,
+reached by gcsfs (etils.epath) through STORAGE_EMULATOR_HOST and by orbax's tensorstore through
+TENSORSTORE_GCS_HTTP_URL. Training data read from the bucket, checkpoints and run files written
+there, a SIGKILLed run resumed from it to the uninterrupted losses, an HF export to the bucket that
+transformers loads after download, a 2-process job's one sharded checkpoint restored on other
+meshes, and a bucket that does not exist refused in one sentence before anything compiles."""
 import json
 import os
 import signal
@@ -15,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from test_train_resume import ENV, losses, reference_run, run_to_end, train_command  # noqa: F401
+from test_train_resume import ENV, run_to_end, train_command
+from test_train_resume import reference_run  # noqa: F401 (the module fixture, run here too)
 
 BUCKET = "easytune-test"
 
@@ -63,8 +65,8 @@ def remote_losses(url):
     return {r["step"]: r["loss"] for r in map(json.loads, storage.read_text(f"{url}/metrics.jsonl").splitlines())}
 
 
-def test_sigkill_then_resume_from_the_bucket_and_export_there(gcs, tiny_chat_model, task_file, reference_run,
-                                                              tmp_path):
+def test_sigkill_then_resume_from_the_bucket_and_export_there(gcs, tiny_chat_model, task_file,
+                                                              reference_run, tmp_path):  # noqa: F811
     from easytune import storage
     env = dict(ENV, **{**gcs, "EASYTUNE_CACHE": str(tmp_path / "cache")})
     data_url = f"gs://{BUCKET}/data/train.jsonl"
