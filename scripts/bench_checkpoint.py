@@ -67,6 +67,7 @@ def main():
                 start = time.perf_counter()
                 trainer.wait_for_saves()
                 results[async_saves]["final"].append(time.perf_counter() - start)
+            trainer.publish()  # the next run starts from these weights (the steps donated the model's buffers)
             trainer.manager.close()
             del trainer
             shutil.rmtree(out, ignore_errors=True)
