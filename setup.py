@@ -46,7 +46,8 @@ setup(
                  "bitsandbytes==0.50.2", "lm_eval==0.4.13", "langdetect==1.0.9", "immutabledict==4.3.1",
                  "pytest", "pytest-xdist", "tensorboard",
                  # tests/test_gcs.py: a real GCS JSON API on 127.0.0.1, reached through gcsfs
-                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19"],
+                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",
+                 "wandb==0.31.0"],  # tests/test_logging_utils.py: the real wandb, offline
         # gs:// paths (--output_dir, --train_data, load, exports): gcsfs serves them to etils.epath;
         # orbax's tensorstore writes checkpoints there without it.
         "gcs": ["gcsfs>=2024.2"],

@@ -137,6 +137,7 @@ SHARED_DEFAULTS = {
     "keep_best": None,
     "keep_best_mode": "max",
     "logger": "tensorboard",
+    "wandb": {"project": "", "entity": "", "name": "", "tags": "", "group": ""},
     "resume_override": "",
     "debug": False,
     "jax_distributed": {"coordinator_address": None, "num_processes": 0, "process_id": -1},
@@ -181,7 +182,12 @@ SHARED_DOCS = {
                  "eval_<task>/<metric> of --eval_tasks, heldout_accuracy) in <output_dir>/best/<step>, loadable with "
                  "easytune.load(<output_dir>/best)",
     "keep_best_mode": "max or min: which end of --keep_best is best",
-    "logger": "tensorboard, wandb or none (metrics.jsonl is always written)",
+    "logger": "tensorboard, wandb, both (tensorboard,wandb) or none (metrics.jsonl is always written)",
+    "wandb.project": "W&B project (default: $WANDB_PROJECT, else easytune)",
+    "wandb.entity": "W&B entity, a user or team (default: $WANDB_ENTITY, else wandb's default)",
+    "wandb.name": "W&B run name (default: $WANDB_NAME, else wandb's generated one)",
+    "wandb.tags": "comma-separated W&B tags (default: $WANDB_TAGS)",
+    "wandb.group": "W&B run group (default: $WANDB_RUN_GROUP)",
     "resume_override": "comma-separated flags that --resume may change although they change what the run computes "
                        "(total_steps, batch_size, optimizer.lr, train_data, ...); without it such a change is refused",
     "debug": "show the traceback of an error (also EASYTUNE_DEBUG=1); without it an error is one sentence",

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import uuid
 
 import jax
 import numpy as np
@@ -38,14 +39,23 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: str, logger: str = "tensorboard", config: dict | None = None,
-                 project: str = "easytune", run_name: str | None = None):
-        if logger not in LOGGERS:
-            raise ValueError(f"logger must be one of {LOGGERS}, got {logger!r}.")
+                 project: str | None = None, run_name: str | None = None, entity: str | None = None,
+                 tags: str | list | None = None, group: str | None = None):
+        """logger: "tensorboard", "wandb", both ("tensorboard,wandb") or "none". The W&B run's
+        project, entity, name, tags (a list or comma-separated) and group come from the arguments
+        (the run's `--wandb.*` flags) or, where those are empty, from wandb's own variables
+        (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME, WANDB_TAGS, WANDB_RUN_GROUP); the project is
+        "easytune" when neither names one. WANDB_MODE=offline keeps the run on disk."""
+        chosen = [name.strip() for name in logger.split(",") if name.strip()] or ["none"]
+        unknown = [name for name in chosen if name not in LOGGERS]
+        if unknown or ("none" in chosen and len(chosen) > 1):
+            raise ValueError(f"logger must be one of {LOGGERS} (tensorboard and wandb may be combined: "
+                             f"tensorboard,wandb), got {logger!r}.")
         self.output_dir, self.logger = output_dir, logger
         self._jsonl = self._tensorboard = self._wandb = None
         if not _is_main_process():
             return
-        if logger == "wandb":
+        if "wandb" in chosen:
             try:
                 import wandb
             except ImportError:
@@ -53,19 +63,26 @@ class MetricsLogger:
                                   "--logger=tensorboard.") from None
         os.makedirs(output_dir, exist_ok=True)
         self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        if logger == "tensorboard":
+        if "tensorboard" in chosen:
             from tensorboardX import SummaryWriter
             self._tensorboard = SummaryWriter(logdir=os.path.join(output_dir, "tensorboard"))
-        elif logger == "wandb":
+        if "wandb" in chosen:
             id_path = os.path.join(output_dir, "wandb_run_id")
             if os.path.exists(id_path):
                 with open(id_path) as f:
                     run_id = f.read().strip()
             else:
-                run_id = wandb.util.generate_id()
+                run_id = uuid.uuid4().hex[:12]  # wandb's own generate_id left its util module in 0.2x
                 with open(id_path, "w") as f:
                     f.write(run_id)
-            self._wandb = wandb.init(project=project, name=run_name, config=config, id=run_id,
+            env = os.environ.get
+            tags = tags or env("WANDB_TAGS") or None
+            if isinstance(tags, str):
+                tags = [t.strip() for t in tags.split(",") if t.strip()]
+            self._wandb = wandb.init(project=project or env("WANDB_PROJECT") or "easytune",
+                                     entity=entity or env("WANDB_ENTITY") or None,
+                                     name=run_name or env("WANDB_NAME") or None, tags=tags or None,
+                                     group=group or env("WANDB_RUN_GROUP") or None, config=config, id=run_id,
                                      resume="allow", dir=output_dir)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -449,7 +449,9 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         storage.sync_run_files(cfg.output_dir)
     summary["run"] = run_record.record(cfg, model)
     logging_utils.truncate_metrics(files, steps.step)  # before the logger opens the file
-    metrics_logger = logging_utils.MetricsLogger(files, cfg.logger, config=cfg.to_dict())
+    metrics_logger = logging_utils.MetricsLogger(files, cfg.logger, config=cfg.to_dict(), project=cfg.wandb.project,
+                                                 entity=cfg.wandb.entity, run_name=cfg.wandb.name,
+                                                 tags=cfg.wandb.tags, group=cfg.wandb.group)
     if model.adapter is not None:
         summary.update({"peft": model.adapter.config.method, "trainable_params": adapters.count(model.adapter.params)})
 

@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = {
     "export_peft", "eval_data", "eval_tasks", "eval_include_path", "eval_limit", "eval_num_fewshot", "eval_batch_size",
     "eval_max_gen_toks", "eval_apply_chat_template", "keep_best", "keep_best_mode", "config",
 }
-RESUMABLE_PREFIXES = ("jax_distributed.",)
+RESUMABLE_PREFIXES = ("jax_distributed.", "wandb.")
 
 
 def saved_config(output_dir: str) -> dict | None:

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -59,36 +58,48 @@ def test_wandb_missing_says_how_to_fix(tmp_path, monkeypatch):
         MetricsLogger(str(tmp_path), logger="wandb")
 
 
-def test_wandb_run_is_resumed_with_the_same_id(tmp_path, monkeypatch):
-    calls = []
+def test_wandb_and_tensorboard_at_once_configured_by_flags_or_variables(tmp_path, monkeypatch):
+    """The real wandb, offline: project, entity, name, tags and group from the arguments (the
+    --wandb.* flags), or from WANDB_* variables where those are empty; TensorBoard at the same
+    time; a resumed run (same directory) continues the same wandb run id."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME", "WANDB_TAGS", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
+    first = tmp_path / "flags"
+    logger = MetricsLogger(str(first), logger="tensorboard,wandb", config={"lr": 1e-4}, project="p1", entity="team",
+                           run_name="r1", tags="sft, smollm2", group="g1")
+    run = logger._wandb
+    assert (run.project, run.entity, run.name, tuple(run.tags), run.group) == ("p1", "team", "r1", ("sft", "smollm2"),
+                                                                               "g1")
+    assert run.config["lr"] == 1e-4
+    logger.log(1, {"loss": np.float32(1.0)})
+    run_id = run.id
+    logger.close()
+    assert any((first / "tensorboard").iterdir())  # both loggers wrote
+    resumed = MetricsLogger(str(first), logger="wandb", project="p1")
+    assert resumed._wandb.id == run_id
+    resumed.close()
 
-    class Run:
-        def log(self, metrics, step):
-            calls.append(("log", metrics, step))
-
-        def finish(self):
-            calls.append(("finish",))
-
-    def init(**kwargs):
-        calls.append(("init", kwargs))
-        return Run()
-
-    fake = types.SimpleNamespace(init=init, util=types.SimpleNamespace(generate_id=lambda: "abc123"))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    for step in (1, 2):
-        logger = MetricsLogger(str(tmp_path), logger="wandb", config={"lr": 1e-4}, project="p", run_name="r")
-        logger.log(step, {"loss": np.float32(1.0)})
-        logger.close()
-    fake.util.generate_id = lambda: pytest.fail("a resumed run must reuse the saved id")
-    inits = [call[1] for call in calls if call[0] == "init"]
-    assert inits == [dict(project="p", name="r", config={"lr": 1e-4}, id="abc123", resume="allow",
-                          dir=str(tmp_path))] * 2
-    assert [call for call in calls if call[0] == "log"] == [("log", {"loss": 1.0}, 1), ("log", {"loss": 1.0}, 2)]
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_NAME", "env-name")
+    monkeypatch.setenv("WANDB_TAGS", "a,b")
+    logger = MetricsLogger(str(tmp_path / "env"), logger="wandb")
+    run = logger._wandb
+    assert (run.project, run.name, tuple(run.tags)) == ("from-env", "env-name", ("a", "b"))
+    logger.close()
+    monkeypatch.delenv("WANDB_PROJECT")
+    logger = MetricsLogger(str(tmp_path / "default"), logger="wandb")
+    assert logger._wandb.project == "easytune"  # neither flag nor variable
+    logger.close()
 
 
 def test_unknown_logger_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="logger must be one of"):
         MetricsLogger(str(tmp_path), logger="mlflow")
+    with pytest.raises(ValueError, match="tensorboard and wandb may be combined"):
+        MetricsLogger(str(tmp_path), logger="none,wandb")
 
 
 def test_only_process_zero_writes(tmp_path, monkeypatch, capsys):
