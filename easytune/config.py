@@ -134,6 +134,7 @@ SHARED_DEFAULTS = {
     "async_checkpoints": True,
     "resume": False,
     "export_hf": None,
+    "push_to_hub": "",
     "keep_best": None,
     "keep_best_mode": "max",
     "logger": "tensorboard",
@@ -178,6 +179,9 @@ SHARED_DOCS = {
                          "host memory first); the run waits for the last one before it exports or exits",
     "resume": "continue from the newest readable checkpoint in output_dir",
     "export_hf": "write a Hugging Face directory here at the end, adapters merged (default job: <output_dir>/hf)",
+    "push_to_hub": "owner/name: upload the HF export (<output_dir>/hf unless --export_hf; the peft export for "
+                   "adapters that cannot merge) to this Hub model repository at the end (needs HF_TOKEN or "
+                   "`hf auth login`)",
     "keep_best": "also keep the best checkpoint by this evaluated figure (eval_loss, eval_accuracy, "
                  "eval_<task>/<metric> of --eval_tasks, heldout_accuracy) in <output_dir>/best/<step>, loadable with "
                  "easytune.load(<output_dir>/best)",

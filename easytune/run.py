@@ -108,6 +108,7 @@ def start(recipe: Recipe, cfg) -> tuple[bool, run_dir.RunLock]:
     if cfg.log_steps < 1:
         raise ValueError(f"--log_steps must be >= 1, got {cfg.log_steps}.")
     complete(recipe, cfg)
+    check_hub_push(cfg)
     recipe.check_data(cfg)  # before the model loads, and before anything is written
     storage.check_writable(cfg.output_dir)  # a URL: reachable, with credentials that may write there
     run_dir.check_start(cfg)
@@ -224,17 +225,21 @@ def total_steps(cfg, batches) -> int:
     return steps
 
 
-def export(cfg, model, summary: dict, default_job: bool, recipe_name: str = "") -> None:
+def export(cfg, model, summary: dict, default_job: bool, recipe_name: str = "") -> tuple[str, str] | None:
     """The exports the run asks for (--export_hf, --export_peft); the default job also writes
     <output_dir>/hf (adapters merged, unless a prompt-learning adapter, which cannot be) and, with
     an adapter, <output_dir>/peft. The HF export gets a model card (README.md); the peft adapter
-    names the base model as the user gave it (`base_model_name_or_path`), so it loads elsewhere."""
+    names the base model as the user gave it (`base_model_name_or_path`), so it loads elsewhere.
+    With --push_to_hub (on process 0): returns `(local folder, export path)` to push."""
     adapter = model.adapter
-    hf_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf")
-                               if default_job and (adapter is None or adapter.config.is_lora) else None)
-    peft_dir = cfg.get("export_peft") or (os.path.join(cfg.output_dir, "peft") if default_job and adapter else None)
+    mergeable = adapter is None or adapter.config.is_lora
+    push = cfg.get("push_to_hub")
+    hf_dir = cfg.export_hf or (os.path.join(cfg.output_dir, "hf") if (default_job or push) and mergeable else None)
+    peft_dir = cfg.get("export_peft") or (os.path.join(cfg.output_dir, "peft")
+                                          if (default_job or (push and not mergeable)) and adapter else None)
     import jax
     main = jax.process_index() == 0
+    pushed = None
     if hf_dir:
         with storage.writable_dir(hf_dir, upload_from_this_process=main) as local:  # a URL: uploaded after
             model.save_pretrained(local)
@@ -242,9 +247,47 @@ def export(cfg, model, summary: dict, default_job: bool, recipe_name: str = "") 
             if main:
                 with open(os.path.join(local, "README.md"), "w") as f:
                     f.write(run_record.model_card(recipe_name, cfg, summary))
+            pushed = local
     if peft_dir:
         model.save_peft(peft_dir, base_model=run_record.base_model_name(cfg))
         summary["export_peft"] = peft_dir
+        pushed = pushed or storage.local_copy(peft_dir)
+    return (pushed, hf_dir or peft_dir) if push and main else None
+
+
+def check_hub_push(cfg) -> None:
+    """--push_to_hub needs a Hugging Face token (HF_TOKEN, or `hf auth login`): checked before the
+    model loads, so a missing login does not cost a training run."""
+    repo = cfg.get("push_to_hub")
+    if not repo:
+        return
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"--push_to_hub={repo} must name a Hub repository as owner/name.")
+    from huggingface_hub import get_token
+    if not get_token():
+        raise ValueError(f"--push_to_hub={repo} needs a Hugging Face token with write access: set HF_TOKEN or run "
+                         f"`hf auth login` first.")
+
+
+class HubPushFailed(RuntimeError):
+    """The upload to the Hub failed after the run and its export completed (a user's error to fix)."""
+
+
+def push_to_hub(repo: str, folder: str, export: str) -> str:
+    """Upload the export `folder` to the Hub model repository `repo` (created if missing, private
+    only if the user makes it so); returns the repository's URL. A failed upload is one sentence
+    that says the export is intact and how to push it later."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    try:
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
+                                   commit_message="Upload model trained with easytune")
+    except Exception as e:  # noqa: BLE001 (network, permissions, the Hub's own errors)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise HubPushFailed(f"pushing {export} to the Hub repository {repo} failed ({type(e).__name__}: {reason}); "
+                           f"the export is intact: push it later with `hf upload {repo} {folder}`.") from None
+    return getattr(commit, "repo_url", None) or f"https://huggingface.co/{repo}"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -505,7 +548,7 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         summary["best"] = keep_best.best
     if job.report is not None:
         summary.update(job.report(history, summary))
-    export(cfg, model, summary, default_job=cfg.train_data is None, recipe_name=recipe.name)
+    to_push = export(cfg, model, summary, default_job=cfg.train_data is None, recipe_name=recipe.name)
 
     metrics_logger.close()
     summary["wall_seconds"] = time.time() - started
@@ -513,6 +556,11 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         with open(os.path.join(files, "summary.json"), "w") as f:
             json.dump(strict_json(summary), f, indent=2, allow_nan=False)
         storage.sync_run_files(cfg.output_dir)
+        if to_push is not None:  # last: a failed upload leaves the run, its summary and its export complete
+            summary["push_to_hub"] = push_to_hub(cfg.push_to_hub, *to_push)
+            with open(os.path.join(files, "summary.json"), "w") as f:
+                json.dump(strict_json(summary), f, indent=2, allow_nan=False)
+            storage.sync_run_files(cfg.output_dir)
         print(json.dumps(summary, indent=2))
     return summary
 
@@ -536,7 +584,7 @@ def user_error_message(error: BaseException) -> str | None:
         return (f"out of host memory{f' ({error})' if str(error) else ''}; lower --batch_size or --seq_length, "
                 f"use --remat, --param_dtype=bfloat16 or an adapter (--peft), or a machine with more memory.")
     if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                          StorageFull, Diverged, Preempted)):
+                          StorageFull, Diverged, Preempted, HubPushFailed)):
         return " ".join(str(error).split()) or type(error).__name__
     return None
 

@@ -346,3 +346,37 @@ def test_resource_errors_are_one_sentence():
     oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB.")
     assert driver.user_error_message(oom).startswith("out of accelerator memory (RESOURCE_EXHAUSTED: Out of memory")
     assert driver.user_error_message(RuntimeError("a bug")) is None  # not a user's error: its traceback
+
+
+# ----------------------------------------------------------------------------- --push_to_hub
+
+def test_push_to_hub_needs_a_token_and_a_failed_upload_keeps_the_export(tiny_chat_model, task_file, tmp_path):
+    """Without a token the run is refused before the model loads. With one, the run trains,
+    exports, writes its summary, then calls the Hub API (here an address where nothing listens,
+    since the Hub cannot be reached from this machine): the failure is one sentence that names the
+    repository and says how to push the intact export later."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    env = {k: v for k, v in ENV.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{closed_port}")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "easytune.train_sft", f"--model={tiny_chat_model}", f"--train_data={task_file}",
+               f"--output_dir={out}", "--logger=none", "--seq_length=64", "--batch_size=8", "--total_steps=2",
+               "--push_to_hub=someone/tiny-sft"]
+    refused = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "easytune: error: --push_to_hub=someone/tiny-sft needs a Hugging Face token with write access: set HF_TOKEN "
+        "or run `hf auth login` first.")
+    assert not (out / "checkpoints").exists()  # refused before training
+    failed = subprocess.run(command, env=dict(env, HF_TOKEN="hf_" + "x" * 34), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"easytune: error: pushing {out}/hf to the Hub repository someone/tiny-sft failed ("), last
+    assert last.endswith(f"the export is intact: push it later with `hf upload someone/tiny-sft {out}/hf`."), last
+    assert "Traceback" not in failed.stderr
+    assert (out / "hf" / "model.safetensors").is_file() and (out / "hf" / "README.md").is_file()
+    assert json.loads((out / "summary.json").read_text())["export_hf"] == str(out / "hf")
