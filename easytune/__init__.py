@@ -56,6 +56,12 @@ def _resolve(path: str | None) -> str:
     raise FileNotFoundError(f"model path {path!r} does not exist.")
 
 
+def _tokenizer_file(name: str) -> bool:
+    """The files of a tokenizer (and the configs it reads) among a run directory's top-level files."""
+    return name.endswith((".json", ".txt", ".model", ".jinja", ".tiktoken")) and name not in (
+        "summary.json", "easytune_config.json")
+
+
 def _load_tokenizer(directory: str):
     try:
         from transformers import AutoTokenizer
@@ -108,7 +114,7 @@ def load(
                                      mesh_dim=mesh_dim, remat=remat, attention=attention,
                                      head_chunk_size=head_chunk_size, tokenizer=tokenizer, devices=devices)
         params = checkpoint.restore_params(params_path, config, mesh)
-        directory = storage.local_files(tokenizer_dir)
+        directory = storage.local_files(tokenizer_dir, _tokenizer_file)
     else:
         config_path = os.path.join(directory, hf.CONFIG_FILE)
         if not os.path.exists(config_path):
@@ -142,7 +148,7 @@ def _load_adapter_run(meta, params_path, tokenizer_dir, **kwargs) -> "Model":
     model.adapter = adapters.Adapter(config, params)
     if kwargs.get("tokenizer", True):
         from easytune import storage
-        model.tokenizer = _load_tokenizer(storage.local_files(tokenizer_dir))
+        model.tokenizer = _load_tokenizer(storage.local_files(tokenizer_dir, _tokenizer_file))
     return model
 
 

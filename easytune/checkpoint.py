@@ -87,8 +87,11 @@ def _training_steps(run_dir: str) -> list[int]:
     checkpoints = os.path.join(run_dir, "checkpoints")
     if not storage.isdir(checkpoints):
         return []
+    # in a bucket orbax writes into <step>/ itself and marks it complete last (commit_success.txt);
+    # locally it renames a finished temporary folder to <step>
+    complete = ("model/metadata", "commit_success.txt") if storage.is_remote(run_dir) else ("model/metadata",)
     return sorted(int(d) for d in storage.listdir(checkpoints)
-                  if d.isdigit() and storage.exists(os.path.join(checkpoints, d, "model", "metadata")))
+                  if d.isdigit() and all(storage.exists(os.path.join(checkpoints, d, name)) for name in complete))
 
 
 def locate(path: str) -> tuple[dict, str, str] | None:

@@ -112,11 +112,13 @@ def start(recipe: Recipe, cfg) -> tuple[bool, run_dir.RunLock]:
     recipe.check_data(cfg)  # before the model loads, and before anything is written
     storage.check_writable(cfg.output_dir)  # a URL: reachable, with credentials that may write there
     run_dir.check_start(cfg)
-    if cfg.resume and is_main:
-        storage.fetch_run_files(cfg.output_dir)  # a URL: metrics and TensorBoard so far, into the local mirror
     os.makedirs(storage.run_files(cfg.output_dir), exist_ok=True)
     lock = run_dir.RunLock(storage.run_files(cfg.output_dir), enabled=is_main)
     lock.acquire()
+    if is_main and storage.is_remote(cfg.output_dir):  # the local mirror holds exactly the bucket's run files
+        storage.clear_mirror(cfg.output_dir, keep=(run_dir.LOCK_FILE,))
+        if cfg.resume:
+            storage.fetch_run_files(cfg.output_dir)  # metrics, TensorBoard, W&B id so far
     return is_main, lock
 
 
@@ -251,7 +253,8 @@ def export(cfg, model, summary: dict, default_job: bool, recipe_name: str = "") 
     if peft_dir:
         model.save_peft(peft_dir, base_model=run_record.base_model_name(cfg))
         summary["export_peft"] = peft_dir
-        pushed = pushed or storage.local_copy(peft_dir)
+        if push and main and pushed is None:
+            pushed = storage.local_copy(peft_dir)  # the export just written (uploaded, for a URL)
     return (pushed, hf_dir or peft_dir) if push and main else None
 
 
@@ -360,7 +363,11 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
                 steps.save()
                 if jax.process_index() == 0 and storage.is_remote(cfg.output_dir):
                     metrics_logger.flush()
-                    storage.sync_run_files(cfg.output_dir)  # metrics and TensorBoard beside the checkpoint
+                    try:  # metrics and TensorBoard beside the checkpoint; what fails goes at the next save
+                        storage.sync_run_files(cfg.output_dir)
+                    except Exception as error:  # noqa: BLE001 (a transient store error must not stop training)
+                        logger.warning("uploading the run's files to %s failed (%s); retrying at the next save.",
+                                       cfg.output_dir, error)
                 window_start, window_tokens, window_steps = time.perf_counter(), 0, 0  # not training throughput
             if preempted:  # its checkpoint just saved
                 from easytune import train
@@ -433,8 +440,10 @@ def run(recipe: Recipe, cfg) -> dict:
     try:
         return _run(recipe, cfg, is_main, started)
     finally:
-        _finish_background_saves()
-        lock.release()
+        try:
+            _finish_background_saves()
+        finally:
+            lock.release()
 
 
 def _finish_background_saves() -> None:
@@ -580,6 +589,9 @@ def user_error_message(error: BaseException) -> str | None:
         return (f"out of accelerator memory ({first}); lower --batch_size (raise --grad_accum_steps) or "
                 f"--seq_length, shard more (--mesh_dim with a larger fsdp axis), use --remat, --head_chunk_size or "
                 f"an adapter (--peft).")
+    if isinstance(error, ImportError) and any(name in str(error) for name in ("gcsfs", "fsspec", "s3fs")):
+        return (f"a cloud URL needs its filesystem package ({' '.join(str(error).split())}); for gs:// run "
+                f"pip install 'easytune[gcs]'.")
     if isinstance(error, MemoryError):
         return (f"out of host memory{f' ({error})' if str(error) else ''}; lower --batch_size or --seq_length, "
                 f"use --remat, --param_dtype=bfloat16 or an adapter (--peft), or a machine with more memory.")

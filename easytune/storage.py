@@ -21,10 +21,12 @@ which an emulator does not serve, for a minute).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 
 RUN_FILE_DIRS = ("tensorboard",)   # folders of the run mirror synced with its top-level files
@@ -132,27 +134,34 @@ def upload(local: str, url: str, recursive: bool = True) -> None:
 
 
 def local_copy(url: str) -> str:
-    """A local path holding what `url` holds (downloaded into its mirror); a local path as it is."""
+    """A local path holding what `url` holds; a local path as it is. Each call downloads into a
+    folder of its own (removed when the process exits): processes of one host never write into or
+    delete each other's copy."""
     if not is_remote(url):
         return url
-    local = mirror(url)
     if not exists(url):
         raise FileNotFoundError(f"{url} does not exist.")
-    if isdir(url):
-        shutil.rmtree(local, ignore_errors=True)  # a stale copy of other contents
+    root = os.path.join(cache_root(), "downloads")
+    os.makedirs(root, exist_ok=True)
+    folder = tempfile.mkdtemp(dir=root)
+    atexit.register(shutil.rmtree, folder, True)
+    local = os.path.join(folder, url.rstrip("/").rsplit("/", 1)[-1])  # the name (and extension) kept
     download(url, local)
     return local
 
 
-def local_files(url: str) -> str:
+def local_files(url: str, names=None) -> str:
     """A local directory holding the top-level files of the directory `url` (a tokenizer and
-    configs beside a checkpoint's folders, which stay where they are); a local path as it is."""
+    configs beside a checkpoint's folders, which stay where they are; `names(name) -> bool` picks
+    which), in a folder of this call's own; a local path as it is."""
     if not is_remote(url):
         return url
-    local = mirror(url)
-    os.makedirs(local, exist_ok=True)
+    root = os.path.join(cache_root(), "downloads")
+    os.makedirs(root, exist_ok=True)
+    local = tempfile.mkdtemp(dir=root)
+    atexit.register(shutil.rmtree, local, True)
     for child in _epath(url).iterdir():
-        if child.is_file():
+        if child.is_file() and (names is None or names(child.name)):
             download(str(child), os.path.join(local, child.name))
     return local
 
@@ -177,9 +186,19 @@ def check_writable(url: str) -> None:
                          f"GOOGLE_APPLICATION_CREDENTIALS) and that they may write there.") from None
 
 
+_UPLOADED: dict[tuple[str, str], tuple[int, int]] = {}  # (local file, URL) -> (size, mtime) last uploaded
+
+
+def _upload_if_changed(local: str, url: str) -> None:
+    stat = os.stat(local)
+    if _UPLOADED.get((local, url)) != (stat.st_size, stat.st_mtime_ns):
+        upload(local, url)
+        _UPLOADED[(local, url)] = (stat.st_size, stat.st_mtime_ns)
+
+
 def sync_run_files(output_dir: str) -> None:
-    """Upload the run mirror's top-level files and its TensorBoard folder to `output_dir` (a URL;
-    nothing to do for a local run). Call on process 0."""
+    """Upload what changed since the last upload among the run mirror's top-level files and its
+    TensorBoard folder to `output_dir` (a URL; nothing to do for a local run). Call on process 0."""
     if not is_remote(output_dir):
         return
     local = run_files(output_dir)
@@ -188,9 +207,26 @@ def sync_run_files(output_dir: str) -> None:
     for name in sorted(os.listdir(local)):
         path = os.path.join(local, name)
         if os.path.isfile(path) and not name.startswith(".") and not name.endswith(".tmp"):
-            upload(path, join(output_dir, name))
+            _upload_if_changed(path, join(output_dir, name))
         elif name in RUN_FILE_DIRS and os.path.isdir(path):
-            upload(path, join(output_dir, name))
+            for root, _, files in os.walk(path):
+                for file in files:
+                    full = os.path.join(root, file)
+                    _upload_if_changed(full, join(output_dir, os.path.relpath(full, local)))
+
+
+def clear_mirror(output_dir: str, keep=()) -> None:
+    """Empty the local mirror of the run at the URL `output_dir` but for the names in `keep` (its
+    lock): a fresh run must not upload an earlier run's files, and a resume fetches the bucket's."""
+    local = run_files(output_dir)
+    if not os.path.isdir(local):
+        return
+    for name in os.listdir(local):
+        if name not in keep:
+            path = os.path.join(local, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for key in [k for k in _UPLOADED if k[0].startswith(local + os.sep)]:
+        del _UPLOADED[key]
 
 
 def fetch_run_files(output_dir: str) -> None:

@@ -73,6 +73,15 @@ def test_sigkill_then_resume_from_the_bucket_and_export_there(gcs, tiny_chat_mod
     storage.upload(str(task_file), data_url)
     run = f"gs://{BUCKET}/runs/killed"
     command = train_command(tiny_chat_model, data_url, run, "--total_steps=12")
+    # an earlier run's file left in this host's mirror of the URL is not uploaded into the new run
+    saved_cache = os.environ["EASYTUNE_CACHE"]
+    os.environ["EASYTUNE_CACHE"] = env["EASYTUNE_CACHE"]
+    try:
+        os.makedirs(storage.run_files(run))
+        with open(os.path.join(storage.run_files(run), "wandb_run_id"), "w") as f:
+            f.write("stale")
+    finally:
+        os.environ["EASYTUNE_CACHE"] = saved_cache
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not storage.isdir(f"{run}/checkpoints/6") and time.time() < deadline:
@@ -92,6 +101,7 @@ def test_sigkill_then_resume_from_the_bucket_and_export_there(gcs, tiny_chat_mod
     assert remote_losses(run) == reference_run  # every step, bit-equal to the local uninterrupted run
     for name in ("easytune_config.json", "summary.json", "tokenizer.json"):
         assert storage.isfile(f"{run}/{name}"), name
+    assert not storage.exists(f"{run}/wandb_run_id")
     summary = json.loads(storage.read_text(f"{run}/summary.json"))
     assert summary["export_hf"] == hf_url
 

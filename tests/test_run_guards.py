@@ -345,6 +345,10 @@ def test_resource_errors_are_one_sentence():
     assert driver.user_error_message(MemoryError()).startswith("out of host memory; lower --batch_size")
     oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB.")
     assert driver.user_error_message(oom).startswith("out of accelerator memory (RESOURCE_EXHAUSTED: Out of memory")
+    assert driver.user_error_message(ImportError("Install gcsfs to access Google Storage")) == (
+        "a cloud URL needs its filesystem package (Install gcsfs to access Google Storage); for gs:// run pip install "
+        "'easytune[gcs]'.")
+    assert driver.user_error_message(ImportError("No module named 'foo'")) is None  # a bug, not a missing extra
     assert driver.user_error_message(RuntimeError("a bug")) is None  # not a user's error: its traceback
 
 

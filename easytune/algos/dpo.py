@@ -229,15 +229,28 @@ def cached_reference_logps(path: str, rows: dict, compute,
     for key in fingerprint_keys:
         digest.update(np.ascontiguousarray(rows[key]).tobytes())
     fingerprint = digest.hexdigest()
+    hit = None
     if os.path.exists(path):
         with np.load(path) as cached:
             if str(cached["fingerprint"]) == fingerprint:
-                logger.info("reference log-probs from %s", path)
-                return {k: cached[k] for k in cached.files if k != "fingerprint"}
+                hit = {k: cached[k] for k in cached.files if k != "fingerprint"}
+    if _on_every_process(hit is not None):
+        logger.info("reference log-probs from %s", path)
+        return hit
     values = compute()
     if jax.process_index() == 0:
         np.savez(path, fingerprint=np.array(fingerprint), **values)
     return values
+
+
+def _on_every_process(flag: bool) -> bool:
+    """Whether `flag` holds on every process (called by all of them). The cache is used only when
+    every process holds it: computing the reference needs all of them (the hosts of a run in a
+    bucket each have their own local mirror; on a shared filesystem they all see one file)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
 def attach_reference_logps(cfg, named_rows: dict, compute,

@@ -295,7 +295,12 @@ class RLRecipe(recipe.Recipe):
         logger.info("prompts: %s", source)
 
         total_optimizer_steps = cfg.iterations * settings.optimizer_steps
-        policy_config = train.TrainConfig.from_flags(cfg, batch_size=settings.minibatch)
+        # With a critic, the policy and critic checkpoints of an iteration are written synchronously:
+        # two background writes can finish in either order, and a kill between them would leave
+        # them at different iterations, which resume refuses.
+        policy_config = train.TrainConfig.from_flags(cfg, batch_size=settings.minibatch,
+                                                     async_checkpoints=cfg.async_checkpoints
+                                                     and not options.uses_critic)
         policy = train.Trainer(policy_config, model, ppo.policy_loss_fn(options), total_optimizer_steps)
         critic, value_source = None, None
         if options.uses_critic:
