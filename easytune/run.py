@@ -562,14 +562,15 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
     metrics_logger.close()
     summary["wall_seconds"] = time.time() - started
     if is_main:
-        with open(os.path.join(files, "summary.json"), "w") as f:
-            json.dump(strict_json(summary), f, indent=2, allow_nan=False)
-        storage.sync_run_files(cfg.output_dir)
-        if to_push is not None:  # last: a failed upload leaves the run, its summary and its export complete
-            summary["push_to_hub"] = push_to_hub(cfg.push_to_hub, *to_push)
+        def write_summary():
             with open(os.path.join(files, "summary.json"), "w") as f:
                 json.dump(strict_json(summary), f, indent=2, allow_nan=False)
             storage.sync_run_files(cfg.output_dir)
+
+        write_summary()
+        if to_push is not None:  # last: a failed upload leaves the run, its summary and its export complete
+            summary["push_to_hub"] = push_to_hub(cfg.push_to_hub, *to_push)
+            write_summary()
         print(json.dumps(summary, indent=2))
     return summary
 

@@ -106,11 +106,16 @@ def run_files(output_dir: str) -> str:
 
 def download(url: str, local: str) -> None:
     """Copy the file or directory tree at `url` to the local path `local`."""
-    source = _epath(url)
+    _download(_epath(url), local)
+
+
+def _download(source, local: str) -> None:
+    """`download` of an epath object: a tree's children come from one listing each (their
+    file/folder kind from it too), not from a fresh listing per file."""
     if source.is_dir():
         os.makedirs(local, exist_ok=True)
         for child in source.iterdir():
-            download(str(child), os.path.join(local, child.name))
+            _download(child, os.path.join(local, child.name))
         return
     os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
     tmp = f"{local}.{uuid.uuid4().hex[:8]}.tmp"
@@ -141,13 +146,18 @@ def local_copy(url: str) -> str:
         return url
     if not exists(url):
         raise FileNotFoundError(f"{url} does not exist.")
+    local = os.path.join(_download_folder(), url.rstrip("/").rsplit("/", 1)[-1])  # the name (and extension) kept
+    download(url, local)
+    return local
+
+
+def _download_folder() -> str:
+    """A new folder under the cache for one call's downloads, removed when the process exits."""
     root = os.path.join(cache_root(), "downloads")
     os.makedirs(root, exist_ok=True)
     folder = tempfile.mkdtemp(dir=root)
     atexit.register(shutil.rmtree, folder, True)
-    local = os.path.join(folder, url.rstrip("/").rsplit("/", 1)[-1])  # the name (and extension) kept
-    download(url, local)
-    return local
+    return folder
 
 
 def local_files(url: str, names=None) -> str:
@@ -156,13 +166,10 @@ def local_files(url: str, names=None) -> str:
     which), in a folder of this call's own; a local path as it is."""
     if not is_remote(url):
         return url
-    root = os.path.join(cache_root(), "downloads")
-    os.makedirs(root, exist_ok=True)
-    local = tempfile.mkdtemp(dir=root)
-    atexit.register(shutil.rmtree, local, True)
+    local = _download_folder()
     for child in _epath(url).iterdir():
         if child.is_file() and (names is None or names(child.name)):
-            download(str(child), os.path.join(local, child.name))
+            _download(child, os.path.join(local, child.name))
     return local
 
 
@@ -237,10 +244,9 @@ def fetch_run_files(output_dir: str) -> None:
     local = run_files(output_dir)
     os.makedirs(local, exist_ok=True)
     for child in _epath(output_dir).iterdir():
-        if child.name in RUN_FILE_DIRS and child.is_dir():
-            download(str(child), os.path.join(local, child.name))
-        elif not child.name.startswith(".") and child.is_file():
-            download(str(child), os.path.join(local, child.name))
+        wanted = child.name in RUN_FILE_DIRS if child.is_dir() else not child.name.startswith(".")
+        if wanted:
+            _download(child, os.path.join(local, child.name))
 
 
 @contextlib.contextmanager

@@ -388,13 +388,11 @@ class Trainer:
             with hold:
                 self._raise_storage_failure(error, self.step, intact)
         self._pending_save = (self.step, intact, hold)
-        if not self.config.async_checkpoints:
+        if not self.config.async_checkpoints or not saved:
             self.wait_for_saves()
-        if not saved:
-            self.wait_for_saves()
-            if self.step not in self.manager.all_steps():
-                raise RuntimeError(f"orbax declined to save step {self.step} in {self.manager.directory} "
-                                   f"(it holds {list(self.manager.all_steps())}).")
+        if not saved and self.step not in self.manager.all_steps():
+            raise RuntimeError(f"orbax declined to save step {self.step} in {self.manager.directory} "
+                               f"(it holds {list(self.manager.all_steps())}).")
 
     def wait_for_saves(self) -> None:
         """Block until the checkpoint being written in the background is complete (a no-op when

@@ -16,8 +16,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,12 +36,8 @@ def main():
 
     model = easytune.load(args.model or assets.smollm2_hf_dir(), devices=jax.devices()[:1], mesh_dim="1,1,1",
                           tokenizer=False)
-    rng = np.random.RandomState(0)
-    tokens = rng.randint(0, model.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    rows = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:],
-            "loss_mask": np.ones((args.batch, args.seq), np.int32),
-            "segment_ids": np.ones((args.batch, args.seq), np.int32),
-            "positions": np.tile(np.arange(args.seq, dtype=np.int32), (args.batch, 1))}
+    from bench_train import random_rows  # scripts/ is on the path of a script run from it
+    _, rows = random_rows(args.batch, args.seq, model.config.vocab_size)
     batch = train.global_batch(model.mesh, rows, 1)
     base = args.output_dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
     results = {False: {"stall": [], "step": [], "final": []}, True: {"stall": [], "step": [], "final": []}}

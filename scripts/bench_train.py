@@ -44,6 +44,16 @@ def random_hf_dir(shape: str) -> str:
     return directory
 
 
+def random_rows(batch: int, seq: int, vocab_size: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """`(tokens [batch, seq + 1], SFT rows)`: one unpacked example of random tokens per row, every
+    token trained (speed does not depend on the values)."""
+    tokens = np.random.RandomState(seed).randint(0, vocab_size, (batch, seq + 1)).astype(np.int32)
+    rows = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.int32),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1))}
+    return tokens, rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF directory (default: bundled SmolLM2-135M-Instruct)")
@@ -67,12 +77,7 @@ def main():
                           dtype=args.dtype, param_dtype="float32", attention=args.attention, tokenizer=False)
     trainer = train.Trainer(train.TrainConfig(tempfile.mkdtemp(prefix="easytune_bench_train_"), batch_size=args.batch),
                             model, sft.LOSS, total_steps=10**6)
-    rng = np.random.RandomState(0)
-    tokens = rng.randint(0, model.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    rows = {"input_ids": tokens[:, :-1], "target_ids": tokens[:, 1:],
-            "loss_mask": np.ones((args.batch, args.seq), np.int32),
-            "segment_ids": np.ones((args.batch, args.seq), np.int32),
-            "positions": np.tile(np.arange(args.seq, dtype=np.int32), (args.batch, 1))}
+    tokens, rows = random_rows(args.batch, args.seq, model.config.vocab_size)
     batch = train.global_batch(model.mesh, rows, 1)
 
     def ours():
