@@ -72,7 +72,7 @@ def test_sigkill_then_resume_from_the_bucket_and_export_there(gcs, tiny_chat_mod
     data_url = f"gs://{BUCKET}/data/train.jsonl"
     storage.upload(str(task_file), data_url)
     run = f"gs://{BUCKET}/runs/killed"
-    command = train_command(tiny_chat_model, data_url, run, "--total_steps=12")
+    command = train_command(tiny_chat_model, data_url, run, "--total_steps=12", "--logger=tensorboard")
     # an earlier run's file left in this host's mirror of the URL is not uploaded into the new run
     saved_cache = os.environ["EASYTUNE_CACHE"]
     os.environ["EASYTUNE_CACHE"] = env["EASYTUNE_CACHE"]
@@ -102,6 +102,7 @@ def test_sigkill_then_resume_from_the_bucket_and_export_there(gcs, tiny_chat_mod
     for name in ("easytune_config.json", "summary.json", "tokenizer.json"):
         assert storage.isfile(f"{run}/{name}"), name
     assert not storage.exists(f"{run}/wandb_run_id")
+    assert any(name.startswith("events.out.tfevents") for name in storage.listdir(f"{run}/tensorboard"))
     summary = json.loads(storage.read_text(f"{run}/summary.json"))
     assert summary["export_hf"] == hf_url
 
