@@ -209,6 +209,8 @@ DATA_DEFAULTS = {
     "seq_length": 256,
     "eval_steps": 0,
     "chat_template": None,
+    "data_num_proc": 0,
+    "data_cache_dir": "",
 }
 
 DATA_DOCS = {
@@ -220,6 +222,9 @@ DATA_DOCS = {
     "eval_steps": "evaluate on eval_data every N steps (0 = only at the end)",
     "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu; a builtin one is written into "
                      "the run's and the exports' tokenizer",
+    "data_num_proc": "processes per host that tokenize the data (0 = one per 5,000 records, at most the CPUs)",
+    "data_cache_dir": "where tokenized data is cached and reused by later runs (default: $EASYTUNE_CACHE/data; "
+                      "none = no cache); on a pod, storage every host mounts makes each record tokenized once",
 }
 
 # Trainers whose loss reads the LM head (SFT, DPO family, RL).

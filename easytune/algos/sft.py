@@ -133,10 +133,11 @@ def train_and_eval_rows(ctx: recipe.Context, source: str, records=None):
     """`(rows, eval rows or None, stats)`: `training_rows` of the training data (`source`, or
     `records` named `source`) and of --eval_data, packed unless a prompt-learning adapter's virtual
     tokens need one example per row; the counts logged, the drops said on stderr."""
+    from easytune import data
     cfg, model = ctx.cfg, ctx.model
     pack = cfg.pack and (model.adapter is None or model.adapter.config.is_lora)
     rows, stats = training_rows(cfg, model, ctx.template, source, records, pack=pack)
-    logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), len(rows["input_ids"]),
+    logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), data.num_rows(rows),
                 cfg.seq_length)
     if stats.num_dropped_no_trainable_tokens:
         recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} "
@@ -151,12 +152,14 @@ def training_rows(cfg, model, template, source: str, records=None, pack: bool | 
     from easytune import data
     pack = cfg.pack if pack is None else pack
     if not model.is_encoder_decoder:
-        locations = None
-        if records is None:
-            located = data.load_located_records(source)
-            records, locations = [r for r, _ in located], [where for _, where in located]
+        train_on = cfg.get("train_on", "assistant")
+        if records is None:  # tokenized in parallel, cached, rows laid out per batch
+            cache_dir = cfg.get("data_cache_dir", "")
+            return data.tokenized_rows(source, model.tokenizer, template, cfg.seq_length, pack, train_on=train_on,
+                                       num_proc=cfg.get("data_num_proc", 0),
+                                       cache_dir="" if cache_dir == "none" else (cache_dir or None))
         examples, stats = data.tokenize_records(records, model.tokenizer, template, cfg.seq_length, source,
-                                                locations, train_on=cfg.get("train_on", "assistant"))
+                                                train_on=train_on)
         return data.make_rows(examples, cfg.seq_length, pack=pack), stats
     fields = cfg.seq2seq
     if records is None:

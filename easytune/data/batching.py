@@ -5,6 +5,8 @@ from typing import Iterator
 
 import numpy as np
 
+from easytune.data.packing import num_rows, take_rows
+
 
 class BatchIterator:
     """Yields dicts of `[batch_size, seq_length]` arrays, epoch after epoch, forever.
@@ -15,10 +17,10 @@ class BatchIterator:
     it out with all-padding rows (segment 0, loss_mask 0), keeping the shape fixed for jit.
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True):
+    def __init__(self, rows, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True):
+        """rows: a dict of `[num_rows, ...]` arrays, or a `PackedRows` (rows built per batch)."""
         self.rows = rows
-        self.num_rows = len(next(iter(rows.values())))
+        self.num_rows = num_rows(rows)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if self.num_rows < batch_size:
@@ -75,13 +77,10 @@ class BatchIterator:
         chosen = self._epoch_order()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
         self._roll_over()
-        batch = {}
-        for key, values in self.rows.items():
-            taken = values[chosen]
-            if len(chosen) < self.batch_size:  # drop_last=False: pad the last batch with empty rows
-                padding = np.zeros((self.batch_size - len(chosen), *values.shape[1:]), values.dtype)
-                taken = np.concatenate([taken, padding])
-            batch[key] = taken
+        batch = take_rows(self.rows, chosen)
+        if len(chosen) < self.batch_size:  # drop_last=False: pad the last batch with empty rows
+            batch = {key: np.concatenate([taken, np.zeros((self.batch_size - len(chosen), *taken.shape[1:]),
+                                                          taken.dtype)]) for key, taken in batch.items()}
         return batch
 
 
@@ -91,13 +90,13 @@ def count_tokens(rows: dict[str, np.ndarray]) -> int:
     return sum(int((v > 0).sum()) for k, v in rows.items() if k == "segment_ids" or k.endswith("_segment_ids"))
 
 
-def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(rows, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """All eval rows in order, `batch_size` at a time; the last batch is padded with rows whose
     loss_mask is 0 (so every device gets a full batch and padding adds nothing). Rows: any dict of
-    `[num_rows, k]` arrays (SFT's, or preference pairs')."""
-    num_rows = len(next(iter(rows.values())))
-    for start in range(0, num_rows, batch_size):
-        batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+    `[num_rows, k]` arrays (SFT's, or preference pairs'), or a `PackedRows`."""
+    total = num_rows(rows)
+    for start in range(0, total, batch_size):
+        batch = take_rows(rows, np.arange(start, min(start + batch_size, total)))
         missing = batch_size - len(next(iter(batch.values())))
         if missing:
             batch = {k: np.concatenate([v, np.zeros((missing, v.shape[1]), v.dtype)]) for k, v in batch.items()}

@@ -76,17 +76,24 @@ def localize(source: str) -> str:
     return ",".join(parts)
 
 
+# Local data larger than this is not read ahead: it is checked record by record as it is tokenized
+# (before the first compile too), without holding its records in memory.
+PREFETCH_LIMIT = 64 << 20
+
+
 def prefetch(source: str) -> list[tuple[dict, str]] | None:
     """Read local data now (a file, or a mixture of local files; JSON, encoding and record errors
     raised now), keeping the located records for the next `load_located_records(source)`; None
-    when the spec names a dataset (read, and checked, when the recipe loads it). Parts given as
-    URLs (`gs://...`) are downloaded first."""
+    when the spec names a dataset (read, and checked, when the recipe loads it) or local files of
+    more than `PREFETCH_LIMIT` bytes. Parts given as URLs (`gs://...`) are downloaded first."""
     source = localize(source)
     path = os.path.expanduser(source)
-    if not os.path.isfile(path) and not _names_a_file(path):
+    if os.path.isfile(path) and os.path.getsize(path) > PREFETCH_LIMIT:
+        return None
+    if not os.path.isfile(path) and not names_a_file(path):
         parts = sources.parse_source(source)  # a weight or a part that does not parse: now
         key = _spec_key(source, parts)
-        if key is None:
+        if key is None or sum(os.path.getsize(os.path.expanduser(p.name)) for p in parts) > PREFETCH_LIMIT:
             return None
         located = load_located_records(source)
         _PREFETCHED[key] = located
@@ -96,7 +103,26 @@ def prefetch(source: str) -> list[tuple[dict, str]] | None:
     return located
 
 
-def _names_a_file(source: str) -> bool:
+def prefetched(path: str) -> list[tuple[dict, str]] | None:
+    """The records `prefetch` read from the local file `path` (taken: a second call gives None)."""
+    return _PREFETCHED.pop(_file_key(path), None) if os.path.isfile(path) else None
+
+
+def forget_prefetched(source: str) -> None:
+    """Drop what `prefetch(source)` kept (a reader that does not need the records)."""
+    path = os.path.expanduser(source)
+    if os.path.isfile(path):
+        _PREFETCHED.pop(_file_key(path), None)
+        return
+    try:
+        key = _spec_key(source, sources.parse_source(source))
+    except ValueError:
+        return
+    if key is not None:
+        _PREFETCHED.pop(key, None)
+
+
+def names_a_file(source: str) -> bool:
     """Whether `source`, not an existing file, still names one (not a dataset name or spec)."""
     looks_like_a_path = source.endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~"))
     return looks_like_a_path and ":" not in source and "," not in source and not os.path.isdir(source)
@@ -127,7 +153,7 @@ def _load_part(part, split: str) -> list[tuple[dict, str]]:
     path = os.path.expanduser(part.name)
     if os.path.isfile(path):
         return _read_local(path)
-    if not os.path.isdir(path) and _names_a_file(path):
+    if not os.path.isdir(path) and names_a_file(path):
         raise FileNotFoundError(f"data file {part.name!r} does not exist.")
     return sources.load_dataset_split(part, split)
 
@@ -164,16 +190,23 @@ def _read_jsonl(path: str) -> list[tuple[dict, str]]:
     records = []
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
-            line = _decode(raw, path, line_number)
-            if not line.strip():
-                continue  # blank lines (a trailing newline, a separator) are not records
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line_number}: not valid JSON ({e.msg} at column {e.colno}).") from None
-            where = f"{path} line {line_number}"
-            records.append((_check_object(record, where), where))
+            record = parse_line(raw, path, line_number)
+            if record is not None:
+                records.append((record, f"{path} line {line_number}"))
     return records
+
+
+def parse_line(raw: bytes, path: str, line_number: int) -> dict | None:
+    """The record on one line of a .jsonl file, None for a blank line (a trailing newline, a
+    separator); errors name the file and line."""
+    line = _decode(raw, path, line_number)
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {line_number}: not valid JSON ({e.msg} at column {e.colno}).") from None
+    return _check_object(record, f"{path} line {line_number}")
 
 
 def _read_json(path: str) -> list[tuple[dict, str]]:

@@ -75,7 +75,7 @@ def parse_source(spec: str) -> list[SourcePart]:
     return parts
 
 
-def weighted(located: list, part: SourcePart) -> list:
+def weighted(located, part: SourcePart) -> list:
     """The records a part's weight selects: a fraction (<= 1) or a count (> 1, repeating the records
     when it exceeds them), in a fixed shuffled order."""
     if part.weight is None:
@@ -95,6 +95,14 @@ def weighted(located: list, part: SourcePart) -> list:
 def load_dataset_split(part: SourcePart, default_split: str) -> list[tuple[dict, str]]:
     """A dataset's (Hub name or local directory) subset and split as located records; a subset or
     split that does not exist is one sentence listing the available ones."""
+    dataset, label = open_dataset_split(part, default_split)
+    return [(dict(record), f"{label} record {i}") for i, record in enumerate(dataset, start=1)]
+
+
+def open_dataset_split(part: SourcePart, default_split: str, streaming: bool = False):
+    """`(datasets.Dataset, label)`: a dataset's subset and split, Arrow-backed (not read into
+    Python objects), and its name for error messages ("org/ds:sub:train"); an IterableDataset
+    with `streaming`."""
     try:
         import datasets
     except ImportError:
@@ -118,6 +126,5 @@ def load_dataset_split(part: SourcePart, default_split: str) -> list[tuple[dict,
         named = f"{part.name}:{subset}" if subset else part.name
         raise ValueError(f"{named} has no split {split!r}; its splits: {', '.join(splits)}. Name one as "
                          f"{named}:<split>.")
-    dataset = datasets.load_dataset(name, subset, split=split)
-    label = f"{part.name}{f':{subset}' if subset else ''}:{split}"
-    return [(dict(record), f"{label} record {i}") for i, record in enumerate(dataset, start=1)]
+    dataset = datasets.load_dataset(name, subset, split=split, streaming=streaming)
+    return dataset, f"{part.name}{f':{subset}' if subset else ''}:{split}"

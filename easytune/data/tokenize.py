@@ -71,6 +71,58 @@ def tokenize_conversation(messages: Sequence[dict], tokenizer, chat_template: st
     return Example(input_ids, loss_mask)
 
 
+def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer, chat_template: str) -> list[Example]:
+    """`tokenize_conversation` of each conversation (no tools), rendered and tokenized in two batched
+    `apply_chat_template` calls (one for the whole conversations and their prefixes up to each
+    assistant turn, one for the prefixes with the generation prompt) instead of one per prefix; the
+    same ids and masks. Any error falls back to one conversation at a time, which raises it."""
+    closed, prompted, plan = [], [], []  # plan: per conversation, its full index and per turn (prompt, end)
+    for messages in conversations:
+        if not messages or messages[0]["role"] == "assistant":
+            return [tokenize_conversation(m, tokenizer, chat_template) for m in conversations]
+        full = len(closed)
+        closed.append(list(messages))
+        turns = []
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompted.append(list(messages[:turn]))
+            if turn + 1 == len(messages):
+                end = full
+            else:
+                end = len(closed)
+                closed.append(list(messages[:turn + 1]))
+            turns.append((len(prompted) - 1, end, turn))
+        plan.append((full, turns))
+    try:
+        closed_ids = _batch_ids(tokenizer, closed, chat_template, add_generation_prompt=False)
+        prompted_ids = _batch_ids(tokenizer, prompted, chat_template, add_generation_prompt=True)
+        examples = []
+        for full, turns in plan:
+            input_ids = closed_ids[full]
+            loss_mask = [0] * len(input_ids)
+            for prompt, end, turn in turns:
+                start = len(_prefix_of(prompted_ids[prompt], input_ids, turn, True))
+                stop = len(_prefix_of(closed_ids[end], input_ids, turn + 1, False))
+                if stop <= start:
+                    raise ValueError("no tokens after the generation prompt")
+                loss_mask[start:stop] = [1] * (stop - start)
+            examples.append(Example(input_ids, loss_mask))
+        return examples
+    except Exception:  # located and worded by the one-at-a-time path
+        return [tokenize_conversation(m, tokenizer, chat_template) for m in conversations]
+
+
+def _batch_ids(tokenizer, conversations: list, chat_template: str, add_generation_prompt: bool) -> list[list[int]]:
+    if not conversations:
+        return []
+    ids = tokenizer.apply_chat_template(conversations, chat_template=chat_template, tokenize=True,
+                                        add_generation_prompt=add_generation_prompt)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [list(i) for i in ids]
+
+
 def _prefix_of(partial: list[int], full: list[int], num_messages: int, generation_prompt: bool) -> list[int]:
     """`partial`, after checking that it is a prefix of the whole conversation's `full` ids."""
     if full[:len(partial)] != partial:
@@ -103,39 +155,69 @@ def tokenize_records(records: Sequence[dict], tokenizer, chat_template: str | No
     "train.jsonl line 3", from `load_located_records`) or else `<source_name> record <n>` (1-based).
     `train_on`: "assistant" trains the assistant turns only; "all" every token of the conversation
     (system, user and template tokens too)."""
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"--train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}.")
     if not records:
         raise ValueError(f"{source_name} has no records.")
     stats = DataStats(num_records=len(records))
     examples = []
-    for number, record in enumerate(records, start=1):
-        where = locations[number - 1] if locations is not None else f"{source_name} record {number}"
-        fmt = detect_format(record, where)
-        messages = to_messages(record, fmt, where)
-        tools = record_tools(record, where)
-        try:
-            if messages is None:
-                example = tokenize_text(record["text"], tokenizer)
-            else:
-                if chat_template is None:
-                    raise ValueError("conversations need a chat template; pass --chat_template.")
-                example = tokenize_conversation(messages, tokenizer, chat_template, tools)
-        except Exception as e:  # template errors (jinja, raise_exception) and ours, located
-            raise ValueError(f"{where}: {e}") from e
-        if train_on == "all":
-            example = Example(example.input_ids, [1] * len(example.input_ids))
-        truncated = len(example.input_ids) > seq_length
-        example = Example(example.input_ids[:seq_length], example.loss_mask[:seq_length])
-        if example.num_trainable_targets == 0:
-            stats.num_dropped_no_trainable_tokens += 1
-            continue
-        examples.append(example)
-        stats.num_truncated += truncated
-        stats.num_tokens += len(example.input_ids)
-        stats.num_trainable_tokens += example.num_trainable_targets
+    for start in range(0, len(records), CHUNK):
+        chunk = records[start:start + CHUNK]
+        wheres = [locations[i] if locations is not None else f"{source_name} record {i + 1}"
+                  for i in range(start, start + len(chunk))]
+        for example, truncated in tokenize_chunk(chunk, wheres, tokenizer, chat_template, seq_length, train_on):
+            if example.num_trainable_targets == 0:
+                stats.num_dropped_no_trainable_tokens += 1
+                continue
+            examples.append(example)
+            stats.num_truncated += truncated
+            stats.num_tokens += len(example.input_ids)
+            stats.num_trainable_tokens += example.num_trainable_targets
     stats.num_kept = len(examples)
     if not examples:
         raise ValueError(f"all {len(records)} samples of {source_name} have no trainable tokens after truncation "
                          f"to seq_length={seq_length}; raise --seq_length or check the data.")
     return examples, stats
+
+
+CHUNK = 256  # records rendered and tokenized per batched call
+
+
+def tokenize_chunk(records: Sequence[dict], wheres: Sequence[str], tokenizer, chat_template: str | None,
+                   seq_length: int, train_on: str = "assistant") -> list[tuple[Example, bool]]:
+    """`(example truncated to seq_length, whether it was truncated)` of each record, in order; an
+    example may be left with no trainable target (the caller drops it). Conversations without tools
+    are tokenized together (`tokenize_conversations`). Errors name `wheres[i]`."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"--train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}.")
+    parsed = []
+    for record, where in zip(records, wheres):
+        fmt = detect_format(record, where)
+        parsed.append((to_messages(record, fmt, where), record_tools(record, where)))
+    together = [i for i, (messages, tools) in enumerate(parsed) if messages is not None and not tools]
+    examples: list[Example | None] = [None] * len(records)
+    if together:
+        if chat_template is None:
+            raise ValueError(f"{wheres[together[0]]}: conversations need a chat template; pass --chat_template.")
+        try:
+            batch = tokenize_conversations([parsed[i][0] for i in together], tokenizer, chat_template)
+        except Exception:  # find and name the record: one at a time below
+            batch = [None] * len(together)
+        for i, example in zip(together, batch):
+            examples[i] = example
+    out = []
+    for i, ((messages, tools), where) in enumerate(zip(parsed, wheres)):
+        example = examples[i]
+        if example is None:
+            try:
+                if messages is None:
+                    example = tokenize_text(records[i]["text"], tokenizer)
+                else:
+                    if chat_template is None:
+                        raise ValueError("conversations need a chat template; pass --chat_template.")
+                    example = tokenize_conversation(messages, tokenizer, chat_template, tools)
+            except Exception as e:  # template errors (jinja, raise_exception) and ours, located
+                raise ValueError(f"{where}: {e}") from e
+        if train_on == "all":
+            example = Example(example.input_ids, [1] * len(example.input_ids))
+        truncated = len(example.input_ids) > seq_length
+        out.append((Example(example.input_ids[:seq_length], example.loss_mask[:seq_length]), truncated))
+    return out

@@ -1,0 +1,191 @@
+"""Tokenize once (`easytune.data.cache`): the parallel, cached, array-backed path gives exactly the
+rows and counts of the in-memory path (`tokenize_records` + `make_rows`, one record at a time), reads
+the cache instead of tokenizing again, locates bad records from its worker processes, and on two
+real processes tokenizes each record once."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from easytune import data
+from easytune.data import cache
+
+
+def conversations(n, seed=0):
+    """Chat records of 1-3 turns with a system prompt, some long enough to be truncated at 64
+    tokens, and tool calls in some (the one-at-a-time path inside a batch)."""
+    rng = np.random.default_rng(seed)
+    words = "the a of to and in is it you that he was for on are with as his they be at one have this".split()
+    out = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "You are terse."}] if i % 3 else []
+        for _ in range(int(rng.integers(1, 4))):
+            messages.append({"role": "user", "content": " ".join(rng.choice(words, int(rng.integers(2, 30))))})
+            messages.append({"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(1, 40))))})
+        record = {"messages": messages}
+        if i % 17 == 5:
+            record["tools"] = [{"type": "function", "function": {"name": "lookup", "description": "Look up a word.",
+                                                                  "parameters": {"type": "object", "properties": {}}}}]
+        out.append(record)
+    return out
+
+
+def write_jsonl(path, records, blank_every=0):
+    with open(path, "w") as f:
+        for i, record in enumerate(records):
+            f.write(json.dumps(record) + "\n")
+            if blank_every and i % blank_every == 0:
+                f.write("\n" if i % 2 else "  \r\n")  # blank and whitespace-only lines are not records
+    return str(path)
+
+
+def in_memory(spec, tokenizer, template, seq_length, pack, train_on="assistant"):
+    located = data.load_located_records(spec)
+    examples, stats = data.tokenize_records([r for r, _ in located], tokenizer, template, seq_length, spec,
+                                            [w for _, w in located], train_on=train_on)
+    return data.make_rows(examples, seq_length, pack), stats
+
+
+def all_rows(rows):
+    return rows.take(np.arange(rows.num_rows))
+
+
+def assert_same_rows(expected, rows):
+    got = all_rows(rows)
+    assert set(got) == set(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def template(tokenizer):
+    return data.resolve_chat_template(tokenizer, None)
+
+
+@pytest.mark.parametrize("pack,train_on", [(True, "assistant"), (False, "all")])
+def test_parallel_tokenization_equals_the_in_memory_path(tokenizer, template, tmp_path, pack, train_on):
+    train = write_jsonl(tmp_path / "train.jsonl", conversations(300), blank_every=40)
+    other = write_jsonl(tmp_path / "other.jsonl", conversations(90, seed=1))
+    json_file = tmp_path / "items.json"
+    json_file.write_text(json.dumps(conversations(40, seed=2)))
+    for spec in (train, f"{train}:0.5,{other}:200", f"{json_file}:0.25,{other}"):
+        expected, expected_stats = in_memory(spec, tokenizer, template, 64, pack, train_on)
+        rows, stats = cache.tokenized_rows(spec, tokenizer, template, 64, pack, train_on=train_on, num_proc=2,
+                                           cache_dir="")
+        assert stats == expected_stats
+        assert stats.num_truncated > 0 and stats.num_dropped_no_trainable_tokens >= 0
+        assert_same_rows(expected, rows)
+
+
+def test_a_dataset_split_tokenizes_from_its_arrow_table(tokenizer, template, tmp_path):
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", conversations(30))
+    write_jsonl(folder / "test.jsonl", conversations(20, seed=3))
+    expected, expected_stats = in_memory(f"{folder}:test", tokenizer, template, 64, True)
+    rows, stats = cache.tokenized_rows(f"{folder}:test", tokenizer, template, 64, True, cache_dir=str(tmp_path / "c"))
+    assert stats == expected_stats and stats.num_records == 20
+    assert_same_rows(expected, rows)
+
+
+def test_a_second_run_reads_the_cache(tokenizer, template, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", conversations(120))
+    part = data.sources.SourcePart(train)
+    settings = {"tokenizer": tokenizer, "template": template, "seq_length": 64, "train_on": "assistant"}
+    store = str(tmp_path / "cache")
+    first = cache.tokenize_part(part, "train", settings, cache_dir=store)
+    again = cache.tokenize_part(part, "train", settings, cache_dir=store)
+    assert first.built == [0] and again.built == []
+    assert again.dataset["input_ids"] == first.dataset["input_ids"]
+    # what changes the tokens is in the key: each of these tokenizes afresh
+    for changed in ({"seq_length": 32}, {"train_on": "all"}, {"template": data.templates.TULU}):
+        assert cache.tokenize_part(part, "train", {**settings, **changed}, cache_dir=store).built == [0]
+    os.utime(train, ns=(1, 1))  # the file was rewritten
+    assert cache.tokenize_part(part, "train", settings, cache_dir=store).built == [0]
+    assert not [name for name in os.listdir(store) for shard in os.listdir(os.path.join(store, name))
+                if ".building-" in shard]  # nothing half-written is left
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('{"messages": [{"role": "user", "content": "hi"}', "train.jsonl line 2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', "train.jsonl line 2: the conversation has no "
+                                                                       "assistant message"),
+])
+def test_a_bad_record_found_by_a_worker_names_its_line(tokenizer, template, tmp_path, line, expected):
+    records = conversations(30)
+    path = tmp_path / "train.jsonl"
+    with open(path, "w") as f:
+        for i, record in enumerate(records):
+            f.write(json.dumps(record) + "\n")
+            if i == 25:  # line 27 (one bad line after 26 good ones)... then its number is 27
+                f.write(line + "\n")
+    with pytest.raises(ValueError) as error:
+        cache.tokenized_rows(str(path), tokenizer, template, 64, True, num_proc=2, cache_dir="")
+    assert expected.replace("line 2", "line 27") in str(error.value)
+
+
+def test_the_sft_run_reads_its_tokens_from_the_cache(tiny_chat_model, tmp_path):
+    """The run driver's data path is the cached one: a second run with the same data reuses the
+    first's tokens and trains on the same batches. (Resume from a checkpoint over this path:
+    tests/test_train_resume.py, whose --train_data is a .jsonl file.)"""
+    from conftest import logged, run_config
+
+    from easytune import train_sft
+    train = write_jsonl(tmp_path / "train.jsonl", conversations(64))
+    store = str(tmp_path / "cache")
+    flags = {"model": tiny_chat_model, "train_data": train, "seq_length": 64, "batch_size": 8, "total_steps": 3,
+             "log_steps": 1, "data_cache_dir": store, "export_hf": False}
+    losses = []
+    for name in ("first", "second"):
+        train_sft.run(run_config(train_sft.DEFAULTS, {**flags, "output_dir": str(tmp_path / name)}))
+        losses.append([record["loss"] for record in logged(tmp_path / name) if "loss" in record])
+        assert len(os.listdir(store)) == 1  # one cache entry: the second run tokenized nothing
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+CHILD = r"""
+import json, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+coordinator, process_id, train, shared, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id)
+import numpy as np
+from transformers import AutoTokenizer
+from easytune import assets, data
+from easytune.data import cache
+tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_hf_dir())
+template = data.resolve_chat_template(tokenizer, None)
+settings = {"tokenizer": tokenizer, "template": template, "seq_length": 64, "train_on": "assistant"}
+part = data.sources.SourcePart(train)
+report = {}
+shared_part = cache.tokenize_part(part, "train", settings, cache_dir=shared)
+report["shared"] = {"built": shared_part.built, "records": len(shared_part.dataset)}
+own = cache.tokenize_part(part, "train", settings, cache_dir=os.path.join(shared, "host-%d" % process_id))
+report["own"] = {"built": own.built, "records": len(own.dataset)}
+rows, stats = cache.tokenized_rows(train, tokenizer, template, 64, True, cache_dir=shared)
+np.savez(os.path.join(out, "rows_%d.npz" % process_id), **rows.take(np.arange(rows.num_rows)))
+print("REPORT", json.dumps(report))
+"""
+
+
+def test_two_processes_each_tokenize_their_share(tokenizer, template, tmp_path):
+    from conftest import run_processes
+    train = write_jsonl(tmp_path / "train.jsonl", conversations(200))
+    shared, out = str(tmp_path / "shared"), str(tmp_path / "out")
+    os.makedirs(out)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    outputs = run_processes(lambda address: [[sys.executable, "-c", CHILD, address, str(i), train, shared, out]
+                                             for i in range(2)], env, timeout=300, output_dir=tmp_path)
+    reports = [json.loads(text.split("REPORT ", 1)[1].splitlines()[0]) for text in outputs]
+    # a shared cache folder: each process tokenized its half, and both read all 200 records
+    assert [r["shared"] for r in reports] == [{"built": [0], "records": 200}, {"built": [1], "records": 200}]
+    # a folder per host (not shared): each finds the other's shard missing, tokenizes it, and says so
+    assert [r["own"] for r in reports] == [{"built": [0, 1], "records": 200}, {"built": [1, 0], "records": 200}]
+    assert all("tokenizing it on this host too" in text for text in outputs)
+    expected, _ = in_memory(train, tokenizer, template, 64, True)
+    for i in range(2):
+        got = np.load(os.path.join(out, f"rows_{i}.npz"))
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
