@@ -209,8 +209,6 @@ DATA_DEFAULTS = {
     "seq_length": 256,
     "eval_steps": 0,
     "chat_template": None,
-    "data_num_proc": 0,
-    "data_cache_dir": "",
 }
 
 DATA_DOCS = {
@@ -222,6 +220,12 @@ DATA_DOCS = {
     "eval_steps": "evaluate on eval_data every N steps (0 = only at the end)",
     "chat_template": "tokenizer (default: the tokenizer's own), chatml, or tulu; a builtin one is written into "
                      "the run's and the exports' tokenizer",
+}
+
+# Trainers whose data is tokenized once into the cache (`easytune.data.cache`): SFT, distillation.
+TOKENIZED_DATA_DEFAULTS = {"data_num_proc": 0, "data_cache_dir": ""}
+
+TOKENIZED_DATA_DOCS = {
     "data_num_proc": "processes per host that tokenize the data (0 = one per 5,000 records, at most the CPUs)",
     "data_cache_dir": "where tokenized data is cached and reused by later runs (default: $EASYTUNE_CACHE/data; "
                       "none = no cache); on a pod, storage every host mounts makes each record tokenized once",
@@ -287,6 +291,7 @@ LM_EVAL_DOCS = {
 
 FLAG_GROUPS = {
     "data": (DATA_DEFAULTS, DATA_DOCS),
+    "tokenized_data": (TOKENIZED_DATA_DEFAULTS, TOKENIZED_DATA_DOCS),
     "lm_eval": (LM_EVAL_DEFAULTS, LM_EVAL_DOCS),
     "lm_head": (LM_HEAD_DEFAULTS, LM_HEAD_DOCS),
     "peft": (PEFT_DEFAULTS, PEFT_DOCS),

@@ -221,6 +221,8 @@ def attach_adapter(model, cfg, seed: int = 0):
 
 def total_steps(cfg, batches) -> int:
     """`--total_steps`, or `--num_epochs` over the batches."""
+    if not cfg.total_steps and batches.steps_per_epoch is None:
+        raise ValueError("streamed data needs --total_steps: its length, and so an epoch's steps, is not known ahead.")
     steps = cfg.total_steps or cfg.num_epochs * batches.steps_per_epoch
     if steps < 1:
         raise ValueError(f"nothing to do: total_steps={steps} (from --total_steps or --num_epochs) must be >= 1.")
@@ -385,7 +387,10 @@ def dataset_steps(job: Job, cfg):
     `--batch_size` at a time, and its eval on `job.eval_rows` in micro-batches (eval logits must fit
     wherever training's do)."""
     from easytune import data, train
-    batches = data.BatchIterator(job.rows, cfg.batch_size, seed=cfg.seed)
+    if hasattr(job.rows, "batches"):  # a stream (`data.StreamingRows`): batches built as training goes
+        batches = job.rows.batches(cfg.batch_size, seed=cfg.seed)
+    else:
+        batches = data.BatchIterator(job.rows, cfg.batch_size, seed=cfg.seed)
     total = total_steps(cfg, batches)
     trainer = train.Trainer(train.TrainConfig.from_flags(cfg), job.model, job.loss, total,
                             reference=job.reference, heads=job.heads)

@@ -164,7 +164,7 @@ class DistillRecipe(recipe.Recipe):
     `--beta`) of the student's next-token distributions to a frozen teacher's, on the trained tokens."""
 
     name = "distillation"
-    flag_groups = ("data", "peft")
+    flag_groups = ("data", "tokenized_data", "peft")
     adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
     defaults = {"output_dir": "outputs/distill", "teacher": None, "beta": 0.5, "temperature": 1.0, "pack": True,
                 "lmbda": 0.0, "max_new_tokens": 128}

@@ -55,13 +55,15 @@ class SFTRecipe(recipe.Recipe):
     before and after."""
 
     name = "SFT"
-    flag_groups = ("data", "lm_head", "peft", "lm_eval")
+    flag_groups = ("data", "tokenized_data", "lm_head", "peft", "lm_eval")
     adapters = ("lora", "qlora", "dora", "prompt", "prefix", "ptuning")
     encoder_decoder = True
     defaults = {
         "output_dir": "outputs/sft",
         "pack": True,
         "train_on": "assistant",
+        "streaming": False,
+        "streaming_buffer": 10000,
         "tasks": {"num_train": 640, "num_heldout": 100, "max_new_tokens": 16},
         "seq2seq": {"input_field": "input", "target_field": "target", "target_length": 0},
     }
@@ -73,6 +75,9 @@ class SFTRecipe(recipe.Recipe):
         "pack": "pack several samples per row (best fit; attention never crosses samples)",
         "train_on": "assistant: the loss covers the assistant turns only; all: every token of the conversation "
                     "(system, user and template tokens too)",
+        "streaming": "read, tokenize and pack --train_data as training goes (one .jsonl file or dataset split; "
+                     "needs --total_steps), instead of tokenizing it all first into the cache",
+        "streaming_buffer": "--streaming: records tokenized and packed together; rows are shuffled within one",
         "loss_reduction": "mean: per trained token over the global batch; sum: per micro-batch token sum "
                           "averaged over accumulation steps (open-instruct's --reduce_loss sum)",
         "optimizer.lr": "peak learning rate (AdamW); full fine-tuning of 7B+ models usually wants 1e-5 to 2e-5",
@@ -91,6 +96,11 @@ class SFTRecipe(recipe.Recipe):
         from easytune.data.tokenize import TRAIN_ON
         if cfg.train_on not in TRAIN_ON:
             raise ValueError(f"--train_on must be one of {', '.join(TRAIN_ON)}, got {cfg.train_on!r}.")
+        if cfg.streaming and not cfg.train_data:
+            raise ValueError("--streaming reads --train_data; name a .jsonl file or a dataset split.")
+        if cfg.streaming and not cfg.total_steps:
+            raise ValueError("--streaming needs --total_steps: a stream's length, and so an epoch's steps, is not "
+                             "known ahead.")
 
     def check_record(self, cfg, record: dict, where: str) -> None:
         """A decoder's layout (`data.formats`), or else an encoder-decoder's input/target record
@@ -121,8 +131,8 @@ class SFTRecipe(recipe.Recipe):
         rows, eval_rows, stats = train_and_eval_rows(ctx, source, records)
         return recipe.Job(
             model=model, rows=rows, eval_rows=eval_rows, loss=seq2seq.LOSS if model.is_encoder_decoder else LOSS,
-            summary={"train_samples": stats.num_records,
-                     "train_samples_dropped": stats.num_dropped_no_trainable_tokens},
+            summary={} if stats is None else {"train_samples": stats.num_records,
+                                              "train_samples_dropped": stats.num_dropped_no_trainable_tokens},
             heldout=(None if heldout is None else
                      lambda: recipe.heldout_accuracy(model, heldout, cfg.tasks.max_new_tokens)),
             # None for encoder-decoders: their FLOPs per token depend on the input/target split
@@ -136,6 +146,15 @@ def train_and_eval_rows(ctx: recipe.Context, source: str, records=None):
     from easytune import data
     cfg, model = ctx.cfg, ctx.model
     pack = cfg.pack and (model.adapter is None or model.adapter.config.is_lora)
+    if cfg.get("streaming") and records is None:
+        if model.is_encoder_decoder:
+            raise ValueError("--streaming reads decoder-only chat/text data; encoder-decoder (T5) data is read whole: "
+                             "drop --streaming.")
+        rows = data.StreamingRows(source, model.tokenizer, ctx.template, cfg.seq_length, cfg.streaming_buffer, pack,
+                                  cfg.get("train_on", "assistant"))
+        logger.info("train data %s: streamed, %d records per buffer", source, cfg.streaming_buffer)
+        eval_rows = training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0] if cfg.eval_data else None
+        return rows, eval_rows, None
     rows, stats = training_rows(cfg, model, ctx.template, source, records, pack=pack)
     logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), data.num_rows(rows),
                 cfg.seq_length)

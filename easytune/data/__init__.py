@@ -18,6 +18,7 @@ from easytune.data.cache import tokenized_rows
 from easytune.data.packing import ROW_KEYS, PackedRows, TokenStore, make_rows, num_rows, take_rows
 from easytune.data.preference import (PreferenceStats, TokenizedPair, load_pairs, make_pair_rows, pair_rows,
                                       task_pairs, task_pairs_from_model, tokenize_pairs)
+from easytune.data.streaming import StreamingBatches, StreamingRows
 from easytune.data.seq2seq import SEQ2SEQ_ROW_KEYS, Seq2SeqExample, make_seq2seq_rows, tokenize_seq2seq_records
 from easytune.data.tasks import TASKS, accuracy, exact_match, make_task_records, train_and_heldout, with_examples
 from easytune.data.templates import BUILTIN_TEMPLATES, adopt_chat_template, render_ids, resolve_chat_template
@@ -25,7 +26,8 @@ from easytune.data.tokenize import DataStats, Example, tokenize_conversation, to
 
 __all__ = [
     "BatchIterator", "count_tokens", "eval_batches", "FORMATS", "detect_format", "load_located_records", "load_records", "prefetch", "to_messages", "ROW_KEYS",
-    "make_rows", "PackedRows", "TokenStore", "num_rows", "take_rows", "tokenized_rows", "SEQ2SEQ_ROW_KEYS", "Seq2SeqExample", "make_seq2seq_rows", "tokenize_seq2seq_records",
+    "make_rows", "PackedRows", "TokenStore", "num_rows", "take_rows", "tokenized_rows", "StreamingRows", "StreamingBatches",
+    "SEQ2SEQ_ROW_KEYS", "Seq2SeqExample", "make_seq2seq_rows", "tokenize_seq2seq_records",
     "TASKS", "with_examples", "accuracy", "exact_match", "make_task_records", "train_and_heldout", "BUILTIN_TEMPLATES",
     "adopt_chat_template", "render_ids", "resolve_chat_template", "DataStats", "Example", "tokenize_conversation",
     "tokenize_records", "tokenize_text",

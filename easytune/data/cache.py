@@ -127,7 +127,8 @@ def tokenize_part(part: sources.SourcePart, split: str, settings: dict, num_proc
     import datasets
     from datasets.fingerprint import Hasher
     raw, kwargs, identity = _raw(part, split)
-    key = Hasher.hash({"format": FORMAT, "data": identity, **settings})
+    key = Hasher.hash({"format": FORMAT, "data": identity, **settings,
+                       "tokenizer": tokenizer_fingerprint(settings["tokenizer"])})
     count, index = _processes()
     temporary = cache_dir == ""
     root = os.path.join(_temporary_root() if temporary else (cache_dir or default_cache_dir()), key)
@@ -157,6 +158,21 @@ def tokenize_part(part: sources.SourcePart, split: str, settings: dict, num_proc
         logger.info("tokenized %s: shards %s of %d (%d records in all) into %s", part.text or part.name, built, count,
                     len(dataset), root)
     return Tokenized(dataset, built)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokens depend on, not where the tokenizer was loaded from (the same tokenizer in a
+    run folder, an export or the Hub's cache gives one key): a fast tokenizer's whole
+    `tokenizer.json` (normalizer, pre-tokenizer, model, post-processor, added tokens), its class,
+    special tokens and init settings other than file paths."""
+    from datasets.fingerprint import Hasher
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash(tokenizer)
+    settings = {key: value for key, value in getattr(tokenizer, "init_kwargs", {}).items()
+                if not any(word in key for word in ("file", "path", "local", "chat_template"))}
+    return Hasher.hash([type(tokenizer).__name__, backend.to_str(), tokenizer.special_tokens_map,
+                        tokenizer.eos_token_id, settings])
 
 
 def _processes() -> tuple[int, int]:
@@ -246,20 +262,27 @@ def _raw(part: sources.SourcePart, split: str):
     return dataset, {"kind": "rows", "path": label}, ("dataset", label, dataset._fingerprint)
 
 
-def _line_ranges(path: str) -> dict[str, np.ndarray]:
-    """Byte ranges and 1-based numbers of a .jsonl file's lines that are not blank."""
+def _line_ranges(path: str, block: int = 64 << 20) -> dict[str, np.ndarray]:
+    """Byte ranges and 1-based numbers of a .jsonl file's lines that are not blank (a trailing
+    newline, a separator; whitespace-only ones are skipped when read). Scanned in blocks: memory
+    of 24 bytes per line, not the file's size."""
     size = os.path.getsize(path)
-    if size == 0:
-        return {"start": np.zeros(0, np.int64), "stop": np.zeros(0, np.int64), "line": np.zeros(0, np.int64)}
-    data = np.memmap(path, np.uint8, "r")
-    newlines = np.flatnonzero(data == ord("\n"))
+    newlines = []
+    with open(path, "rb") as f:
+        for offset in range(0, size, block):
+            chunk = np.frombuffer(f.read(block), np.uint8)
+            newlines.append(np.flatnonzero(chunk == ord("\n")) + offset)
+    newlines = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
     stops = newlines if len(newlines) and newlines[-1] == size - 1 else np.append(newlines, size)
-    starts = np.concatenate([[0], newlines + 1])[:len(stops)]
+    starts = np.concatenate([[0], newlines + 1])[:len(stops)].astype(np.int64)
     lines = np.arange(1, len(stops) + 1)
-    # blank lines (a trailing newline, a separator): no record. Whitespace-only ones are skipped when read.
-    keep = (stops - starts > 1) | ((stops - starts == 1) & (data[np.minimum(starts, size - 1)] != ord("\r")))
-    del data
-    return {"start": starts[keep], "stop": stops[keep], "line": lines[keep]}
+    keep = stops - starts > 1
+    if (stops - starts == 1).any():  # a one-byte line is blank if that byte is "\r"
+        with open(path, "rb") as f:
+            for i in np.flatnonzero(stops - starts == 1):
+                f.seek(starts[i])
+                keep[i] = f.read(1) not in (b"\r", b" ", b"\t")
+    return {"start": starts[keep], "stop": stops[keep].astype(np.int64), "line": lines[keep]}
 
 
 def _records(batch: dict, indices: list[int], kind: str, path: str, offset: int):

@@ -99,6 +99,19 @@ def test_a_second_run_reads_the_cache(tokenizer, template, tmp_path):
     again = cache.tokenize_part(part, "train", settings, cache_dir=store)
     assert first.built == [0] and again.built == []
     assert again.dataset["input_ids"] == first.dataset["input_ids"]
+    # the same tokenizer loaded from another folder (a run's, an export's) keys the same tokens
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from easytune import assets
+    copy = tmp_path / "tokenizer_copy"
+    copy.mkdir()
+    for name in os.listdir(assets.smollm2_hf_dir()):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(assets.smollm2_hf_dir(), name), copy)
+    elsewhere = {**settings, "tokenizer": AutoTokenizer.from_pretrained(str(copy))}
+    assert cache.tokenize_part(part, "train", elsewhere, cache_dir=store).built == []
     # what changes the tokens is in the key: each of these tokenizes afresh
     for changed in ({"seq_length": 32}, {"train_on": "all"}, {"template": data.templates.TULU}):
         assert cache.tokenize_part(part, "train", {**settings, **changed}, cache_dir=store).built == [0]
