@@ -131,6 +131,9 @@ def main():
     parser.add_argument("--seq_length", type=int, default=2048)
     parser.add_argument("--num_proc", type=int, default=0)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--steps", default="pairs,data_cold,data_cached,cli_cached,cli_cold",
+                        help="what to measure, in order: pairs, data_cold, data_cached, cli_cold, cli_cached (a cached "
+                             "step reads the cache the last cold step filled)")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
     os.makedirs(workdir, exist_ok=True)
@@ -142,35 +145,43 @@ def main():
             g.write(line)
     print(f"data: {args.records:,} records, {os.path.getsize(full) / 2**20:.0f} MiB ({full})", flush=True)
 
-    ratios = []
-    for pair in range(args.pairs):
-        n, base_s, base_tokens, base_before, base_rss = child(BASELINE, sample, args.seq_length)
-        _, new_s, new_tokens, _, _ = child(CACHED, sample, args.seq_length, args.num_proc, "")
-        assert base_tokens == new_tokens, (base_tokens, new_tokens)
-        ratios.append(base_s / new_s)
-        print(f"pair {pair}: {int(n):,} records, baseline {n / base_s:,.0f} records/s ({base_tokens / base_s:,.0f} "
-              f"tokens/s), tokenized_rows {n / new_s:,.0f} records/s: {base_s / new_s:.2f}x; baseline RSS "
-              f"{base_before / 2**20:.0f} -> {base_rss / 2**20:.0f} MiB: "
-              f"{(base_rss - base_before) / base_tokens:.0f} bytes/token", flush=True)
-    ratios.sort()
-    print(f"ratio tokenized_rows/baseline throughput: {statistics.median(ratios):.2f}x "
-          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})", flush=True)
-
-    store = tempfile.mkdtemp(prefix="cache_", dir=workdir)
-    for label in ("cold", "cached"):
-        n, seconds, tokens, before, rss = child(CACHED, full, args.seq_length, args.num_proc, store)
-        print(f"data, {label}: {int(n):,} records -> first batch in {seconds:.1f} s ({n / seconds:,.0f} records/s, "
-              f"{tokens / seconds:,.0f} tokens/s); RSS {before / 2**20:.0f} -> {rss / 2**20:.0f} MiB: "
-              f"{(rss - before) / tokens:.2f} bytes/token ({int(tokens):,} tokens)", flush=True)
+    steps = args.steps.split(",")
+    if "pairs" in steps:
+        ratios = []
+        for pair in range(args.pairs):
+            n, base_s, base_tokens, base_before, base_rss = child(BASELINE, sample, args.seq_length)
+            _, new_s, new_tokens, _, _ = child(CACHED, sample, args.seq_length, args.num_proc, "")
+            assert base_tokens == new_tokens, (base_tokens, new_tokens)
+            ratios.append(base_s / new_s)
+            print(f"pair {pair}: {int(n):,} records, baseline {n / base_s:,.0f} records/s ({base_tokens / base_s:,.0f} "
+                  f"tokens/s), tokenized_rows {n / new_s:,.0f} records/s: {base_s / new_s:.2f}x; baseline RSS "
+                  f"{base_before / 2**20:.0f} -> {base_rss / 2**20:.0f} MiB: "
+                  f"{(base_rss - base_before) / base_tokens:.0f} bytes/token", flush=True)
+        print(f"ratio tokenized_rows/baseline throughput: {statistics.median(ratios):.2f}x "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
 
     model = tiny_model(os.path.join(workdir, "tiny"))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for label, cache_dir in (("cached", store), ("cold", tempfile.mkdtemp(prefix="cache_", dir=workdir))):
+    store = None  # the cache the last cold step filled
+    for step in steps:
+        if step == "pairs":
+            continue
+        what, label = step.rsplit("_", 1)
+        if label == "cold":
+            store = tempfile.mkdtemp(prefix="cache_", dir=workdir)
+        elif store is None:
+            raise SystemExit(f"{step} needs a cold step before it (the cache it reads)")
+        if what == "data":
+            n, seconds, tokens, before, rss = child(CACHED, full, args.seq_length, args.num_proc, store)
+            print(f"data, {label}: {int(n):,} records -> first batch in {seconds:.1f} s ({n / seconds:,.0f} "
+                  f"records/s, {tokens / seconds:,.0f} tokens/s); RSS {before / 2**20:.0f} -> {rss / 2**20:.0f} MiB: "
+                  f"{(rss - before) / tokens:.2f} bytes/token ({int(tokens):,} tokens)", flush=True)
+            continue
         output_dir = os.path.join(workdir, "run_" + label)
         shutil.rmtree(output_dir, ignore_errors=True)
         command = [sys.executable, "-m", "easytune.train_sft", f"--model={model}", f"--train_data={full}",
                    f"--seq_length={args.seq_length}", "--batch_size=8", "--total_steps=1", "--head_chunk_size=1024",
-                   "--logger=none", f"--data_cache_dir={cache_dir}", f"--data_num_proc={args.num_proc}",
+                   "--logger=none", f"--data_cache_dir={store}", f"--data_num_proc={args.num_proc}",
                    f"--output_dir={output_dir}"]
         seconds, rss, stderr = timed_run(command, env)
         tokens = int(re.findall(r"(\d+) tokens, \d+ trained", stderr)[-1])

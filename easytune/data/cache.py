@@ -53,7 +53,7 @@ class Tokenized:
     """One part's records tokenized, one Arrow row per record (blank lines skipped): `input_ids`,
     `loss_mask` (truncated to seq_length), `truncated`, `trained` (loss terms; 0: dropped)."""
 
-    dataset: object    # datasets.Dataset, memory-mapped
+    dataset: object    # datasets.Dataset, memory-mapped; None when the part has no records
     built: list[int]   # the shards (of jax.process_count()) this call tokenized; [] when all were cached
 
 
@@ -74,7 +74,7 @@ def tokenized_rows(source: str, tokenizer, chat_template: str | None, seq_length
     selected = []
     for part in parts:
         tokenized = tokenize_part(part, split, settings, num_proc, cache_dir)
-        count = len(tokenized.dataset)
+        count = 0 if tokenized.dataset is None else len(tokenized.dataset)
         indices = np.asarray(sources.weighted(range(count), part), np.int64) if part.weight else np.arange(count)
         selected.append((tokenized.dataset, indices))
     formats.forget_prefetched(source)
@@ -86,6 +86,8 @@ def _rows(selected, source: str, seq_length: int, pack: bool) -> tuple[PackedRow
     ids, masks, chunk_of, starts, lengths = [], [], [], [], []
     stats = DataStats()
     for dataset, indices in selected:
+        if dataset is None:  # a part with no records
+            continue
         table = dataset.data.table
         trained = table.column("trained").to_numpy()[indices]
         truncated = table.column("truncated").to_numpy()[indices]
@@ -127,20 +129,29 @@ def tokenize_part(part: sources.SourcePart, split: str, settings: dict, num_proc
     import datasets
     from datasets.fingerprint import Hasher
     raw, kwargs, identity = _raw(part, split)
-    key = Hasher.hash({"format": FORMAT, "data": identity, **settings,
+    key = Hasher.hash({"format": FORMAT, "code": _code_fingerprint(), "data": identity, **settings,
                        "tokenizer": tokenizer_fingerprint(settings["tokenizer"])})
-    count, index = _processes()
     temporary = cache_dir == ""
+    # without a cache every process tokenizes everything into its own folder: nothing to share
+    count, index = (1, 0) if temporary else _processes()
     root = os.path.join(_temporary_root() if temporary else (cache_dir or default_cache_dir()), key)
     kwargs = {**kwargs, **settings}
     shards = [os.path.join(root, f"shard-{i:05d}-of-{count:05d}") for i in range(count)]
-    built = []
-    if not all(os.path.exists(os.path.join(s, _DONE)) for s in shards):
-        if not os.path.exists(os.path.join(shards[index], _DONE)):
+    built, error = [], None
+    if not os.path.exists(os.path.join(shards[index], _DONE)):
+        try:
             _build(raw, count, index, shards[index], kwargs, num_proc)
             built.append(index)
-        if count > 1:
-            _barrier(f"easytune tokenized {key}")
+        except Exception as e:  # raised after the barrier, so that no other process waits for this one forever
+            error = e
+    if count > 1:  # every process, cached or not (hosts may see different caches), and every failure shared
+        failed = _barrier_flags(error is not None)
+        if error is None and any(failed):
+            raise ValueError(f"process(es) {[i for i, f in enumerate(failed) if f]} could not tokenize their share "
+                             f"of {part.text or part.name}; their logs say why.")
+    if error is not None:
+        raise error
+    if not all(os.path.exists(os.path.join(s, _DONE)) for s in shards):
         for i, shard in enumerate(shards):
             if not os.path.exists(os.path.join(shard, _DONE)):
                 logger.warning("tokenized data shard %d of %d is not in %s (a cache folder the hosts do not share?); "
@@ -153,11 +164,32 @@ def tokenize_part(part: sources.SourcePart, split: str, settings: dict, num_proc
         with open(os.path.join(shard, _DONE)) as f:
             files = json.load(f)["files"]
         pieces.extend(datasets.Dataset.from_file(os.path.join(shard, name)) for name in files)
-    dataset = datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
+    dataset = datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0] if pieces else None
     if built:
         logger.info("tokenized %s: shards %s of %d (%d records in all) into %s", part.text or part.name, built, count,
-                    len(dataset), root)
+                    0 if dataset is None else len(dataset), root)
     return Tokenized(dataset, built)
+
+
+_CODE: list[str] = []
+
+
+def _code_fingerprint() -> str:
+    """The tokenization code and the libraries that render and tokenize: a new version of any
+    may tokenize differently, so it is a new cache entry."""
+    if not _CODE:
+        import inspect
+
+        import jinja2
+        import tokenizers
+        import transformers
+        from datasets.fingerprint import Hasher
+
+        from easytune.data import tokenize
+        sources_text = [inspect.getsource(module) for module in (tokenize, formats)]
+        _CODE.append(Hasher.hash([transformers.__version__, tokenizers.__version__, jinja2.__version__,
+                                  sources_text]))
+    return _CODE[0]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -180,9 +212,10 @@ def _processes() -> tuple[int, int]:
     return jax.process_count(), jax.process_index()
 
 
-def _barrier(name: str) -> None:
+def _barrier_flags(flag: bool) -> list[bool]:
+    """Wait for every process, and return each one's `flag` (whether its tokenization failed)."""
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.array([flag], np.int32))).reshape(-1)]
 
 
 _TEMPORARY: list[str] = []
@@ -202,8 +235,14 @@ def _build(raw, count: int, index: int, folder: str, kwargs: dict, num_proc: int
     """Tokenize shard `index` of `count` of `raw` into `folder`: written beside it, renamed into
     place when complete (another process that built it first wins)."""
     import datasets
-    shard = raw.shard(count, index, contiguous=True) if count > 1 else raw
-    offset = sum(len(raw.shard(count, i, contiguous=True)) for i in range(index)) if count > 1 else 0
+    size, extra = divmod(len(raw), count)  # contiguous shards, the first `extra` one record longer
+    offset, length = index * size + min(index, extra), size + (index < extra)
+    if length == 0:  # fewer records than processes, or none: an empty shard
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, _DONE), "w") as f:
+            json.dump({"files": [], "format": FORMAT}, f)
+        return
+    shard = raw.select(range(offset, offset + length)) if count > 1 else raw
     procs = num_proc or auto_num_proc(len(shard))
     procs = max(1, min(procs, len(shard)))
     os.makedirs(os.path.dirname(folder), exist_ok=True)
@@ -249,7 +288,9 @@ def _raw(part: sources.SourcePart, split: str):
     path = os.path.expanduser(part.name)
     if os.path.isfile(path):
         stat = os.stat(path)
-        identity = ("file", os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+        url = formats.url_of(path)  # a bucket's file, downloaded into a folder per process: keyed by its URL
+        identity = ("url", url, stat.st_size) if url else ("file", os.path.abspath(path), stat.st_size,
+                                                            stat.st_mtime_ns)
         if path.endswith(".jsonl"):
             return datasets.Dataset.from_dict(_line_ranges(path)), {"kind": "lines", "path": path}, identity
         located = formats.prefetched(path) or formats.load_located_records(path)

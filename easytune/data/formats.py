@@ -81,6 +81,14 @@ def localize(source: str) -> str:
 PREFETCH_LIMIT = 64 << 20
 
 
+def url_of(path: str) -> str | None:
+    """The URL `localize` downloaded the local file `path` from, or None."""
+    for url, local in _LOCALIZED.items():
+        if os.path.abspath(local) == os.path.abspath(path):
+            return url
+    return None
+
+
 def prefetch(source: str) -> list[tuple[dict, str]] | None:
     """Read local data now (a file, or a mixture of local files; JSON, encoding and record errors
     raised now), keeping the located records for the next `load_located_records(source)`; None

@@ -9,8 +9,8 @@ cut into buffers of `buffer_records` records. Each buffer is tokenized (`tokeniz
 the cached path), packed best-fit (segment ids, as `PackedRows`), its rows shuffled by (seed, epoch,
 buffer), and served `batch_size` rows at a time; a buffer's last batch is filled out with padding rows
 (no loss) rather than carrying rows over, so that a position is (epoch, first record of the buffer,
-batch within it). Resume re-reads the stream up to that record without tokenizing it, rebuilds the
-buffer and continues with the same batches. When the stream ends, the next epoch starts it again.
+batch within it). The stream stays open from buffer to buffer; a resume reopens it and reads up to
+that record without tokenizing it, rebuilds the buffer and continues with the same batches. When the stream ends, the next epoch starts it again.
 
 Every process reads the whole stream and builds the same batches (each feeds its devices' rows, as
 with the cached path); sharding a stream between hosts is not done. `--total_steps` is required: a
@@ -42,6 +42,7 @@ class StreamingRows:
                              f"--streaming to mix (the parts are then tokenized once and cached).")
         if buffer_records < 1:
             raise ValueError(f"--streaming_buffer must be >= 1 record, got {buffer_records}.")
+        formats.forget_prefetched(source)  # read as a stream, not from what the driver's check read ahead
         self.part, self.split = parts[0], split
         self.tokenizer, self.template, self.train_on = tokenizer, chat_template, train_on
         self.seq_length, self.buffer_records, self.pack = seq_length, buffer_records, pack
@@ -69,11 +70,11 @@ class StreamingRows:
             dataset = dataset.skip(skip)
         return ((dict(record), f"{label} record {skip + i}") for i, record in enumerate(dataset, start=1))
 
-    def buffer(self, start: int) -> tuple[PackedRows | None, int]:
-        """`(rows of the buffer whose first record is record `start` of the stream, or None when no
-        example of it trains (or the stream has ended), records read)`."""
+    def buffer(self, records_from: Iterator[tuple[dict, str]]) -> tuple[PackedRows | None, int]:
+        """`(rows of the next `buffer_records` records of `records_from` (an iterator from
+        `_records`), or None when no example of them trains (or the stream has ended), records read)`."""
         records, wheres = [], []
-        for record, where in itertools.islice(self._records(start), self.buffer_records):
+        for record, where in itertools.islice(records_from, self.buffer_records):
             records.append(record)
             wheres.append(where)
         examples = []
@@ -102,6 +103,7 @@ class StreamingBatches:
         self.stream, self.batch_size, self.seed = stream, batch_size, seed
         self.epoch, self.start, self.index = 0, 0, 0
         self._rows, self._read, self._order = None, 0, None
+        self._next_records = None  # the stream, positioned after the buffer in use (read on, not reopened)
 
     def _layout(self) -> dict:
         return {"batch_size": self.batch_size, "seed": self.seed, "streaming_buffer": self.stream.buffer_records,
@@ -120,14 +122,16 @@ class StreamingBatches:
                                  f"{state[key]!r}, this run has {key}={value!r}; resume with the same data and "
                                  f"batch settings, or start a new --output_dir.")
         self.epoch, self.start, self.index = int(state["epoch"]), int(state["start"]), int(state["index"])
-        self._rows = None
+        self._rows, self._next_records = None, None
 
     def _load(self) -> None:
         """The buffer at (epoch, start), stepping over buffers with nothing to train and into the
         next epoch when the stream ends."""
         wrapped = False
         while True:
-            rows, read = self.stream.buffer(self.start)
+            if self._next_records is None:  # (re)open at this position: a resume, a new epoch
+                self._next_records = self.stream._records(self.start)
+            rows, read = self.stream.buffer(self._next_records)
             if rows is not None:
                 self._rows, self._read = rows, read
                 rng = np.random.default_rng([self.seed, self.epoch, self.start])
@@ -138,6 +142,7 @@ class StreamingBatches:
                     raise ValueError(f"{self.stream.part.text} has no records with trainable tokens after "
                                      f"truncation to seq_length={self.stream.seq_length}.")
                 self.epoch, self.start, self.index, wrapped = self.epoch + 1, 0, 0, True
+                self._next_records = None
                 continue
             self.start, self.index = self.start + read, 0
 
@@ -156,5 +161,5 @@ class StreamingBatches:
         if self.index * self.batch_size >= self._rows.num_rows:  # the next buffer
             self.start, self.index, self._rows = self.start + self._read, 0, None
             if self._read < self.stream.buffer_records:  # a short buffer is the stream's last: the next epoch
-                self.epoch, self.start = self.epoch + 1, 0
+                self.epoch, self.start, self._next_records = self.epoch + 1, 0, None
         return batch

@@ -75,8 +75,44 @@ def test_parallel_tokenization_equals_the_in_memory_path(tokenizer, template, tm
         rows, stats = cache.tokenized_rows(spec, tokenizer, template, 64, pack, train_on=train_on, num_proc=2,
                                            cache_dir="")
         assert stats == expected_stats
-        assert stats.num_truncated > 0 and stats.num_dropped_no_trainable_tokens >= 0
+        assert stats.num_truncated > 0 and stats.num_kept >= stats.num_records // 2
         assert_same_rows(expected, rows)
+
+
+def test_conversations_are_tokenized_together(tokenizer, template, monkeypatch):
+    """The batched path serves conversations without tools itself: with the one-at-a-time path
+    broken, a chunk of them still tokenizes, to what that path gives."""
+    from easytune.data import tokenize
+    records = [r for r in conversations(40) if "tools" not in r]
+    wheres = [f"record {i}" for i in range(len(records))]
+    expected = tokenize.tokenize_chunk(records, wheres, tokenizer, template, 64)
+
+    def broken(*args, **kwargs):
+        raise AssertionError("tokenized one at a time")
+    monkeypatch.setattr(tokenize, "tokenize_conversation", broken)
+    assert tokenize.tokenize_chunk(records, wheres, tokenizer, template, 64) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "",                                   # empty
+    "\n\n  \n\r\n",                          # blank lines only
+    "{A}\r\n{B}\r\n\r\n{A}",                  # CRLF, a blank CRLF line, no trailing newline
+    "{A}\n\r\n\r{B}\n\n",                       # a one-byte carriage-return line... and a record after "\r"
+])
+def test_line_edges_match_the_in_memory_reader(tokenizer, template, tmp_path, text):
+    a, b = (json.dumps(r) for r in conversations(2, seed=4))
+    path = tmp_path / "edges.jsonl"
+    path.write_bytes(text.replace("{A}", a).replace("{B}", b).encode())
+    try:
+        expected = in_memory(str(path), tokenizer, template, 64, True)
+    except ValueError as e:
+        with pytest.raises(ValueError, match="has no records"):
+            cache.tokenized_rows(str(path), tokenizer, template, 64, True, cache_dir="")
+        assert "has no records" in str(e)
+        return
+    rows, stats = cache.tokenized_rows(str(path), tokenizer, template, 64, True, cache_dir="")
+    assert stats == expected[1]
+    assert_same_rows(expected[0], rows)
 
 
 def test_a_dataset_split_tokenizes_from_its_arrow_table(tokenizer, template, tmp_path):
@@ -150,11 +186,13 @@ def test_the_sft_run_reads_its_tokens_from_the_cache(tiny_chat_model, tmp_path):
     store = str(tmp_path / "cache")
     flags = {"model": tiny_chat_model, "train_data": train, "seq_length": 64, "batch_size": 8, "total_steps": 3,
              "log_steps": 1, "data_cache_dir": store, "export_hf": False}
-    losses = []
+    losses, written = [], []
     for name in ("first", "second"):
         train_sft.run(run_config(train_sft.DEFAULTS, {**flags, "output_dir": str(tmp_path / name)}))
         losses.append([record["loss"] for record in logged(tmp_path / name) if "loss" in record])
-        assert len(os.listdir(store)) == 1  # one cache entry: the second run tokenized nothing
+        (entry,) = os.listdir(store)  # one cache entry
+        written.append(os.stat(os.path.join(store, entry, "shard-00000-of-00001", "done.json")).st_mtime_ns)
+    assert written[0] == written[1]  # the second run tokenized nothing
     assert len(losses[0]) == 3 and losses[0] == losses[1]
 
 
@@ -177,8 +215,15 @@ shared_part = cache.tokenize_part(part, "train", settings, cache_dir=shared)
 report["shared"] = {"built": shared_part.built, "records": len(shared_part.dataset)}
 own = cache.tokenize_part(part, "train", settings, cache_dir=os.path.join(shared, "host-%d" % process_id))
 report["own"] = {"built": own.built, "records": len(own.dataset)}
-rows, stats = cache.tokenized_rows(train, tokenizer, template, 64, True, cache_dir=shared)
+# a mixture with a one-record part: one process's share of it is empty
+rows, stats = cache.tokenized_rows(train + "," + train.replace("train.jsonl", "one.jsonl"), tokenizer, template, 64,
+                                   True, cache_dir=shared)
 np.savez(os.path.join(out, "rows_%d.npz" % process_id), **rows.take(np.arange(rows.num_rows)))
+# a bad line in process 1's share: it names the line, process 0 does not wait for it forever
+try:
+    cache.tokenized_rows(train.replace("train.jsonl", "bad.jsonl"), tokenizer, template, 64, True, cache_dir=shared)
+except ValueError as e:
+    report["bad"] = str(e)
 print("REPORT", json.dumps(report))
 """
 
@@ -186,6 +231,9 @@ print("REPORT", json.dumps(report))
 def test_two_processes_each_tokenize_their_share(tokenizer, template, tmp_path):
     from conftest import run_processes
     train = write_jsonl(tmp_path / "train.jsonl", conversations(200))
+    write_jsonl(tmp_path / "one.jsonl", conversations(1, seed=9))
+    with open(tmp_path / "bad.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in conversations(9)) + "{oops\n")
     shared, out = str(tmp_path / "shared"), str(tmp_path / "out")
     os.makedirs(out)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
@@ -197,7 +245,9 @@ def test_two_processes_each_tokenize_their_share(tokenizer, template, tmp_path):
     # a folder per host (not shared): each finds the other's shard missing, tokenizes it, and says so
     assert [r["own"] for r in reports] == [{"built": [0, 1], "records": 200}, {"built": [1, 0], "records": 200}]
     assert all("tokenizing it on this host too" in text for text in outputs)
-    expected, _ = in_memory(train, tokenizer, template, 64, True)
+    assert "could not tokenize their share" in reports[0]["bad"] and "[1]" in reports[0]["bad"]
+    assert "bad.jsonl line 10: not valid JSON" in reports[1]["bad"]
+    expected, _ = in_memory(f"{train},{tmp_path / 'one.jsonl'}", tokenizer, template, 64, True)
     for i in range(2):
         got = np.load(os.path.join(out, f"rows_{i}.npz"))
         for key in expected:
