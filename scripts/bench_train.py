@@ -13,10 +13,22 @@ directory (for machines without the bundled model; speed does not depend on the 
 
 Prints tokens/s of each (medians), MFU where a peak is known, and, last, the median of the
 per-pair ratios: `ratio easytune/transformers: R x (range A-B)`.
+
+Contention (CPU): on a shared machine a busy neighbour slows the two frameworks unequally (PyTorch's
+OpenMP threads lose more than XLA's pool), so the wall-clock ratio can flip. Every step records the
+CPU time other processes used during it (`/proc/stat` minus this process's own, as a share of the
+cores this process may run on); a pair where either step saw more than `--max_others` (default 10%)
+is flagged "contended" and left out of the ratio (all pairs are used, with a warning, if none is
+clean). The ratio of this process's own CPU seconds per step (`cpu-time ratio`) is printed too; it
+is not immune either (under a busy neighbour PyTorch's OpenMP threads spin and burn CPU: 1.07x quiet,
+1.53x contended, BENCHMARKS). `--single_core` pins the process to one core with one thread per
+framework (XLA's Eigen pool off, `torch.set_num_threads(1)`): the cross-check that leaves no thread
+pool to lose to a neighbour.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -54,6 +66,25 @@ def random_rows(batch: int, seq: int, vocab_size: int, seed: int = 0) -> tuple[n
     return tokens, rows
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """`(CPU seconds the whole machine has been busy, across cores; this process's own)`; Linux."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return busy, own.user + own.system
+
+
+def measured(step, cores: int):
+    """Run `step()` (which returns its wall seconds) and return `(wall seconds, own CPU seconds,
+    other processes' share of `cores` during it)`."""
+    busy, own = cpu_seconds()
+    wall = step()
+    busy_after, own_after = cpu_seconds()
+    others = max(0.0, (busy_after - busy) - (own_after - own))
+    return wall, own_after - own, others / (wall * cores)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF directory (default: bundled SmolLM2-135M-Instruct)")
@@ -64,7 +95,15 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none")
     parser.add_argument("--attention", default="xla", help="easytune's --attention (xla, pallas, cudnn, auto)")
+    parser.add_argument("--max_others", type=float, default=0.10,
+                        help="a pair is contended when other processes used more than this share of the cores")
+    parser.add_argument("--single_core", action="store_true", help="one core, one thread per framework (CPU)")
     args = parser.parse_args()
+    if args.single_core:  # before JAX and PyTorch start their thread pools
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    cores = len(os.sched_getaffinity(0))
 
     import jax
 
@@ -89,6 +128,8 @@ def main():
 
     import torch
     from transformers import AutoModelForCausalLM
+    if args.single_core:
+        torch.set_num_threads(1)
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
     torch_model.train()
@@ -112,15 +153,38 @@ def main():
 
     compile_seconds = ours()
     theirs()  # warm-up
-    pairs = [(ours(), theirs()) for _ in range(args.pairs)]
+    on_cpu = jax.default_backend() == "cpu" and os.path.exists("/proc/stat")
+    all_pairs = []
+    for number in range(args.pairs):
+        if on_cpu:
+            pair = (measured(ours, cores), measured(theirs, cores))
+        else:  # the device does the work: the host's load does not decide the speed
+            pair = ((ours(), 0.0, 0.0), (theirs(), 0.0, 0.0))
+        all_pairs.append(pair)
+        contended = max(pair[0][2], pair[1][2]) > args.max_others
+        if on_cpu:
+            print(f"  pair {number}: easytune {pair[0][0]:.3f} s (own CPU {pair[0][1]:.2f} s, others "
+                  f"{pair[0][2]:.0%}), transformers {pair[1][0]:.3f} s (own CPU {pair[1][1]:.2f} s, others "
+                  f"{pair[1][2]:.0%}){'  CONTENDED' if contended else ''}", flush=True)
+    clean = [p for p in all_pairs if max(p[0][2], p[1][2]) <= args.max_others]
+    if not clean:
+        print(f"WARNING: every pair was contended (other processes used > {args.max_others:.0%} of the cores); "
+              f"the ratio below uses them all and is not to be trusted.")
+        clean = all_pairs
+    pairs = [(p[0][0], p[1][0]) for p in clean]
     step_tokens = args.batch * args.seq
     ours_tps = statistics.median(step_tokens / p[0] for p in pairs)
     theirs_tps = statistics.median(step_tokens / p[1] for p in pairs)
     ratios = [p[1] / p[0] for p in pairs]
     torch_name = f"transformers (PyTorch {torch.__version__.split('+')[0]}, {device})"
     print(f"train step, {args.shape or directory}, batch {args.batch} x seq {args.seq}, {args.dtype}, "
-          f"attention {args.attention}, {args.pairs} interleaved pairs on {jax.devices()[0].device_kind} "
+          f"attention {args.attention}, {len(pairs)} of {args.pairs} interleaved pairs on "
+          f"{jax.devices()[0].device_kind}{', one core' if args.single_core else f', {cores} cores'} "
           f"(easytune first step incl. compile: {compile_seconds:.1f}s):")
+    if on_cpu:
+        cpu_ratios = [p[1][1] / p[0][1] for p in clean if p[0][1] > 0]
+        print(f"  cpu-time ratio easytune/transformers (own CPU seconds per step, theirs / ours): "
+              f"{statistics.median(cpu_ratios):.2f}x (range {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})")
     from easytune import logging_utils, models
     flops = models.flops_per_token(model.config, args.seq)
     peak = logging_utils.peak_flops_per_device()
