@@ -242,19 +242,21 @@ def init_params(config: DecoderConfig, key: jax.Array) -> dict:
 
 
 def flops_per_token(config: DecoderConfig, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM-style:
-    `6 * N + 12 * num_layers * (num_heads * head_dim) * seq_length`.
+    """Training FLOPs per token (forward + backward), PaLM-style with causal attention counted as
+    MaxText does: `6 * N + 6 * num_layers * (num_heads * head_dim) * seq_length`.
 
     N counts the weights of every matmul (attention and MLP projections, and the LM head even when
     tied to the embedding) but not the embedding lookup, norms or biases; the second term is the
-    attention score and value products over a `seq_length` context (sliding windows not discounted).
+    attention score and value products (12 FLOPs per query-key pair and head dim, forward and
+    backward) over the half of a `seq_length` context a causal token sees on average (PaLM's
+    `12 * L * d * seq` counts the whole square; sliding windows are not discounted).
     """
     c = config
     q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     per_layer = c.hidden_size * (q_dim + 2 * kv_dim) + q_dim * c.hidden_size \
         + 3 * c.hidden_size * c.intermediate_size
     matmul_params = c.num_layers * per_layer + c.hidden_size * c.vocab_size
-    return 6.0 * matmul_params + 12.0 * c.num_layers * q_dim * seq_length
+    return 6.0 * matmul_params + 6.0 * c.num_layers * q_dim * seq_length
 
 
 # ----------------------------------------------------------------------------- KV cache
