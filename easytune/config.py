@@ -129,6 +129,7 @@ SHARED_DEFAULTS = {
     "seed": 0,
     "skip_nonfinite_steps": 0,
     "log_steps": 1,
+    "peak_flops": 0.0,
     "save_steps": 0,
     "keep_checkpoints": 2,
     "async_checkpoints": True,
@@ -173,6 +174,8 @@ SHARED_DOCS = {
     "skip_nonfinite_steps": "ride out up to N consecutive steps whose gradients are not finite by skipping their "
                             "update (optax.apply_if_finite); 0 = a non-finite loss or gradient stops the run",
     "log_steps": "log every N steps (progress bar, metrics.jsonl, TensorBoard)",
+    "peak_flops": "the whole job's peak FLOP/s that MFU is measured against (0 = the accelerators' data-sheet "
+                  "peak x devices; on CPU a matmul in --dtype timed at start-up x hosts)",
     "save_steps": "checkpoint every N steps and at the end (0 = only at the end)",
     "keep_checkpoints": "keep the newest N checkpoints (0 = all)",
     "async_checkpoints": "write checkpoints in the background while training goes on (the arrays are copied to "

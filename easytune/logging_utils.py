@@ -201,6 +201,39 @@ def peak_flops_per_device(device_kind: str | None = None) -> float | None:
     return None
 
 
+def measured_peak_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+    """This host's matmul FLOP/s in `dtype` (accumulating in float32): the best of `repeats` timed
+    `[size, size] @ [size, size]` products on the first device, after a warm-up. On a CPU one
+    product uses every core XLA's thread pool has, so this is the host's attainable peak: what MFU
+    is measured against where no data-sheet peak is known. (Timed, so a busy machine reads lower.)"""
+    import time
+
+    import jax.numpy as jnp
+    operand = jnp.ones((size, size), dtype)
+    product = jax.jit(lambda a: jax.lax.dot(a, a, preferred_element_type=jnp.float32))
+    jax.block_until_ready(product(operand))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(product(operand))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best
+
+
+def job_peak_flops(cfg) -> float | None:
+    """The peak FLOP/s MFU divides by, for the whole job: `--peak_flops`, else the data-sheet peak
+    of the accelerator x devices, else on CPU `measured_peak_flops` x processes (hosts); None when
+    unknown."""
+    if cfg.get("peak_flops"):
+        return float(cfg.peak_flops)
+    per_device = peak_flops_per_device()
+    if per_device:
+        return per_device * jax.device_count()
+    if jax.default_backend() == "cpu":
+        return measured_peak_flops(cfg.get("dtype", "float32")) * jax.process_count()
+    return None
+
+
 def truncate_metrics(output_dir: str, step: int) -> None:
     """Drop metrics.jsonl lines logged after `step`: a resumed run logs those steps again, and a
     fresh run (step 0) starts an empty file. Call it before a MetricsLogger opens the file."""

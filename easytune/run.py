@@ -312,7 +312,7 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
     import jax
 
     from easytune import logging_utils
-    peak_flops = logging_utils.peak_flops_per_device()
+    peak_flops = logging_utils.job_peak_flops(cfg) if job.flops_per_token else None
     progress = logging_utils.ProgressBar(total, initial=steps.step)
     history = []
     last_finite = steps.step
@@ -347,8 +347,7 @@ def loop(job: Job, steps, total: int, cfg, evaluate, metrics_logger, on_heldout:
                 if step == 1:
                     record["first_step_seconds"] = time.perf_counter() - step_start
                 if tokens is not None and job.flops_per_token and peak_flops:
-                    record["mfu"] = (record["tokens_per_second"] * job.flops_per_token
-                                     / (peak_flops * jax.device_count()))
+                    record["mfu"] = record["tokens_per_second"] * job.flops_per_token / peak_flops
                 if eval_now:
                     record.update(evaluate())
                 if heldout_now:

@@ -139,6 +139,8 @@ def test_peak_flops_and_mfu():
     assert logging_utils.peak_flops_per_device() is None  # the tests run on CPU
     assert logging_utils.mfu(1000.0, 6e9, 4 * 275e12) == pytest.approx(1000 * 6e9 / 1.1e15)
     assert logging_utils.mfu(1000.0, 6e9, None) is None
+    measured = logging_utils.measured_peak_flops("float32", size=256, repeats=2)
+    assert 1e8 < measured < 1e14  # this CPU: some GFLOP/s, nowhere near an accelerator
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
