@@ -150,17 +150,17 @@ def train_and_eval_rows(ctx: recipe.Context, source: str, records=None):
         if model.is_encoder_decoder:
             raise ValueError("--streaming reads decoder-only chat/text data; encoder-decoder (T5) data is read whole: "
                              "drop --streaming.")
-        rows = data.StreamingRows(source, model.tokenizer, ctx.template, cfg.seq_length, cfg.streaming_buffer, pack,
-                                  cfg.get("train_on", "assistant"))
+        rows, stats = data.StreamingRows(source, model.tokenizer, ctx.template, cfg.seq_length, cfg.streaming_buffer,
+                                         pack, cfg.get("train_on", "assistant")), None
         logger.info("train data %s: streamed, %d records per buffer", source, cfg.streaming_buffer)
-        eval_rows = training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0] if cfg.eval_data else None
-        return rows, eval_rows, None
-    rows, stats = training_rows(cfg, model, ctx.template, source, records, pack=pack)
-    logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), data.num_rows(rows),
-                cfg.seq_length)
-    if stats.num_dropped_no_trainable_tokens:
-        recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} "
-                                    f"samples with no trainable tokens after truncation to seq_length={cfg.seq_length}")
+    else:
+        rows, stats = training_rows(cfg, model, ctx.template, source, records, pack=pack)
+        logger.info("train data %s: %s; %d rows of %d tokens", source, stats.summary(), data.num_rows(rows),
+                    cfg.seq_length)
+        if stats.num_dropped_no_trainable_tokens:
+            recipe.dropped(ctx.is_main, f"dropped {stats.num_dropped_no_trainable_tokens} of {stats.num_records} "
+                                        f"samples with no trainable tokens after truncation to "
+                                        f"seq_length={cfg.seq_length}")
     eval_rows = training_rows(cfg, model, ctx.template, cfg.eval_data, pack=pack)[0] if cfg.eval_data else None
     return rows, eval_rows, stats
 

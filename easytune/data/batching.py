@@ -46,11 +46,7 @@ class BatchIterator:
         return {"epoch": self.epoch, "index": self.index, **self._layout()}
 
     def restore(self, state: dict) -> None:
-        for key, value in self._layout().items():
-            if key in state and state[key] != value:
-                raise ValueError(f"cannot resume this data position: the checkpoint was written with {key}="
-                                 f"{state[key]!r}, this run has {key}={value!r}; resume with the same data and "
-                                 f"batch settings, or start a new --output_dir.")
+        check_layout(state, self._layout())
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
             raise ValueError(f"invalid iterator state {state}: this data has {self.steps_per_epoch} batches per epoch.")
@@ -77,11 +73,25 @@ class BatchIterator:
         chosen = self._epoch_order()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
         self._roll_over()
-        batch = take_rows(self.rows, chosen)
-        if len(chosen) < self.batch_size:  # drop_last=False: pad the last batch with empty rows
-            batch = {key: np.concatenate([taken, np.zeros((self.batch_size - len(chosen), *taken.shape[1:]),
-                                                          taken.dtype)]) for key, taken in batch.items()}
+        return pad_rows(take_rows(self.rows, chosen), self.batch_size)  # drop_last=False: the last batch padded
+
+
+def check_layout(state: dict, layout: dict) -> None:
+    """Refuse to resume a data position saved under another layout (`state`'s entries for the keys
+    of `layout`, this run's): the same position would be other data."""
+    for key, value in layout.items():
+        if key in state and state[key] != value:
+            raise ValueError(f"cannot resume this data position: the checkpoint was written with {key}="
+                             f"{state[key]!r}, this run has {key}={value!r}; resume with the same data and "
+                             f"batch settings, or start a new --output_dir.")
+
+
+def pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """`batch` filled out to `batch_size` rows with all-zero rows (segment 0, loss_mask 0: no loss)."""
+    missing = batch_size - len(next(iter(batch.values())))
+    if not missing:
         return batch
+    return {key: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for key, v in batch.items()}
 
 
 def count_tokens(rows: dict[str, np.ndarray]) -> int:
@@ -96,8 +106,4 @@ def eval_batches(rows, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     `[num_rows, k]` arrays (SFT's, or preference pairs'), or a `PackedRows`."""
     total = num_rows(rows)
     for start in range(0, total, batch_size):
-        batch = take_rows(rows, np.arange(start, min(start + batch_size, total)))
-        missing = batch_size - len(next(iter(batch.values())))
-        if missing:
-            batch = {k: np.concatenate([v, np.zeros((missing, v.shape[1]), v.dtype)]) for k, v in batch.items()}
-        yield batch
+        yield pad_rows(take_rows(rows, np.arange(start, min(start + batch_size, total))), batch_size)

@@ -34,7 +34,7 @@ import numpy as np
 
 from easytune.data import formats, sources
 from easytune.data.packing import PackedRows, TokenStore
-from easytune.data.tokenize import CHUNK, TRAIN_ON, DataStats, tokenize_chunk
+from easytune.data.tokenize import CHUNK, DataStats, tokenize_chunk
 
 logger = logging.getLogger("easytune")
 
@@ -65,8 +65,6 @@ def tokenized_rows(source: str, tokenizer, chat_template: str | None, seq_length
     rows laid out per batch from memory-mapped token arrays. num_proc: tokenizing processes per
     host (0: by the size of the data and this machine's CPUs); cache_dir: None for the default
     (`$EASYTUNE_CACHE/data`), "" for no cache (tokenized into a temporary folder)."""
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"--train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}.")
     source = formats.localize(source)
     path = os.path.expanduser(source)
     parts = [sources.SourcePart(source, text=source)] if os.path.isfile(path) else sources.parse_source(source)
@@ -151,14 +149,13 @@ def tokenize_part(part: sources.SourcePart, split: str, settings: dict, num_proc
                              f"of {part.text or part.name}; their logs say why.")
     if error is not None:
         raise error
-    if not all(os.path.exists(os.path.join(s, _DONE)) for s in shards):
-        for i, shard in enumerate(shards):
-            if not os.path.exists(os.path.join(shard, _DONE)):
-                logger.warning("tokenized data shard %d of %d is not in %s (a cache folder the hosts do not share?); "
-                               "tokenizing it on this host too. Point --data_cache_dir at storage every host mounts "
-                               "to tokenize each record once.", i, count, root)
-                _build(raw, count, i, shard, kwargs, num_proc)
-                built.append(i)
+    for i, shard in enumerate(shards):
+        if not os.path.exists(os.path.join(shard, _DONE)):
+            logger.warning("tokenized data shard %d of %d is not in %s (a cache folder the hosts do not share?); "
+                           "tokenizing it on this host too. Point --data_cache_dir at storage every host mounts "
+                           "to tokenize each record once.", i, count, root)
+            _build(raw, count, i, shard, kwargs, num_proc)
+            built.append(i)
     pieces = []
     for shard in shards:
         with open(os.path.join(shard, _DONE)) as f:

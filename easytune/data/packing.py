@@ -89,9 +89,6 @@ class PackedRows:
                 begin = end
         return rows
 
-    def tokens(self) -> int:
-        return int(self.store.length.sum())
-
 
 def make_rows(examples: Sequence[Example], seq_length: int, pack: bool) -> dict[str, np.ndarray]:
     """Lay `examples` out in rows of `seq_length` tokens. Returns int32 arrays `[num_rows, seq_length]`:

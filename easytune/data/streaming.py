@@ -25,8 +25,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from easytune.data import formats, sources
+from easytune.data.batching import check_layout, pad_rows
 from easytune.data.packing import PackedRows, TokenStore
-from easytune.data.tokenize import CHUNK, tokenize_chunk
+from easytune.data.tokenize import tokenize_chunk
 
 
 class StreamingRows:
@@ -77,12 +78,9 @@ class StreamingRows:
         for record, where in itertools.islice(records_from, self.buffer_records):
             records.append(record)
             wheres.append(where)
-        examples = []
-        for begin in range(0, len(records), CHUNK):
-            for example, _ in tokenize_chunk(records[begin:begin + CHUNK], wheres[begin:begin + CHUNK], self.tokenizer,
-                                             self.template, self.seq_length, self.train_on):
-                if example.num_trainable_targets:
-                    examples.append(example)
+        examples = [example for example, _ in tokenize_chunk(records, wheres, self.tokenizer, self.template,
+                                                             self.seq_length, self.train_on)
+                    if example.num_trainable_targets]
         if not examples:
             return None, len(records)
         return PackedRows(TokenStore.from_examples(examples), self.seq_length, self.pack), len(records)
@@ -116,11 +114,7 @@ class StreamingBatches:
         if "start" not in state:
             raise ValueError("cannot resume this data position: the checkpoint was not written with --streaming; "
                              "resume with the run's own data settings, or start a new --output_dir.")
-        for key, value in self._layout().items():
-            if key in state and state[key] != value:
-                raise ValueError(f"cannot resume this data position: the checkpoint was written with {key}="
-                                 f"{state[key]!r}, this run has {key}={value!r}; resume with the same data and "
-                                 f"batch settings, or start a new --output_dir.")
+        check_layout(state, self._layout())
         self.epoch, self.start, self.index = int(state["epoch"]), int(state["start"]), int(state["index"])
         self._rows, self._next_records = None, None
 
@@ -153,10 +147,7 @@ class StreamingBatches:
         if self._rows is None:
             self._load()
         chosen = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        batch = self._rows.take(chosen)
-        if len(chosen) < self.batch_size:  # the buffer's last batch: padding rows (segment 0, no loss)
-            batch = {key: np.concatenate([value, np.zeros((self.batch_size - len(chosen), value.shape[1]),
-                                                          value.dtype)]) for key, value in batch.items()}
+        batch = pad_rows(self._rows.take(chosen), self.batch_size)  # the buffer's last batch is padded
         self.index += 1
         if self.index * self.batch_size >= self._rows.num_rows:  # the next buffer
             self.start, self.index, self._rows = self.start + self._read, 0, None

@@ -75,11 +75,12 @@ def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer, c
     """`tokenize_conversation` of each conversation (no tools), rendered and tokenized in two batched
     `apply_chat_template` calls (one for the whole conversations and their prefixes up to each
     assistant turn, one for the prefixes with the generation prompt) instead of one per prefix; the
-    same ids and masks. Any error falls back to one conversation at a time, which raises it."""
+    same ids and masks. Errors are not located or worded here: `tokenize_chunk` then tokenizes one
+    conversation at a time, which raises them naming the record."""
     closed, prompted, plan = [], [], []  # plan: per conversation, its full index and per turn (prompt, end)
     for messages in conversations:
         if not messages or messages[0]["role"] == "assistant":
-            return [tokenize_conversation(m, tokenizer, chat_template) for m in conversations]
+            raise ValueError("a conversation starts with an assistant message")
         full = len(closed)
         closed.append(list(messages))
         turns = []
@@ -94,23 +95,20 @@ def tokenize_conversations(conversations: Sequence[Sequence[dict]], tokenizer, c
                 closed.append(list(messages[:turn + 1]))
             turns.append((len(prompted) - 1, end, turn))
         plan.append((full, turns))
-    try:
-        closed_ids = _batch_ids(tokenizer, closed, chat_template, add_generation_prompt=False)
-        prompted_ids = _batch_ids(tokenizer, prompted, chat_template, add_generation_prompt=True)
-        examples = []
-        for full, turns in plan:
-            input_ids = closed_ids[full]
-            loss_mask = [0] * len(input_ids)
-            for prompt, end, turn in turns:
-                start = len(_prefix_of(prompted_ids[prompt], input_ids, turn, True))
-                stop = len(_prefix_of(closed_ids[end], input_ids, turn + 1, False))
-                if stop <= start:
-                    raise ValueError("no tokens after the generation prompt")
-                loss_mask[start:stop] = [1] * (stop - start)
-            examples.append(Example(input_ids, loss_mask))
-        return examples
-    except Exception:  # located and worded by the one-at-a-time path
-        return [tokenize_conversation(m, tokenizer, chat_template) for m in conversations]
+    closed_ids = _batch_ids(tokenizer, closed, chat_template, add_generation_prompt=False)
+    prompted_ids = _batch_ids(tokenizer, prompted, chat_template, add_generation_prompt=True)
+    examples = []
+    for full, turns in plan:
+        input_ids = closed_ids[full]
+        loss_mask = [0] * len(input_ids)
+        for prompt, end, turn in turns:
+            start = len(_prefix_of(prompted_ids[prompt], input_ids, turn, True))
+            stop = len(_prefix_of(closed_ids[end], input_ids, turn + 1, False))
+            if stop <= start:
+                raise ValueError("no tokens after the generation prompt")
+            loss_mask[start:stop] = [1] * (stop - start)
+        examples.append(Example(input_ids, loss_mask))
+    return examples
 
 
 def _batch_ids(tokenizer, conversations: list, chat_template: str, add_generation_prompt: bool) -> list[list[int]]:
@@ -159,18 +157,16 @@ def tokenize_records(records: Sequence[dict], tokenizer, chat_template: str | No
         raise ValueError(f"{source_name} has no records.")
     stats = DataStats(num_records=len(records))
     examples = []
-    for start in range(0, len(records), CHUNK):
-        chunk = records[start:start + CHUNK]
-        wheres = [locations[i] if locations is not None else f"{source_name} record {i + 1}"
-                  for i in range(start, start + len(chunk))]
-        for example, truncated in tokenize_chunk(chunk, wheres, tokenizer, chat_template, seq_length, train_on):
-            if example.num_trainable_targets == 0:
-                stats.num_dropped_no_trainable_tokens += 1
-                continue
-            examples.append(example)
-            stats.num_truncated += truncated
-            stats.num_tokens += len(example.input_ids)
-            stats.num_trainable_tokens += example.num_trainable_targets
+    wheres = locations if locations is not None else [f"{source_name} record {i}" for i in
+                                                      range(1, len(records) + 1)]
+    for example, truncated in tokenize_chunk(records, wheres, tokenizer, chat_template, seq_length, train_on):
+        if example.num_trainable_targets == 0:
+            stats.num_dropped_no_trainable_tokens += 1
+            continue
+        examples.append(example)
+        stats.num_truncated += truncated
+        stats.num_tokens += len(example.input_ids)
+        stats.num_trainable_tokens += example.num_trainable_targets
     stats.num_kept = len(examples)
     if not examples:
         raise ValueError(f"all {len(records)} samples of {source_name} have no trainable tokens after truncation "
@@ -185,23 +181,27 @@ def tokenize_chunk(records: Sequence[dict], wheres: Sequence[str], tokenizer, ch
                    seq_length: int, train_on: str = "assistant") -> list[tuple[Example, bool]]:
     """`(example truncated to seq_length, whether it was truncated)` of each record, in order; an
     example may be left with no trainable target (the caller drops it). Conversations without tools
-    are tokenized together (`tokenize_conversations`). Errors name `wheres[i]`."""
+    are tokenized `CHUNK` at a time together (`tokenize_conversations`); the rest, and a chunk whose
+    batched call fails, one at a time. Errors name `wheres[i]`."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"--train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}.")
     parsed = []
     for record, where in zip(records, wheres):
         fmt = detect_format(record, where)
         parsed.append((to_messages(record, fmt, where), record_tools(record, where)))
+    if chat_template is None:
+        for (messages, _), where in zip(parsed, wheres):
+            if messages is not None:
+                raise ValueError(f"{where}: conversations need a chat template; pass --chat_template.")
     together = [i for i, (messages, tools) in enumerate(parsed) if messages is not None and not tools]
     examples: list[Example | None] = [None] * len(records)
-    if together:
-        if chat_template is None:
-            raise ValueError(f"{wheres[together[0]]}: conversations need a chat template; pass --chat_template.")
+    for begin in range(0, len(together), CHUNK):
+        chunk = together[begin:begin + CHUNK]
         try:
-            batch = tokenize_conversations([parsed[i][0] for i in together], tokenizer, chat_template)
+            batch = tokenize_conversations([parsed[i][0] for i in chunk], tokenizer, chat_template)
         except Exception:  # find and name the record: one at a time below
-            batch = [None] * len(together)
-        for i, example in zip(together, batch):
+            continue
+        for i, example in zip(chunk, batch):
             examples[i] = example
     out = []
     for i, ((messages, tools), where) in enumerate(zip(parsed, wheres)):
@@ -211,8 +211,6 @@ def tokenize_chunk(records: Sequence[dict], wheres: Sequence[str], tokenizer, ch
                 if messages is None:
                     example = tokenize_text(records[i]["text"], tokenizer)
                 else:
-                    if chat_template is None:
-                        raise ValueError("conversations need a chat template; pass --chat_template.")
                     example = tokenize_conversation(messages, tokenizer, chat_template, tools)
             except Exception as e:  # template errors (jinja, raise_exception) and ours, located
                 raise ValueError(f"{where}: {e}") from e
