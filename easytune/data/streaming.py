@@ -10,7 +10,8 @@ the cached path), packed best-fit (segment ids, as `PackedRows`), its rows shuff
 buffer), and served `batch_size` rows at a time; a buffer's last batch is filled out with padding rows
 (no loss) rather than carrying rows over, so that a position is (epoch, first record of the buffer,
 batch within it). The stream stays open from buffer to buffer; a resume reopens it and reads up to
-that record without tokenizing it, rebuilds the buffer and continues with the same batches. When the stream ends, the next epoch starts it again.
+that record without tokenizing it, rebuilds the buffer and continues with the same batches. When
+the stream ends, the next epoch starts it again.
 
 Every process reads the whole stream and builds the same batches (each feeds its devices' rows, as
 with the cached path); sharding a stream between hosts is not done. `--total_steps` is required: a
