@@ -252,3 +252,29 @@ def test_two_processes_each_tokenize_their_share(tokenizer, template, tmp_path):
         got = np.load(os.path.join(out, f"rows_{i}.npz"))
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_num_proc_workers_each_write_their_part(tokenizer, template, tmp_path):
+    """`--data_num_proc=2`: datasets.map runs two workers, each writing its own Arrow file, and the
+    part reads both back (the equality tests above would pass with the workers ignored)."""
+    train = write_jsonl(tmp_path / "train.jsonl", conversations(40))
+    settings = {"tokenizer": tokenizer, "template": template, "seq_length": 64, "train_on": "assistant"}
+    tokenized = cache.tokenize_part(data.sources.SourcePart(train), "train", settings, num_proc=2,
+                                    cache_dir=str(tmp_path / "cache"))
+    files = sorted(os.path.basename(f["filename"]) for f in tokenized.dataset.cache_files)
+    assert files == ["tokens_00000_of_00002.arrow", "tokens_00001_of_00002.arrow"]
+    assert len(tokenized.dataset) == 40
+
+
+def test_large_local_data_is_checked_as_it_is_tokenized(tokenizer, template, tmp_path, monkeypatch):
+    """Past PREFETCH_LIMIT a file is not read ahead (its records would sit in memory); its bad line
+    is still named, by the tokenization."""
+    from easytune.data import formats
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in conversations(5)) + '{"prompt": "only"}\n')
+    monkeypatch.setattr(formats, "PREFETCH_LIMIT", 100)
+    assert data.prefetch(str(path)) is None
+    monkeypatch.setattr(formats, "PREFETCH_LIMIT", 64 << 20)
+    assert len(data.prefetch(str(path))) == 6  # under the limit: read ahead (and checked by the recipe)
+    with pytest.raises(ValueError, match=r"big.jsonl line 6: unrecognized record with fields \['prompt'\]"):
+        cache.tokenized_rows(str(path), tokenizer, template, 64, True, cache_dir="")
