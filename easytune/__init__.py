@@ -83,6 +83,7 @@ def load(
     devices=None,
     adapter: str | None = None,
     head_chunk_size: int = 0,
+    layer_loop: str = "auto",
 ) -> "Model":
     """Load a model from an HF directory, a Hub id (when online), an easytune checkpoint (a model
     checkpoint, a training step `<run>/checkpoints/<step>`, or a run directory: its latest step),
@@ -96,6 +97,8 @@ def load(
     A training run or step of a PEFT run loads its base model with the trained adapter attached.
     head_chunk_size > 0: the training losses run the LM head fused with its log-softmax, this many
     tokens at a time, never holding `[tokens, vocab]` logits (`easytune.models.fused_head`).
+    layer_loop: `scan`, `unroll` or `auto` (unrolled on CPU, where it trains faster; a scan elsewhere,
+    where compile time stays flat in depth): see `easytune.models.common.scan_layers`.
     """
     from easytune import checkpoint, hf, sharding, storage
     from easytune.dtypes import dtype_name
@@ -108,11 +111,13 @@ def load(
         hf_config, generation_config = meta["hf_config"], meta.get("generation_config") or {}
         param_dtype = dtype_name(param_dtype or checkpoint.stored_param_dtype(meta))
         config = checkpoint.config_from_meta(meta, dtype=dtype_name(dtype or param_dtype), param_dtype=param_dtype,
-                                             remat=remat, attention=attention, head_chunk_size=head_chunk_size)
+                                             remat=remat, attention=attention, head_chunk_size=head_chunk_size,
+                                             layer_loop=layer_loop)
         if meta.get("adapter"):  # a PEFT training run: its base model plus the trained adapter
             return _load_adapter_run(meta, params_path, tokenizer_dir, dtype=dtype, param_dtype=param_dtype,
                                      mesh_dim=mesh_dim, remat=remat, attention=attention,
-                                     head_chunk_size=head_chunk_size, tokenizer=tokenizer, devices=devices)
+                                     head_chunk_size=head_chunk_size, layer_loop=layer_loop, tokenizer=tokenizer,
+                                     devices=devices)
         params = checkpoint.restore_params(params_path, config, mesh)
         directory = storage.local_files(tokenizer_dir, _tokenizer_file)
     else:
@@ -126,7 +131,7 @@ def load(
         param_dtype = dtype_name(param_dtype or hf.checkpoint_dtype(hf_config))
         config = hf.config_from_hf(hf_config, directory, dtype=dtype_name(dtype or param_dtype),
                                    param_dtype=param_dtype, remat=remat, attention=attention,
-                                   head_chunk_size=head_chunk_size)
+                                   head_chunk_size=head_chunk_size, layer_loop=layer_loop)
         params = hf.load_params(directory, config, mesh)
     model = Model(config, params, _load_tokenizer(directory) if tokenizer else None, mesh,
                   hf_config, generation_config)

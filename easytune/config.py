@@ -120,6 +120,7 @@ SHARED_DEFAULTS = {
     "dtype": "float32",
     "param_dtype": "float32",
     "remat": "none",
+    "layer_loop": "auto",
     "attention": "xla",
     "loss_reduction": "mean",
     "optimizer": {
@@ -154,6 +155,8 @@ SHARED_DOCS = {
     "dtype": "compute dtype (float32, bfloat16)",
     "param_dtype": "stored (master) weight dtype",
     "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
+    "layer_loop": "the training forward's loop over layers: scan (compile time flat in depth), unroll (faster on "
+                  "CPU, compiles longer) or auto (unroll on CPU, scan on GPU/TPU)",
     "attention": "attention implementation: xla (reference), pallas (easytune's fused GPU kernel; interpret mode "
                  "on CPU), splash (JAX's TPU kernel; interpret mode on CPU), cudnn (NVIDIA GPUs) or auto (pallas on "
                  "GPU, splash on TPU, xla elsewhere)",

@@ -172,7 +172,8 @@ def load_model(cfg, head_chunk_size: int | None = None, **options):
     import easytune
     chunk = cfg.get("head_chunk_size", 0) if head_chunk_size is None else head_chunk_size
     return easytune.load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
-                         remat=cfg.remat, attention=cfg.attention, head_chunk_size=chunk, **options)
+                         remat=cfg.remat, attention=cfg.attention, head_chunk_size=chunk,
+                         layer_loop=cfg.layer_loop, **options)
 
 
 def attach_adapter(model, cfg, seed: int = 0):

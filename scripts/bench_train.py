@@ -94,6 +94,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--layer_loop", default="auto", help="easytune's --layer_loop (scan, unroll, auto)")
     parser.add_argument("--attention", default="xla", help="easytune's --attention (xla, pallas, cudnn, auto)")
     parser.add_argument("--max_others", type=float, default=0.10,
                         help="a pair is contended when other processes used more than this share of the cores")
@@ -113,7 +114,8 @@ def main():
 
     directory = args.model or (random_hf_dir(args.shape) if args.shape else assets.smollm2_hf_dir())
     model = easytune.load(directory, devices=jax.devices()[:1], mesh_dim="1,1,1", remat=args.remat,
-                          dtype=args.dtype, param_dtype="float32", attention=args.attention, tokenizer=False)
+                          dtype=args.dtype, param_dtype="float32", attention=args.attention, tokenizer=False,
+                          layer_loop=args.layer_loop)
     trainer = train.Trainer(train.TrainConfig(tempfile.mkdtemp(prefix="easytune_bench_train_"), batch_size=args.batch),
                             model, sft.LOSS, total_steps=10**6)
     tokens, rows = random_rows(args.batch, args.seq, model.config.vocab_size)
@@ -178,7 +180,8 @@ def main():
     ratios = [p[1] / p[0] for p in pairs]
     torch_name = f"transformers (PyTorch {torch.__version__.split('+')[0]}, {device})"
     print(f"train step, {args.shape or directory}, batch {args.batch} x seq {args.seq}, {args.dtype}, "
-          f"attention {args.attention}, {len(pairs)} of {args.pairs} interleaved pairs on "
+          f"attention {args.attention}, layer loop {args.layer_loop}, {len(pairs)} of {args.pairs} interleaved pairs "
+          f"on "
           f"{jax.devices()[0].device_kind}{', one core' if args.single_core else f', {cores} cores'} "
           f"(easytune first step incl. compile: {compile_seconds:.1f}s):")
     if on_cpu:

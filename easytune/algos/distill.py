@@ -212,7 +212,7 @@ class DistillRecipe(recipe.Recipe):
         cfg, model = ctx.cfg, ctx.model
         options = DistillConfig(cfg.beta, cfg.temperature)
         teacher = easytune.load(cfg.teacher, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh_dim=cfg.mesh_dim,
-                                attention=cfg.attention)
+                                attention=cfg.attention, layer_loop=cfg.layer_loop)
         check_teacher(teacher, model, cfg.teacher, cfg.model)
         teacher_params = teacher.merged_params()
         rows, eval_rows, stats = sft.train_and_eval_rows(ctx, cfg.train_data)

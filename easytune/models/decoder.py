@@ -85,6 +85,7 @@ class DecoderConfig(common.ComputeDtypes):
     remat: str = "none"             # one of REMAT_POLICIES
     attention: str = "xla"          # layers.attention implementation: xla, pallas, splash, cudnn or auto
     head_chunk_size: int = 0        # > 0: losses run the LM head + log-softmax fused, this many tokens at a time
+    layer_loop: str = "auto"        # the layer loop of forward passes without a cache: scan, unroll or auto
 
     def __post_init__(self):
         # Hashable forms of the list and dict fields (a config read back from JSON has lists and dicts).
@@ -100,6 +101,7 @@ class DecoderConfig(common.ComputeDtypes):
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})."
             )
         common.check_remat(self.remat)
+        common.check_layer_loop(self.layer_loop)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
         if self.norm_style not in NORM_STYLES:
@@ -450,7 +452,8 @@ def hidden_states(config: DecoderConfig, params: dict, tokens, positions=None, s
             return _finish_block(c, h, p, attn), None
 
         h, _ = common.scan_layers(c.remat, body, h,
-                                  (params["layers"], kind_ids, params["prefix"]["k"], params["prefix"]["v"]))
+                                  (params["layers"], kind_ids, params["prefix"]["k"], params["prefix"]["v"]),
+                                  c.layer_loop)
         new_cache = None
     elif cache is None:
         def body(h, xs):
@@ -459,7 +462,7 @@ def hidden_states(config: DecoderConfig, params: dict, tokens, positions=None, s
             attn = _by_kind(c, kind_id, functools.partial(_attend, c), q, k, v, positions, attention_segments)
             return _finish_block(c, h, p, attn), None
 
-        h, _ = common.scan_layers(c.remat, body, h, (params["layers"], kind_ids))
+        h, _ = common.scan_layers(c.remat, body, h, (params["layers"], kind_ids), c.layer_loop)
         new_cache = None
         if "virtual_tokens" in params:
             h = h[:, num_virtual:]
@@ -566,11 +569,12 @@ def logits_from_hidden(config: DecoderConfig, params: dict, hidden) -> jax.Array
     if config.num_labels:
         kernel = params["score"]["kernel"].astype(config.compute_dtype)
         return jnp.einsum("bsh,hl->bsl", hidden, kernel, preferred_element_type=jnp.float32)
-    kernel = lm_head_kernel(config, params)
-    if kernel is None:  # an adapted or quantized head: the one linear
+    if config.tie_word_embeddings:
+        logits = layers.logits_matmul(hidden, params["embed"]["embedding"], w_rows_out=True)
+    elif (kernel := lm_head_kernel(config, params)) is None:  # an adapted or quantized head: the one linear
         logits = layers.linear(hidden, params["lm_head"]).astype(jnp.float32)
     else:
-        logits = jnp.einsum("bsh,hv->bsv", hidden, kernel, preferred_element_type=jnp.float32)
+        logits = layers.logits_matmul(hidden, kernel)
     return layers.soft_cap(logits, config.final_logit_softcap)
 
 

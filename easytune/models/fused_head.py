@@ -91,7 +91,7 @@ def _fused_bwd(inverse_temperature, chunk_size, with_entropy, residuals, cotange
             weight = weight + g_entropy[:, None] * (log_probs + ent[:, None])
         d_scaled = (-probs * weight).at[jnp.arange(t.shape[0]), t].add(g_logp)
         d_logits = (d_scaled * inverse_temperature).astype(kernel.dtype)
-        return d_kernel + layers.dot_f32(h, d_logits, 0, 0), layers.dot_f32(d_logits, kernel, 1, 1).astype(h.dtype)
+        return d_kernel + layers.transposed_dot_f32(h, d_logits), layers.dot_f32(d_logits, kernel, 1, 1).astype(h.dtype)
 
     d_kernel, d_hidden = jax.lax.scan(step, jnp.zeros(kernel.shape, jnp.float32),
                                       (chunks, chunk_targets, d_logp, d_entropy, entropy))

@@ -56,9 +56,39 @@ def dot_f32(a, b, contract_a: int = 1, contract_b: int = 0) -> jax.Array:
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _row_major_transpose(a: jax.Array) -> jax.Array:
+    """`a.T` for a 2-D `a` with an even first dim, as a row-major copy in memory.
+
+    XLA lowers a plain transpose feeding a dot as a column-major view (layout {0,1}) and folds it
+    into the dot; XLA:CPU's native bf16 dots (YNNPACK) take only a row-major left operand, so a
+    dot with a transposed left operand is upcast to float32 first and runs at float32 speed. The
+    reshape through `[rows/2, 2, cols]` is not a bitcast of a column-major view, so XLA gives the
+    result the default row-major layout and writes the copy.
+    """
+    rows, cols = a.shape
+    return a.reshape(rows // 2, 2, cols).transpose(2, 0, 1).reshape(cols, rows)
+
+
+def transposed_dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a.T @ b` for `a [n, i]`, `b [n, o]` -> `[i, o]` float32: a weight gradient (tokens contracted).
+
+    On CPU in bf16 (or fp16) the left operand is copied row-major first, so the dot runs as a
+    native bf16 dot (about 2x the float32-upcast one on avx512_bf16; issue 21) at the cost of one
+    copy of `a`, which is small beside the dot. On GPU/TPU, and in float32, it is the plain dot:
+    their dot emitters take a transposed operand as it is.
+    """
+    def plain(a, b):
+        return dot_f32(a, b, 0, 0)
+
+    if a.dtype not in (jnp.bfloat16, jnp.float16) or a.shape[0] % 2:
+        return plain(a, b)
+    return jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot_f32(_row_major_transpose(a), b, 1, 0),
+                                      default=plain)
+
+
 @jax.custom_vjp
 def _matmul_2d(x, w):
-    return dot_f32(x, w, 1, 0).astype(x.dtype)
+    return dot_f32(x, w.astype(x.dtype), 1, 0).astype(x.dtype)
 
 
 def _matmul_2d_fwd(x, w):
@@ -68,10 +98,45 @@ def _matmul_2d_fwd(x, w):
 def _matmul_2d_bwd(residuals, d_y):
     x, w = residuals
     d_y = d_y.astype(x.dtype)
-    return dot_f32(d_y, w, 1, 1).astype(x.dtype), dot_f32(x, d_y, 0, 0).astype(w.dtype)
+    return dot_f32(d_y, w.astype(x.dtype), 1, 1).astype(x.dtype), transposed_dot_f32(x, d_y).astype(w.dtype)
 
 
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logits_2d(x, w, w_rows_out):
+    return dot_f32(x, w.astype(x.dtype), 1, 1 if w_rows_out else 0)
+
+
+def _logits_2d_fwd(x, w, w_rows_out):
+    return _logits_2d(x, w, w_rows_out), (x, w)
+
+
+def _logits_2d_bwd(w_rows_out, residuals, d_logits):
+    x, w = residuals
+    d_logits = d_logits.astype(x.dtype)
+    d_x = dot_f32(d_logits, w.astype(x.dtype), 1, 0 if w_rows_out else 1).astype(x.dtype)
+    d_w = transposed_dot_f32(d_logits, x) if w_rows_out else transposed_dot_f32(x, d_logits)
+    return d_x, d_w.astype(w.dtype)
+
+
+_logits_2d.defvjp(_logits_2d_fwd, _logits_2d_bwd)
+
+
+def logits_matmul(x: jax.Array, w: jax.Array, *, w_rows_out: bool = False) -> jax.Array:
+    """`x [..., hidden] @ w [hidden, vocab]` -> float32 `[..., vocab]`: an output head; with
+    `w_rows_out`, w is `[vocab, hidden]` (a tied embedding) and used as it is stored.
+
+    Like `matmul`, one 2-D dot with float32 accumulation; the float32 cotangent of the logits is
+    cast to x's dtype for the backward's dots, as PyTorch's autocast does (in float32, exactly the
+    einsum it replaces), so in bf16 the head's gradient dots are bf16 dots. A tied embedding is not
+    transposed first: XLA makes `embedding.T` a column-major view, which XLA:CPU's bf16 dots do
+    not take, so the forward and both gradient dots ran upcast to float32 (issue 21).
+    """
+    lead = x.shape[:-1]
+    out = w.shape[0] if w_rows_out else w.shape[-1]
+    return _logits_2d(x.reshape(-1, x.shape[-1]), w, w_rows_out).reshape(*lead, out)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -86,9 +151,13 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     operands to fp32 first). The custom VJP keeps the backward's operands in the compute dtype (the
     cotangent is cast back to it), so on GPU/TPU the gradient dots stay bf16 x bf16 with fp32
     accumulation, as einsum's were, instead of fp32 x bf16 ones; fp32 models compute exactly the same.
+    w may be kept in another dtype (float32 master weights): it is cast to x's dtype inside, and its
+    gradient comes back in w's dtype straight from the float32 accumulator, so a bf16 model's weight
+    gradients are never rounded to bf16 and cast back (on XLA:CPU that cast, fused with the layer
+    scan's write of the gradient, copied the whole stacked gradient each layer: issue 21).
     """
     lead = x.shape[:-1]
-    return _matmul_2d(x.reshape(-1, x.shape[-1]), w.astype(x.dtype)).reshape(*lead, w.shape[-1])
+    return _matmul_2d(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
 
 
 def linear(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
@@ -106,7 +175,7 @@ def linear(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
     x's last dim is the kernel's true input size (NF4 pads it to a multiple of 64).
     """
     if "kernel" in p:
-        kernel = p["kernel"].astype(x.dtype)
+        kernel = p["kernel"]  # cast to x's dtype inside `matmul`: its gradient comes back in the kernel's
     else:
         kernel = nf4.dequantize(p, x.shape[-1], x.dtype)
     y = matmul(x, kernel)

@@ -87,6 +87,7 @@ class T5Config(common.ComputeDtypes):
     remat: str = "none"
     attention: str = "xla"
     head_chunk_size: int = 0
+    layer_loop: str = "auto"        # loop of the passes without a cache: scan, unroll or auto (common.scan_layers)
 
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")
@@ -96,6 +97,7 @@ class T5Config(common.ComputeDtypes):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"T5 activation {self.activation!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
         common.check_remat(self.remat)
+        common.check_layer_loop(self.layer_loop)
         if self.attention != "xla":
             raise ValueError(f"attention {self.attention!r} is not available for T5: its attention adds a relative "
                              f"position bias and has its own implementation; use attention='xla'.")
@@ -333,7 +335,7 @@ def encode(config: T5Config, params: dict, input_ids, segment_ids=None, position
         h = _attend_and_project(c, h, p["attn"], q, k, v, mask, bias)
         return _feed_forward(c, h, p), None
 
-    h, _ = common.scan_layers(c.remat, body, _embed(c, params, input_ids), stack["layers"])
+    h, _ = common.scan_layers(c.remat, body, _embed(c, params, input_ids), stack["layers"], c.layer_loop)
     return layers.rms_norm(h, stack["final_norm"]["scale"], c.layer_norm_epsilon)
 
 
@@ -417,7 +419,7 @@ def decoder_hidden_states(config: T5Config, params: dict, decoder_input_ids, enc
             h, _ = block(h, p, lambda k, v: (k, v, None), cross_k, cross_v)
             return h, None
 
-        h, _ = common.scan_layers(c.remat, body, h, (stack["layers"], *cross))
+        h, _ = common.scan_layers(c.remat, body, h, (stack["layers"], *cross), c.layer_loop)
         new_cache = None
     else:
         # Write the new keys/values into the cache in place, then attend over all its slots.
@@ -448,10 +450,8 @@ def logits_from_hidden(config: T5Config, params: dict, hidden) -> jax.Array:
     if config.scale_decoder_outputs:
         hidden = hidden * (config.d_model ** -0.5)
     if config.tie_word_embeddings:
-        kernel = params["embed"]["embedding"].T
-    else:
-        kernel = params["lm_head"]["kernel"]
-    return jnp.einsum("bsh,hv->bsv", hidden, kernel.astype(config.compute_dtype), preferred_element_type=jnp.float32)
+        return layers.logits_matmul(hidden, params["embed"]["embedding"], w_rows_out=True)
+    return layers.logits_matmul(hidden, params["lm_head"]["kernel"])
 
 
 def decode(config: T5Config, params: dict, decoder_input_ids, encoder_segment_ids, **kwargs):

@@ -307,7 +307,7 @@ class RLRecipe(recipe.Recipe):
             value_source = cfg.value_model or cfg.reward_model or model.source
             value_model = easytune.load(value_source, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                         mesh_dim=cfg.mesh_dim, remat=cfg.remat, attention=cfg.attention,
-                                        tokenizer=False)
+                                        layer_loop=cfg.layer_loop, tokenizer=False)
             value_model = reward_lib.with_score_head(value_model, seed=cfg.seed + 1)
             critic_optimizer = policy_config.optimizer
             if cfg.value_lr:
