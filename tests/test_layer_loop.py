@@ -158,3 +158,40 @@ def test_profile_script_times_the_same_work_in_both_frameworks(tiny_chat_model, 
         assert row["ratio"] == pytest.approx(row["pytorch_ms"] / row["easytune_ms"])
     table = capsys.readouterr().out
     assert all(name in table for name in components)
+
+
+def test_causal_blocks_equal_full_causal_attention():
+    """On CPU, causal self-attention of 256+ tokens runs in query blocks against the keys up to each
+    block's end (`layers.causal_blocks`): the outputs and gradients of the full masked attention,
+    with packed segments, a sliding window and soft-capping; the program holds the blocks' scores."""
+    batch, seq, heads, kv_heads, dim = 2, 320, 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (batch, seq, heads, dim))
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, dim))
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, dim))
+    g = jax.random.normal(keys[3], (batch, seq, heads, dim))
+    segments = np.ones((batch, seq), np.int32)
+    segments[1, 100:250] = 2
+    segments[1, 250:] = 0  # padding
+    positions = np.tile(np.arange(seq, dtype=np.int32), (batch, 1))
+    positions[1, 100:250] -= 100
+    positions, segments = jnp.asarray(positions), jnp.asarray(segments)
+
+    for window, cap in ((None, None), (48, 30.0)):
+        def ours(q, k, v):
+            out = layers.attention(q, k, v, q_positions=positions, q_segment_ids=segments, sliding_window=window,
+                                   logit_softcap=cap)
+            return jnp.sum(out * g), out
+
+        def full(q, k, v):
+            mask = layers.attention_mask(positions, segments, positions, segments, sliding_window=window)
+            out = layers.xla_attention(q, k, v, mask, logit_softcap=cap)
+            return jnp.sum(out * g), out
+
+        (_, out_b), grads_b = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        (_, out_f), grads_f = jax.jit(jax.value_and_grad(full, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_f), atol=1e-5)
+        for a, b in zip(grads_b, grads_f):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * np.abs(np.asarray(b)).max())
+    lowered = jax.jit(ours).lower(q, k, v).as_text()
+    assert "160x160xf32" in lowered and "320x320xf32" not in lowered  # two blocks of 160 queries

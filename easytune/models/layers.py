@@ -290,9 +290,37 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+# Query block of causal self-attention on CPU (`causal_blocks`).
+CPU_QUERY_BLOCK = 128
+
+
+def causal_blocks(q, k, v, mask, scale=None, logit_softcap=None, block: int = CPU_QUERY_BLOCK) -> jax.Array:
+    """`xla_attention` of causal self-attention, the queries taken in blocks (at most 8), each block
+    against the keys up to its own end only.
+
+    The keys after a block's last query are never attended when positions rise with the index
+    within a segment (the assumption the fused kernels make too, see `attention`), so the result is
+    `xla_attention`'s; the work is (n + 1) / 2n of it for n blocks, and each block's scores are
+    smaller. On XLA:CPU, which materialises the scores, that is what counts: SmolLM2 attention
+    forward + backward at 4 x 512 tokens went from 4.2 s to 2.2 s per step (PyTorch's SDPA: 2.0 s;
+    issue 21). GPUs and TPUs use their fused kernels instead.
+    """
+    q_len = q.shape[1]
+    count = min(8, max(1, q_len // block))
+    size = -(-q_len // count)
+    outs = []
+    for start in range(0, q_len, size):
+        end = min(start + size, q_len)
+        outs.append(xla_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale,
+                                  logit_softcap))
+    return jnp.concatenate(outs, axis=1)
+
+
 def _xla(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, causal, sliding_window,
          scale=None, logit_softcap=None):
-    """The reference: a boolean mask from positions and segment ids, then `xla_attention`."""
+    """The reference: a boolean mask from positions and segment ids, then `xla_attention` (on CPU,
+    causal self-attention over 2 or more query blocks: `causal_blocks`, the same result)."""
+    self_attention = kv_positions is None
     if q_segment_ids is None:
         q_segment_ids = jnp.ones(q_positions.shape, jnp.int32)
     if kv_positions is None:
@@ -301,6 +329,10 @@ def _xla(q, k, v, *, q_positions, q_segment_ids, kv_positions, kv_segment_ids, c
         kv_segment_ids = jnp.ones(kv_positions.shape, jnp.int32)
     mask = attention_mask(q_positions, q_segment_ids, kv_positions, kv_segment_ids,
                           causal=causal, sliding_window=sliding_window)
+    if self_attention and causal and q.shape[1] >= 2 * CPU_QUERY_BLOCK:
+        return jax.lax.platform_dependent(
+            q, k, v, mask, cpu=lambda q, k, v, mask: causal_blocks(q, k, v, mask, scale, logit_softcap),
+            default=lambda q, k, v, mask: xla_attention(q, k, v, mask, scale, logit_softcap))
     return xla_attention(q, k, v, mask, scale, logit_softcap)
 
 
