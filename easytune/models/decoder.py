@@ -8,7 +8,8 @@ final-logit soft-capping, the attention scale, and per-layer attention kinds (fu
 window, each with its own RoPE).
 
 Parameters are a nested dict; per-layer weights are stacked on a leading `[num_layers]` axis and
-the decoder runs under `jax.lax.scan` (optionally rematerialized), so compile time is flat in depth.
+the decoder runs under `jax.lax.scan` (optionally rematerialized), so compile time is flat in depth
+(`layer_loop="auto"` unrolls the cacheless forward on CPU, where that trains faster: `common.scan_layers`).
 Layers of different kinds share the scan: the layer's kind is scanned with it and picks its
 attention branch (`lax.switch`), so each kind keeps a static window the fused kernels can use.
 

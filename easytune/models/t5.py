@@ -5,7 +5,7 @@ v1.0: ReLU feed-forward, lm_head tied to the shared embedding, decoder output re
 no rescale. Both follow the HF config fields (`feed_forward_proj`, `tie_word_embeddings`, ...).
 
 Parameters are a nested dict; each stack's per-layer weights are stacked on a leading axis and run
-under `jax.lax.scan` (optionally rematerialized):
+under `jax.lax.scan` (optionally rematerialized; unrolled on CPU without a cache, `layer_loop`):
 
     {'embed': {'embedding': [vocab, d_model]},                       # HF `shared`
      'encoder': {'relative_attention_bias': {'embedding': [buckets, heads]},
