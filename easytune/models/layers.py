@@ -86,42 +86,26 @@ def transposed_dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
                                       default=plain)
 
 
-@jax.custom_vjp
-def _matmul_2d(x, w):
-    return dot_f32(x, w.astype(x.dtype), 1, 0).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dot_2d(x, w, w_rows_out, out_dtype):
+    """`x [n, in] @ w` (w `[in, out]`, or `[out, in]` with `w_rows_out`), w cast to x's dtype,
+    accumulated in float32, returned in `out_dtype`; the backward's dots in x's dtype."""
+    return dot_f32(x, w.astype(x.dtype), 1, 1 if w_rows_out else 0).astype(out_dtype)
 
 
-def _matmul_2d_fwd(x, w):
-    return _matmul_2d(x, w), (x, w)
+def _dot_2d_fwd(x, w, w_rows_out, out_dtype):
+    return _dot_2d(x, w, w_rows_out, out_dtype), (x, w)
 
 
-def _matmul_2d_bwd(residuals, d_y):
+def _dot_2d_bwd(w_rows_out, out_dtype, residuals, d_y):
     x, w = residuals
     d_y = d_y.astype(x.dtype)
-    return dot_f32(d_y, w.astype(x.dtype), 1, 1).astype(x.dtype), transposed_dot_f32(x, d_y).astype(w.dtype)
-
-
-_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logits_2d(x, w, w_rows_out):
-    return dot_f32(x, w.astype(x.dtype), 1, 1 if w_rows_out else 0)
-
-
-def _logits_2d_fwd(x, w, w_rows_out):
-    return _logits_2d(x, w, w_rows_out), (x, w)
-
-
-def _logits_2d_bwd(w_rows_out, residuals, d_logits):
-    x, w = residuals
-    d_logits = d_logits.astype(x.dtype)
-    d_x = dot_f32(d_logits, w.astype(x.dtype), 1, 0 if w_rows_out else 1).astype(x.dtype)
-    d_w = transposed_dot_f32(d_logits, x) if w_rows_out else transposed_dot_f32(x, d_logits)
+    d_x = dot_f32(d_y, w.astype(x.dtype), 1, 0 if w_rows_out else 1).astype(x.dtype)
+    d_w = transposed_dot_f32(d_y, x) if w_rows_out else transposed_dot_f32(x, d_y)
     return d_x, d_w.astype(w.dtype)
 
 
-_logits_2d.defvjp(_logits_2d_fwd, _logits_2d_bwd)
+_dot_2d.defvjp(_dot_2d_fwd, _dot_2d_bwd)
 
 
 def logits_matmul(x: jax.Array, w: jax.Array, *, w_rows_out: bool = False) -> jax.Array:
@@ -136,7 +120,7 @@ def logits_matmul(x: jax.Array, w: jax.Array, *, w_rows_out: bool = False) -> ja
     """
     lead = x.shape[:-1]
     out = w.shape[0] if w_rows_out else w.shape[-1]
-    return _logits_2d(x.reshape(-1, x.shape[-1]), w, w_rows_out).reshape(*lead, out)
+    return _dot_2d(x.reshape(-1, x.shape[-1]), w, w_rows_out, jnp.float32).reshape(*lead, out)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -157,7 +141,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     scan's write of the gradient, copied the whole stacked gradient each layer: issue 21).
     """
     lead = x.shape[:-1]
-    return _matmul_2d(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+    return _dot_2d(x.reshape(-1, x.shape[-1]), w, False, x.dtype).reshape(*lead, w.shape[-1])
 
 
 def linear(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
@@ -302,7 +286,7 @@ def causal_blocks(q, k, v, mask, scale=None, logit_softcap=None, block: int = CP
     within a segment (the assumption the fused kernels make too, see `attention`), so the result is
     `xla_attention`'s; the work is (n + 1) / 2n of it for n blocks, and each block's scores are
     smaller. On XLA:CPU, which materialises the scores, that is what counts: SmolLM2 attention
-    forward + backward at 4 x 512 tokens went from 4.2 s to 2.2 s per step (PyTorch's SDPA: 2.0 s;
+    forward + backward at 4 x 512 tokens went from 4.4 s to 2.7 s per step (PyTorch's SDPA: 2.0 s;
     issue 21). GPUs and TPUs use their fused kernels instead.
     """
     q_len = q.shape[1]
