@@ -96,11 +96,26 @@ class _DropOrphanedReadFailures(logging.Filter):
 _ORPHANED = _DropOrphanedReadFailures()
 
 
-def quiet_failed_read() -> None:
-    """After a read failure that has been reported: drop its late noise (idempotent)."""
+@contextlib.contextmanager
+def quiet_read_failures():
+    """Around reading checkpoints that may be torn: drop the closed-loop callbacks and orphaned
+    futures of a failed read. Both are installed before the first read, because tensorstore's
+    callbacks fire while the failing read is still unwinding (CI caught one before the except
+    clause ran). If every read in the block succeeded, the orphaned-future filter is removed
+    again; after a failure it stays (those futures are logged whenever the collector reaches them).
+
+    The block reports a failed read itself (one warning line) by setting `state["failed"] = True`
+    on the dict it is given."""
     quiet_closed_loop_callbacks()
-    if _ORPHANED not in logging.getLogger("asyncio").filters:
+    installed = _ORPHANED not in logging.getLogger("asyncio").filters
+    if installed:
         logging.getLogger("asyncio").addFilter(_ORPHANED)
+    state = {"failed": False}
+    try:
+        yield state
+    finally:
+        if installed and not state["failed"]:
+            logging.getLogger("asyncio").removeFilter(_ORPHANED)
 
 
 class _Hold(logging.Filter):
