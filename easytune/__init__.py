@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 
 logger = logging.getLogger("easytune")
 
+from easytune import host_memory  # noqa: E402 (before anything starts XLA's threads: see host_memory)
+
+host_memory.configure_at_startup()
+
 
 class _NoTorchNotice(logging.Filter):
     """transformers warns "PyTorch was not found. Models won't be available" on import when torch

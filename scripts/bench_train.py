@@ -27,8 +27,12 @@ pool to lose to a neighbour.
 """
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("EASYTUNE_HOST_MALLOC", "tuned")  # as easytune's commands on CPU; =system for glibc's default
+import easytune  # noqa: E402,F401 (sets it before numpy's and XLA's threads start: host_memory)
+
+import argparse
 import statistics
 import tempfile
 import time
@@ -183,7 +187,8 @@ def main():
           f"attention {args.attention}, layer loop {args.layer_loop}, {len(pairs)} of {args.pairs} interleaved pairs "
           f"on "
           f"{jax.devices()[0].device_kind}{', one core' if args.single_core else f', {cores} cores'} "
-          f"(easytune first step incl. compile: {compile_seconds:.1f}s):")
+          f"(easytune first step incl. compile: {compile_seconds:.1f}s; host malloc "
+          f"{'kept for reuse' if easytune.host_memory.applied() else 'system default'}, both frameworks):")
     if on_cpu:
         cpu_ratios = [p[1][1] / p[0][1] for p in clean if p[0][1] > 0]
         print(f"  cpu-time ratio easytune/transformers (own CPU seconds per step, theirs / ours): "

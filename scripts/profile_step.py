@@ -22,8 +22,12 @@ the optimizer (forward + loss is part of the first two).
 """
 from __future__ import annotations
 
-import argparse
 import os
+
+os.environ.setdefault("EASYTUNE_HOST_MALLOC", "tuned")  # as easytune's commands on CPU; =system for glibc's default
+import easytune  # noqa: E402,F401 (sets it before numpy's and XLA's threads start: host_memory)
+
+import argparse
 import statistics
 import sys
 import tempfile
