@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("EASYTUNE_HOST_MALLOC", "tuned")  # as easytune's commands on CPU; =system for glibc's default
+if __name__ == "__main__":  # as easytune's commands on CPU (not in a process that imports this file)
+    os.environ.setdefault("EASYTUNE_HOST_MALLOC", "tuned")  # =system for glibc's default
 import easytune  # noqa: E402,F401 (sets it before numpy's and XLA's threads start: host_memory)
 
 import argparse
