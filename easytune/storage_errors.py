@@ -97,24 +97,21 @@ _ORPHANED = _DropOrphanedReadFailures()
 
 
 @contextlib.contextmanager
-def quiet_read_failures():
+def quiet_read_failures(failures: list):
     """Around reading checkpoints that may be torn: drop the closed-loop callbacks and orphaned
     futures of a failed read. Both are installed before the first read, because tensorstore's
     callbacks fire while the failing read is still unwinding (CI caught one before the except
-    clause ran). If every read in the block succeeded, the orphaned-future filter is removed
-    again; after a failure it stays (those futures are logged whenever the collector reaches them).
-
-    The block reports a failed read itself (one warning line) by setting `state["failed"] = True`
-    on the dict it is given."""
+    clause ran). The block reports each failed read itself (one warning line) and appends it to
+    `failures`; if that list is still empty at the end, the orphaned-future filter is removed
+    again, else it stays (those futures are logged whenever the collector reaches them)."""
     quiet_closed_loop_callbacks()
     installed = _ORPHANED not in logging.getLogger("asyncio").filters
     if installed:
         logging.getLogger("asyncio").addFilter(_ORPHANED)
-    state = {"failed": False}
     try:
-        yield state
+        yield
     finally:
-        if installed and not state["failed"]:
+        if installed and not failures:
             logging.getLogger("asyncio").removeFilter(_ORPHANED)
 
 

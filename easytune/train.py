@@ -439,18 +439,15 @@ class Trainer:
         Returns the data iterator state, or None when there is nothing to resume."""
         failures = []
         target = checkpoint.abstract_target(self.params, self.param_shardings)
-        with storage_errors.quiet_read_failures() as reading:  # one warning line per torn step, not tracebacks
+        opt_target = checkpoint.abstract_target(self.opt_state, self.opt_shardings)
+        with storage_errors.quiet_read_failures(failures):  # one warning line per torn step, not tracebacks
             for step in sorted(self.manager.all_steps(), reverse=True):
                 try:
                     restored = self.manager.restore(step, args=ocp.args.Composite(
                         **self._array_items(target, ocp.args.StandardRestore),
-                        opt_state=ocp.args.StandardRestore(
-                            checkpoint.abstract_target(self.opt_state, self.opt_shardings)),
-                        data=ocp.args.JsonRestore(),
-                    ))
+                        opt_state=ocp.args.StandardRestore(opt_target), data=ocp.args.JsonRestore()))
                     break
                 except Exception as e:  # a torn or corrupted checkpoint: fall back to the one before
-                    reading["failed"] = True
                     failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
                     logger.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
                                    step, self.manager.directory, failures[-1][1])

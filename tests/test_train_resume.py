@@ -172,18 +172,17 @@ for root, _, files in os.walk(os.path.join(directory, "2", "params")):  # tear s
             with open(os.path.join(root, name), "r+b") as f:
                 f.truncate(16)
 target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
-with storage_errors.quiet_read_failures() as reading:
+with storage_errors.quiet_read_failures([]):
     manager.restore(1, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
 print("filter after a good read:", storage_errors._ORPHANED in logging.getLogger("asyncio").filters)
-with storage_errors.quiet_read_failures() as reading:
-    failed = 0
+failures = []
+with storage_errors.quiet_read_failures(failures):
     for _ in range(8):  # each failed read leaves dozens of callbacks for the closed loop
         try:
             manager.restore(2, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-        except ValueError:
-            reading["failed"] = True
-            failed += 1
-print("failed reads:", failed)
+        except ValueError as error:
+            failures.append(error)
+print("failed reads:", len(failures))
 import gc; gc.collect()
 '''
 
