@@ -102,7 +102,10 @@ class Job:
     `steps` and `total_steps` instead.
 
     heldout: exact-match accuracy of the model's answers on held-out tasks, before training,
-    every `heldout_every` steps and after (`heldout_accuracy_before/after`, `heldout_curve`).
+    every `heldout_every` steps and after (`heldout_accuracy_before/after`, `heldout_curve`); or a
+    dict of figures whose `accuracy` is the headline (`heldout_reward`: a reward function's mean
+    on held-out prompts), the others logged beside it (`heldout_<name>_before/after`).
+    heldout_name: what the headline is, for the printed lines.
     report(history, summary): the recipe's figures at the end, from the logged records.
     flops_per_token: for MFU. progress: the metric the progress bar shows as its loss.
     derive(record) -> record: the figures logged from a step's or an eval's metrics, where a
@@ -124,8 +127,9 @@ class Job:
     eval_before: bool = False
     steps: StepSource | None = None
     total_steps: int = 0
-    heldout: Callable[[], float] | None = None
+    heldout: Callable[[], float | dict] | None = None
     heldout_every: int = 0
+    heldout_name: str = "exact-match accuracy"
     report: Callable[[list, dict], dict] | None = None
     flops_per_token: float | None = None
     progress: str = "loss"
@@ -267,3 +271,40 @@ def dropped(is_main: bool, message: str) -> None:
     if is_main:
         import sys
         print(message, file=sys.stderr)
+
+
+def heldout_reward(model, records, reward_fn, *, max_new_tokens: int, samples: int = 0, temperature: float = 1.0,
+                   seed: int = 0, batch: int = 32) -> dict:
+    """Held-out figures of a reward function on prompt records (`prompt` or `messages`; every other
+    field is a reward column): `accuracy` (the mean reward of greedy completions, the headline),
+    `sampled_mean` (over `samples` completions per prompt at `temperature`; with samples > 0),
+    `distinct` (the share of distinct greedy completions: 1/len(records) means one fixed response),
+    `length_mean` (greedy completion tokens) and `cut` (the share that ended at max_new_tokens
+    without EOS). The same code scores training rollouts (`rewards.call_reward_fn`)."""
+    import numpy as np
+    from easytune import rewards
+    from easytune.rl.recipe import prompt_of
+    prompts = [prompt_of(r, "held-out record") for r in records]
+    columns = {key: [r.get(key) for r in records] for key in records[0] if key not in ("prompt", "messages")}
+    eos = set(model.eos_token_ids)
+
+    def completions(prompt_list, **sampling):
+        ids = []
+        for start in range(0, len(prompt_list), batch):
+            ids += model.generate(prompt_list[start:start + batch], max_new_tokens=max_new_tokens,
+                                  return_tokens=True, seed=seed + start, **sampling)
+        return ids, [model.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+
+    ids, texts = completions(prompts, temperature=0.0)
+    scores = rewards.call_reward_fn(reward_fn, prompts, texts, ids, columns)
+    figures = {"accuracy": float(np.mean(scores)), "distinct": len(set(texts)) / len(texts),
+               "length_mean": float(np.mean([len(i) for i in ids])),
+               "cut": float(np.mean([len(i) >= max_new_tokens and not set(i) & eos for i in ids]))}
+    if samples > 0:
+        repeat = lambda values: [v for v in values for _ in range(samples)]  # noqa: E731
+        ids, texts = completions(repeat(prompts), temperature=temperature)
+        sampled = rewards.call_reward_fn(reward_fn, repeat(prompts), texts, ids,
+                                         {key: repeat(values) for key, values in columns.items()})
+        figures["sampled_mean"] = float(np.mean(sampled))
+        figures["sampled_distinct"] = len(set(texts)) / len(texts)
+    return figures

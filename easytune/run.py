@@ -514,17 +514,22 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
 
     heldout_curve = []
 
-    def heldout(step: int, when: str) -> float:
+    def heldout(step: int, when: str) -> dict:
         steps.publish()
-        accuracy = job.heldout()
-        heldout_curve.append({"step": step, "accuracy": accuracy})
+        figures = job.heldout()
+        figures = dict(figures) if isinstance(figures, dict) else {"accuracy": figures}
+        heldout_curve.append({"step": step, **figures})
         if is_main:
-            print(f"held-out exact-match accuracy {when}: {accuracy:.3f}")
-        return accuracy
+            extra = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if k != "accuracy")
+            print(f"held-out {job.heldout_name} {when}: {figures['accuracy']:.3f}" + (f" ({extra})" if extra else ""))
+        return figures
+
+    def heldout_figures(figures: dict, suffix: str = "") -> dict:
+        return {f"heldout_{'accuracy' if k == 'accuracy' else k}{suffix}": v for k, v in figures.items()}
 
     if steps.step == 0:  # a fresh run: its starting figures
         if job.heldout is not None:
-            summary["heldout_accuracy_before"] = heldout(0, "before")
+            summary.update(heldout_figures(heldout(0, "before"), "_before"))
         if (job.eval_before or cfg.get("eval_tasks")) and evaluate is not None:
             before = {f"{name}_before": value for name, value in evaluate().items()}
             logger.info("before training: %s", before)
@@ -534,7 +539,7 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
     preemption = PreemptionWatch()
     try:
         history = loop(job, steps, total, cfg, evaluate, metrics_logger,
-                       lambda step: {"heldout_accuracy": heldout(step, f"at step {step}")}, keep_best, preemption)
+                       lambda step: heldout_figures(heldout(step, f"at step {step}")), keep_best, preemption)
     except Preempted:
         metrics_logger.close()
         raise
@@ -555,7 +560,9 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
                  else evaluate())
         summary.update(final)
     if job.heldout is not None:
-        summary["heldout_accuracy_after"] = final["heldout_accuracy"] = heldout(total, "after")
+        after = heldout(total, "after")
+        summary.update(heldout_figures(after, "_after"))
+        final.update(heldout_figures(after))
         summary["heldout_curve"] = heldout_curve
     keep_best(total, final)
     if cfg.keep_best:

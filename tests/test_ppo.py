@@ -406,3 +406,42 @@ def test_ppo_critic_starts_from_the_reward_model(char_chat_model, prompt_file, t
     reloaded = easytune.load(reward_dir, tokenizer=False)
     np.testing.assert_array_equal(np.asarray(critic.params["score"]["kernel"]),
                                   np.asarray(reloaded.params["score"]["kernel"]))
+
+
+def test_heldout_data_is_scored_with_the_reward_function_before_during_and_after(char_chat_model, prompt_file,
+                                                                                   reward_module, tmp_path):
+    """--heldout_data: the greedy completions' mean reward on held-out prompts before training,
+    every --heldout_steps and after, recomputed here from the start model and the trained run
+    directory; with --heldout_samples, the mean over samples, and the distinct share and length."""
+    heldout = tmp_path / "heldout.jsonl"
+    records = data.make_task_records(6, seed=11)
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = make_cfg(char_chat_model, prompt_file, tmp_path / "run", algo="grpo", iterations=2,
+                   reward_fn=f"{reward_module}:digit_fraction", heldout_data=str(heldout), heldout_samples=2,
+                   heldout_steps=1)
+    summary = run(cfg)
+    fn = rewards.load_reward_fn(f"{reward_module}:digit_fraction")
+    prompts = [r["messages"][:-1] for r in records]
+
+    def greedy_mean(model):
+        texts = model.generate(prompts, max_new_tokens=16, temperature=0.0)
+        return float(np.mean(fn(prompts, texts))), len(set(texts)) / len(texts)
+
+    before, distinct_before = greedy_mean(easytune.load(char_chat_model))
+    after, distinct_after = greedy_mean(easytune.load(str(tmp_path / "run")))
+    assert summary["heldout_accuracy_before"] == pytest.approx(before, abs=1e-6)
+    assert summary["heldout_distinct_before"] == pytest.approx(distinct_before)
+    assert summary["heldout_accuracy_after"] == pytest.approx(after, abs=1e-6)
+    assert summary["heldout_distinct_after"] == pytest.approx(distinct_after)
+    assert [c["step"] for c in summary["heldout_curve"]] == [0, 1, 2]  # before, every step, after (the last)
+    for point in summary["heldout_curve"]:
+        assert 0 <= point["sampled_mean"] <= 1 and 0 < point["sampled_distinct"] <= 1 and point["length_mean"] > 0
+    history = logged(tmp_path / "run")
+    assert [h["heldout_accuracy"] for h in history if "heldout_accuracy" in h] == \
+        [summary["heldout_curve"][1]["accuracy"]]
+
+
+def test_heldout_data_needs_a_reward_function(char_chat_model, prompt_file, tmp_path):
+    cfg = make_cfg(char_chat_model, prompt_file, tmp_path, reward_model=char_chat_model, heldout_data=prompt_file)
+    with pytest.raises(ValueError, match="--heldout_data is scored with --reward_fn"):
+        run(cfg)

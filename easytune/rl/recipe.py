@@ -153,6 +153,8 @@ class RLRecipe(recipe.Recipe):
         "normalize_advantages": False,
         "optimizer": {"schedule": "constant", "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
         "heldout_steps": 0,
+        "heldout_data": None,
+        "heldout_samples": 0,
         "eval_steps": 0,
         "tasks": {"num_train": 512, "num_heldout": 90, "names": "count,subtract", "shots": 2},
         "peft": "lora",
@@ -220,7 +222,13 @@ class RLRecipe(recipe.Recipe):
     "optimizer.clip_grad_norm": "clip gradients to this global norm (0 = off), policy and critic each",
     "seed": "prompt order, sampling and adapter init seed",
     "log_steps": "log every N iterations (progress, metrics.jsonl, TensorBoard)",
-    "heldout_steps": "default job: held-out accuracy every N iterations (0 = before and after only)",
+    "heldout_steps": "held-out accuracy (default job) or mean reward (--heldout_data) every N iterations (0 = before "
+                     "and after only)",
+    "heldout_data": "held-out prompt records in --train_data's format, scored with --reward_fn before training, every "
+                    "--heldout_steps and after: the greedy completions' mean reward (the headline), their distinct "
+                    "share and mean length, and with --heldout_samples the mean over samples",
+    "heldout_samples": "--heldout_data: also sample this many completions per prompt at --temperature (0 = greedy "
+                       "only)",
     "save_steps": "checkpoint every N iterations and at the end (0 = only at the end)",
     "export_hf": "write a Hugging Face directory of the policy here at the end, adapters merged",
     "tasks.num_train": "default job: generated training prompts",
@@ -267,6 +275,11 @@ class RLRecipe(recipe.Recipe):
         self.rollout_config(cfg)
         if cfg.iterations < 1:
             raise ValueError(f"--iterations must be >= 1, got {cfg.iterations}.")
+        if cfg.heldout_data and not cfg.reward_fn:
+            raise ValueError("--heldout_data is scored with --reward_fn; a reward model's scores are not a held-out "
+                             "measure of the task (give the task's verifier as --reward_fn).")
+        if cfg.heldout_samples < 0:
+            raise ValueError(f"--heldout_samples must be >= 0, got {cfg.heldout_samples}.")
 
     def check_record(self, cfg, record: dict, where: str) -> None:
         prompt_of(record, where)
@@ -293,6 +306,22 @@ class RLRecipe(recipe.Recipe):
                 raise ValueError(f"--reward_model {cfg.reward_model} has no tokenizer to read completions with.")
         records, heldout, source = load_prompt_records(ctx)
         logger.info("prompts: %s", source)
+        heldout_fn, heldout_name = None, "exact-match accuracy"
+        if heldout is not None:
+            heldout_fn = lambda: recipe.heldout_accuracy(model, heldout, cfg.max_new_tokens)  # noqa: E731
+        if cfg.heldout_data:
+            from easytune import rewards
+            heldout_records = []
+            for record, where in data.load_located_records(cfg.heldout_data):
+                prompt_of(record, where)
+                heldout_records.append(record)
+            if not heldout_records:
+                raise ValueError(f"--heldout_data {cfg.heldout_data} holds no prompt records.")
+            reward_fn = rewards.load_reward_fn(cfg.reward_fn)
+            heldout_name = f"mean reward ({len(heldout_records)} prompts of {cfg.heldout_data}, greedy)"
+            heldout_fn = lambda: recipe.heldout_reward(  # noqa: E731
+                model, heldout_records, reward_fn, max_new_tokens=cfg.max_new_tokens, samples=cfg.heldout_samples,
+                temperature=cfg.temperature, seed=cfg.seed)
 
         total_optimizer_steps = cfg.iterations * settings.optimizer_steps
         # With a critic, the policy and critic checkpoints of an iteration are written synchronously:
@@ -339,9 +368,7 @@ class RLRecipe(recipe.Recipe):
                      "optimizer_steps": total_optimizer_steps,
                      "reference": "base (adapter off)" if model.adapter is not None else "copy",
                      "critic": value_source},
-            heldout=(None if heldout is None else
-                     lambda: recipe.heldout_accuracy(model, heldout, cfg.max_new_tokens)),
-            heldout_every=cfg.heldout_steps)
+            heldout=heldout_fn, heldout_name=heldout_name, heldout_every=cfg.heldout_steps)
 
 
 RECIPE = RLRecipe()

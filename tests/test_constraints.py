@@ -1,0 +1,144 @@
+"""The instruction-constraint task set (easytune.data.constraints): held-out prompts are new in
+request and in constraint instance, every record's constraints are IFEval's (lm-eval's checkers
+accept a response written to follow them and refuse one that breaks them), two constraints never
+conflict, and the writer's files feed train_ppo's --train_data/--heldout_data."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from easytune.data import constraints
+from easytune.eval import verifiers
+
+
+def following(instruction_id: str, kwargs: dict) -> tuple[str, str]:
+    """(a response that follows the constraint, one that breaks it), written from its arguments."""
+    words = lambda n: " ".join(["word"] * n)  # noqa: E731
+    if instruction_id == "change_case:english_lowercase":
+        return "all of this is lowercase.", "This Is Not."
+    if instruction_id == "change_case:english_capital":
+        return "ALL OF THIS IS CAPITALS.", "This is not."
+    if instruction_id == "punctuation:no_comma":
+        return "no commas in here.", "one, two."
+    if instruction_id == "startend:quotation":
+        return '"wrapped in quotes"', "not wrapped"
+    if instruction_id == "detectable_format:title":
+        return "<<A Title>>\nSome text.", "Some text."
+    if instruction_id == "detectable_format:json_format":
+        return '{"answer": "yes"}', "yes"
+    if instruction_id == "length_constraints:number_words":
+        n = kwargs["num_words"]
+        return (words(n - 1), words(n + 3)) if kwargs["relation"] == "less than" else (words(n), words(n - 1))
+    if instruction_id == "keywords:existence":
+        return "here: " + " and ".join(kwargs["keywords"]) + ".", "nothing here."
+    if instruction_id == "keywords:forbidden_words":
+        return "nothing here.", "here: " + kwargs["forbidden_words"][0] + "."
+    if instruction_id == "startend:end_checker":
+        return "Some text. " + kwargs["end_phrase"], kwargs["end_phrase"] + " Some text."
+    if instruction_id == "detectable_content:postscript":
+        return f"Hello.\n{kwargs['postscript_marker']} see you.", "Hello."
+    if instruction_id == "detectable_format:number_bullet_lists":
+        n = kwargs["num_bullets"]
+        return "".join(f"* point {i}\n" for i in range(n)), "".join(f"* point {i}\n" for i in range(n + 1))
+    raise AssertionError(f"no response written for {instruction_id}")
+
+
+def test_heldout_requests_are_new_in_topic_and_template():
+    train, heldout = constraints.split_requests()
+    assert train and heldout and not set(train) & set(heldout)
+    topic_of = lambda request: next(t for t in constraints.TOPICS if t in request)  # noqa: E731
+    assert not {topic_of(r) for r in train} & {topic_of(r) for r in heldout}
+    held_templates = constraints.REQUESTS[-constraints.HELDOUT_REQUESTS:]
+    assert any(template.format(topic=topic_of(r)) == r for r in heldout for template in held_templates)
+    assert not any(template.format(topic=topic_of(r)) == r for r in train for template in held_templates)
+
+
+def test_heldout_constraint_instances_never_occur_in_training():
+    for kind, (train, heldout) in constraints.INSTANCES.items():
+        assert train and heldout, kind
+        if train != [{}]:  # a type with arguments: its held-out arguments are new
+            assert not [k for k in heldout if k in train], kind
+    train, heldout = constraints.constraint_records(400, 200, seed=0)
+    pairs = lambda records: {(i, json.dumps(k, sort_keys=True)) for r in records  # noqa: E731
+                             for i, k in zip(r["instruction_id_list"], r["kwargs"]) if k}
+    assert pairs(train) and pairs(heldout) and not pairs(train) & pairs(heldout)
+    assert not {r["request"] for r in train} & {r["request"] for r in heldout}
+
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_every_instance_is_checked_by_ifevals_own_checker(side):
+    """Each record's text carries IFEval's description of its constraint, and lm-eval's checker
+    with the record's arguments accepts a response that follows it and refuses one that breaks it."""
+    for kind, instances in constraints.INSTANCES.items():
+        for kwargs in instances[side]:
+            record = constraints._record("Describe a rainy day.", [(kind, kwargs)])
+            assert constraints.describe(kind, kwargs) in record["prompt"][0]["content"]
+            good, bad = following(kind, kwargs)
+            prompt = record["prompt"][0]["content"]
+            assert verifiers.follows_instructions(prompt, good, record["instruction_id_list"], record["kwargs"]) \
+                == [True], (kind, kwargs, good)
+            assert verifiers.follows_instructions(prompt, bad, record["instruction_id_list"], record["kwargs"]) \
+                == [False], (kind, kwargs, bad)
+            assert verifiers.ifeval_reward([record["prompt"]], [good], [record["instruction_id_list"]],
+                                           [record["kwargs"]]) == [1.0]
+
+
+def test_types_get_even_shares_and_pairs_never_conflict():
+    from lm_eval.tasks.ifeval import instructions_registry
+    n = 30 * len(constraints.DEFAULT_TYPES)
+    records = constraints.make_constraint_records(n, heldout=False, seed=1, two_constraints=0.5)
+    firsts = [r["instruction_id_list"][0] for r in records]
+    assert {firsts.count(k) for k in constraints.DEFAULT_TYPES} == {30}
+    two = [r for r in records if len(r["instruction_id_list"]) == 2]
+    assert 0.35 * n < len(two) < 0.65 * n
+    for r in two:
+        a, b = r["instruction_id_list"]
+        assert a != b and b not in instructions_registry.INSTRUCTION_CONFLICTS[a]
+    assert constraints.make_constraint_records(10, heldout=True, seed=3) == \
+        constraints.make_constraint_records(10, heldout=True, seed=3)
+    with pytest.raises(ValueError, match="unknown constraint type 'nope'"):
+        constraints.make_constraint_records(4, heldout=False, types=["nope"])
+
+
+def test_the_writer_command_makes_prompt_files(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "easytune.data.constraints", f"--out={tmp_path}",
+                             "--num_train=24", "--num_heldout=12", "--types=punctuation:no_comma,keywords:existence"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    heldout = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert len(train) == 24 and len(heldout) == 12
+    assert {i for r in train + heldout for i in r["instruction_id_list"]} == {"punctuation:no_comma",
+                                                                               "keywords:existence"}
+    from easytune.rl.recipe import prompt_of
+    for r in train + heldout:
+        assert prompt_of(r, "record")[0]["role"] == "user"
+
+
+def test_rft_samples_become_sft_dpo_and_ilql_data():
+    """The pipeline's rejection sampling: accepted completions (reward 1, distinct, at most `keep`
+    per prompt) become SFT conversations, an accepted and a rejected one of a prompt a DPO pair, and
+    every completion an ILQL episode with its reward, each in the layout its trainer parses."""
+    import importlib.util
+    import os
+    from easytune.data import offline, preference
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "constraint_pipeline.py")
+    spec = importlib.util.spec_from_file_location("constraint_pipeline", path)
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    train = constraints.make_constraint_records(3, heldout=False, seed=0)
+    texts = ["a", "a", "b", "c",   "d", "e", "f", "",   "g", "h", "i", "j"]
+    scores = [1.0, 1.0, 1.0, 1.0,  0.5, 0.0, 1.0, 1.0,  0.0, 0.0, 0.0, 0.0]
+    sft, pairs, episodes, figures = pipeline.rft_data(train, texts, scores, samples=4, keep=2)
+    assert [m["messages"][-1]["content"] for m in sft] == ["a", "b", "f"]  # distinct, at most 2, not empty
+    assert all(m["messages"][:-1] == r["prompt"] for m, r in zip(sft, [train[0], train[0], train[1]]))
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("f", "d")]
+    assert len(episodes) == 11 and [e["reward"] for e in episodes][4:7] == [0.5, 0.0, 1.0]
+    assert figures["prompts_with_an_accepted_sample"] == 2 and figures["sft_examples"] == 3
+    for i, pair in enumerate(pairs):
+        parsed = preference.parse_pair(pair, f"pair {i}")
+        assert parsed is not None
+    for i, episode in enumerate(episodes):
+        assert offline.parse_offline(episode, f"episode {i}") is not None
