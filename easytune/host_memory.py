@@ -9,17 +9,24 @@ alone changed nothing, because XLA's worker threads allocate from their own aren
 
 `keep_freed_memory()` sets, through `mallopt`: one arena (every thread allocates from the main heap),
 no `mmap` for large blocks, and no trimming of the heap's top. The heap then grows to the step's peak
-once and is reused: 0 faults per step and 11.7 s -> 9.6 s. The process keeps its peak resident size
-until it exits, which is what a training process holds anyway.
+once and is reused: 0 faults per step and 11.7 s -> 9.6 s. The process keeps at least its peak resident
+size until it exits.
 
 Why hand-written: neither XLA nor JAX exposes its host allocator, and glibc's tunables can only be
 set in the environment before the process starts; `mallopt` is the one runtime switch. It must run
 before XLA's thread pool starts (a thread already attached to another arena keeps it).
 
-When it applies (`EASYTUNE_HOST_MALLOC`): `auto` (default) in easytune's own commands
-(`python -m easytune.<command>`) when JAX will run on the CPU (`JAX_PLATFORMS` starts with `cpu`, or no
-GPU/TPU plugin is installed); `tuned` always; `system` never. Importing easytune as a library changes
-nothing unless asked. Linux with glibc only; elsewhere it does nothing.
+When it applies (`EASYTUNE_HOST_MALLOC`): `system` (the default) never; `auto` in easytune's own
+commands (`python -m easytune.<command>`) when JAX will run on the CPU (`JAX_PLATFORMS` starts with
+`cpu`, or no GPU/TPU plugin is installed); `tuned` in any process that imports easytune. Linux with
+glibc only; elsewhere it does nothing.
+
+Why opt-in: with one arena and nothing ever returned, a job whose shapes vary fragments the heap and
+grows past its peak. GRPO on SmolLM2 (32 rollouts of up to 64 tokens, prompts of varying length, so
+new shapes each iteration) grew to 16.6 GiB resident in its second iteration and 23.6 GiB, when the
+kernel killed it, in its third; with glibc's default the same run peaked at 8.8 GiB and fell back to
+3-4 GiB between phases (BENCHMARKS "Host memory"). It pays off for a fixed-shape training loop
+(SFT, DPO, reward models at a fixed `--seq_length`), where the heap is reused step after step.
 """
 from __future__ import annotations
 
@@ -76,7 +83,7 @@ def applied() -> bool:
 
 def configure_at_startup() -> bool:
     """Called first thing by `import easytune`: applies `keep_freed_memory` as `EASYTUNE_HOST_MALLOC` says."""
-    mode = os.environ.get("EASYTUNE_HOST_MALLOC", "auto").strip().lower() or "auto"
+    mode = os.environ.get("EASYTUNE_HOST_MALLOC", "system").strip().lower() or "system"
     if mode not in MODES:
         raise ValueError(f"EASYTUNE_HOST_MALLOC={mode!r} is not one of {', '.join(MODES)}: unset it, or choose one.")
     if mode == "tuned" or (mode == "auto" and _is_easytune_command() and _runs_on_cpu()):

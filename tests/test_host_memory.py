@@ -1,6 +1,8 @@
-"""easytune's commands on CPU keep freed host memory for reuse (`easytune.host_memory`): a block
-freed and allocated again in a worker thread, as XLA's pool does every step, faults no page in
-again; glibc's default returns it to the kernel and faults all 16,384 pages of 64 MiB back."""
+"""EASYTUNE_HOST_MALLOC=auto: easytune's commands on CPU keep freed host memory for reuse
+(`easytune.host_memory`): a block freed and allocated again in a worker thread, as XLA's pool does
+every step, faults no page in again; glibc's default (easytune's default too, since a job with
+varying shapes fragments the kept heap) returns it to the kernel and faults all 16,384 pages of
+64 MiB back."""
 import os
 import subprocess
 import sys
@@ -25,23 +27,25 @@ def faults(out):
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
 
-def test_a_command_on_cpu_keeps_freed_memory():
-    out = probe("-m", "easytune.check_host_memory", JAX_PLATFORMS="cpu")
+def test_auto_makes_a_command_on_cpu_keep_freed_memory():
+    out = probe("-m", "easytune.check_host_memory", JAX_PLATFORMS="cpu", EASYTUNE_HOST_MALLOC="auto")
     assert "kept for reuse" in out.stdout, out.stdout + out.stderr
     assert faults(out) < PAGES_OF_64_MIB // 100
 
 
-def test_system_default_faults_every_page_again():
-    out = probe("-m", "easytune.check_host_memory", JAX_PLATFORMS="cpu", EASYTUNE_HOST_MALLOC="system")
+@pytest.mark.parametrize("setting", [None, "system"])
+def test_the_default_is_the_system_malloc_which_faults_every_page_again(setting):
+    out = probe("-m", "easytune.check_host_memory", JAX_PLATFORMS="cpu",
+                **({} if setting is None else {"EASYTUNE_HOST_MALLOC": setting}))
     assert "system default" in out.stdout
     assert faults(out) >= PAGES_OF_64_MIB
 
 
 def test_auto_leaves_accelerator_runs_and_library_imports_alone():
-    out = probe("-m", "easytune.check_host_memory", JAX_PLATFORMS="cuda")
+    out = probe("-m", "easytune.check_host_memory", JAX_PLATFORMS="cuda", EASYTUNE_HOST_MALLOC="auto")
     assert "system default" in out.stdout and faults(out) >= PAGES_OF_64_MIB
     code = "import easytune; from easytune import host_memory as h; print(h.applied(), h.probe_reuse_faults())"
-    out = probe("-c", code, JAX_PLATFORMS="cpu")  # a library user's process: unchanged unless asked
+    out = probe("-c", code, JAX_PLATFORMS="cpu", EASYTUNE_HOST_MALLOC="auto")  # a library user's process
     assert out.stdout.split()[0] == "False", out.stdout + out.stderr
     out = probe("-c", code, JAX_PLATFORMS="cpu", EASYTUNE_HOST_MALLOC="tuned")
     assert out.stdout.split()[0] == "True" and int(out.stdout.split()[1]) < PAGES_OF_64_MIB // 100
