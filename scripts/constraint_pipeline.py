@@ -14,7 +14,9 @@ SmolLM2-135M-Instruct, every stage one of easytune's own commands:
    (every sample with its reward).
 4. **grpo**, **ppo**: `python -m easytune.train_ppo` from the RFT model, the verifier
    (`easytune.eval.verifiers:ifeval_reward`) as reward, held-out satisfaction before, every
-   `--heldout_steps` iterations and after.
+   `--heldout_steps` iterations and after. PPO's critic is the value head on the policy
+   (`--critic=shared`); `--extra ppo=--critic=model --extra ppo=--value_lr=1e-4` gives it a value
+   model of its own (a second SmolLM2, all weights), as the first table in BENCHMARKS.md did.
 5. **dpo**: `python -m easytune.train_dpo` from the RFT model on the pairs.
 6. **ilql**: `python -m easytune.train_ilql` from the RFT model on the episodes.
 
@@ -219,7 +221,7 @@ def main() -> None:
     if "ppo" in stages:
         out = os.path.join(cfg.out, "ppo")
         seconds = command("ppo", [*rl_common, "--algo=ppo", "--rollouts_per_prompt=4", "--kl_coef=0.02",
-                                  "--value_lr=1e-4", f"--iterations={cfg.ppo_iterations}", f"--output_dir={out}",
+                                  "--critic=shared", f"--iterations={cfg.ppo_iterations}", f"--output_dir={out}",
                                   *extra.get("ppo", [])], os.path.join(cfg.out, "ppo.log"))
         results["ppo"] = {**rl_figures(out), "seconds": seconds}
         print(f"[ppo] {results['ppo']}", flush=True)

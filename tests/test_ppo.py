@@ -121,12 +121,14 @@ def test_grpo_family_runs_end_to_end(char_chat_model, prompt_file, reward_module
         assert history[-1]["policy/ratio_deviation"] > 0.0
 
 
-def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_module, tmp_path):
-    """PPO with a LoRA policy (reference = the base, adapter off) and a critic, with the adaptive KL
-    controller, on a dp x fsdp x mp mesh; a run stopped after 1 iteration and resumed reproduces
-    iteration 2 of an uninterrupted run."""
+@pytest.mark.parametrize("critic", ["model", "shared"])
+def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_module, tmp_path, critic):
+    """PPO with a LoRA policy (reference = the base, adapter off) and a critic (a value model of its
+    own, or the value head on the policy), with the adaptive KL controller, on a dp x fsdp x mp
+    mesh; a run stopped after 1 iteration and resumed reproduces iteration 2 of an uninterrupted
+    run."""
     common = dict(algo="ppo", peft="lora", reward_fn=f"{reward_module}:digit_fraction", save_steps=1,
-                  mesh_dim="2,2,2", adaptive_kl=True, **{"lora.rank": 4, "optimizer.lr": 1e-2})
+                  mesh_dim="2,2,2", adaptive_kl=True, critic=critic, **{"lora.rank": 4, "optimizer.lr": 1e-2})
     straight = tmp_path / "straight"
     run(make_cfg(char_chat_model, prompt_file, straight, iterations=2, **common))
     resumed = tmp_path / "resumed"
@@ -143,7 +145,12 @@ def test_ppo_lora_policy_resumes_exactly(char_chat_model, prompt_file, reward_mo
     assert a[0]["objective/kl"] == 0.0  # LoRA B starts at 0: the policy is the base
     assert all(h["policy/ratio_deviation_first_step"] == 0.0 for h in a)
     assert all(h["value/loss"] > 0 and math.isfinite(h["value/explained_variance"]) for h in a)
-    assert os.path.isdir(straight / "value" / "checkpoints" / "8")  # the critic is saved with the policy
+    if critic == "model":
+        assert os.path.isdir(straight / "value" / "checkpoints" / "8")  # the critic is saved with the policy
+    else:  # the value head is a head of the policy's checkpoints, and its loss trains the adapter too
+        assert not os.path.exists(straight / "value")
+        assert os.path.isdir(straight / "checkpoints" / "8" / "heads")
+        assert json.load(open(straight / "summary.json"))["critic"] == "shared value head on the policy"
     policy = easytune.load(str(straight))  # the run loads as base + trained adapter
     assert policy.adapter is not None and policy.adapter.config.method == "lora"
 
@@ -320,6 +327,10 @@ def test_a_failing_reward_function_stops_the_run_with_its_name(char_chat_model, 
     (dict(algo="dapo", cliprange_high=-0.1), "--cliprange_high must be >= 0"),
     (dict(algo="dapo", overlong_buffer=32), "--overlong_buffer (32) must be at most the length it ends at, 16"),
     (dict(algo="dapo", overlong_max_length=8), "only applies with --overlong_buffer > 0"),
+    (dict(algo="grpo", critic="shared"), "--critic=shared is a value head for PPO's GAE; grpo reads no values."),
+    (dict(algo="ppo", critic="shared", value_lr=1e-4), "--value_lr=0.0001 applies to a separate critic"),
+    (dict(algo="ppo", critic="shared", value_model="/somewhere"), "--value_model /somewhere would not be used"),
+    (dict(algo="ppo", critic="value"), "--critic must be model (a value model of its own) or shared"),
 ])
 def test_bad_options_are_clear_errors(char_chat_model, prompt_file, reward_module, tmp_path, overrides, message):
     settings = {"reward_fn": f"{reward_module}:digit_fraction", **overrides}

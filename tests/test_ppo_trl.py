@@ -447,6 +447,90 @@ def test_ppo_policy_and_value_losses_match_trl(tiny_models):
     close(value_metrics["value/clipfrac"], theirs["vf_clipfrac"])
 
 
+def trlx_make_head(n_embd: int, out: int) -> torch.nn.Sequential:
+    """trlx's `trlx.utils.modeling.make_head`, restated (trlx cannot be installed here)."""
+    return torch.nn.Sequential(torch.nn.Linear(n_embd, n_embd * 2), torch.nn.ReLU(), torch.nn.Linear(n_embd * 2, out))
+
+
+def trlx_ppo_loss(logprobs, values, old_logprobs, old_values, advantages, returns, mask, cliprange, cliprange_value,
+                  vf_coef):
+    """trlx's `PPOConfig.loss` (trlx/models/modeling_ppo.py), restated: the token-mean clipped
+    policy loss plus vf_coef times the token-mean clipped value loss; (loss, pg_loss, vf_loss,
+    vf_clipfrac)."""
+    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    n = mask.sum()
+    vf_loss1 = (values - returns) ** 2
+    vf_loss2 = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * torch.sum(torch.max(vf_loss1, vf_loss2) * mask) / n
+    vf_clipfrac = torch.sum((vf_loss2 > vf_loss1).float() * mask) / n
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = torch.sum(torch.max(pg_loss1, pg_loss2) * mask) / n
+    return pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, vf_clipfrac
+
+
+@pytest.mark.parametrize("head_chunk_size", [0, 48])
+def test_shared_value_head_loss_and_gradients_match_trlx(tiny_models, head_chunk_size):
+    """`--critic=shared` is trlx's PPO model (`AutoModelForCausalLMWithValueHead` with
+    num_value_layers_unfrozen=0: `make_head(hidden, 1)` on `hidden_states[-1]`) trained by trlx's
+    `PPOConfig.loss`: the same loss and the same gradients, for the value head and for the
+    policy's own weights (the value loss reaches them), with the full logits and the fused head."""
+    import dataclasses
+
+    from trl.trainer.utils import selective_log_softmax
+    torch_policy, _, policy, _ = tiny_models
+    config = dataclasses.replace(policy.config, head_chunk_size=head_chunk_size)
+    input_ids, positions, segment_ids, response_mask = rollout_tokens(7)
+    cliprange, cliprange_value, vf_coef = 0.2, 0.2, 0.5
+    torch.manual_seed(3)
+    head = trlx_make_head(TINY["hidden_size"], 1)
+    ids = torch.tensor(input_ids)
+    torch_policy.zero_grad()
+    output = torch_policy(input_ids=ids, attention_mask=ids != PAD, position_ids=torch.tensor(positions).long(),
+                          output_hidden_states=True)
+    logprobs = selective_log_softmax(output.logits[:, PROMPT - 1:-1], ids[:, PROMPT:])
+    values = head(output.hidden_states[-1]).squeeze(-1)[:, PROMPT - 1:-1]
+    generator = torch.Generator().manual_seed(8)
+    noise = lambda x, scale: (x.detach() + scale * torch.randn(x.shape, generator=generator))  # noqa: E731
+    old_logprobs, old_values = noise(logprobs, 0.3), noise(values, 0.3)
+    advantages, returns = torch.randn(values.shape, generator=generator), noise(values, 1.0)
+    mask = torch.tensor(response_mask).float()
+    loss, pg_loss, vf_loss, vf_clipfrac = trlx_ppo_loss(logprobs, values, old_logprobs, old_values, advantages,
+                                                        returns, mask, cliprange, cliprange_value, vf_coef)
+    assert 0 < vf_clipfrac < 1
+    loss.backward()
+
+    options = ppo.RLConfig(algo="ppo", temperature=1.0, cliprange=cliprange, cliprange_value=cliprange_value,
+                           vf_coef=vf_coef)
+    batch = {k: jnp.asarray(v) for k, v in dict(
+        input_ids=input_ids, positions=positions, segment_ids=segment_ids, response_mask=response_mask,
+        old_logprobs=old_logprobs.numpy(), ref_logprobs=old_logprobs.numpy(), advantages=advantages.numpy(),
+        returns=returns.numpy(), old_values=old_values.numpy()).items()}
+    heads = {ppo.VALUE_HEAD: {"hidden": {"kernel": j(head[0].weight.T), "bias": j(head[0].bias)},
+                              "out": {"kernel": j(head[2].weight.T), "bias": j(head[2].bias)}}}
+    loss_fn = ppo.shared_loss_fn(options).fn
+
+    def mean_loss(params):
+        total, count, metrics = loss_fn(config, params, batch)
+        return total / count, {k: v / count for k, v in metrics.items()}
+
+    (ours, metrics), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(
+        {"model": policy.params, "heads": heads})
+    close(ours, loss.item())
+    close(metrics["value/loss"], vf_loss.item())
+    close(metrics["value/clipfrac"], vf_clipfrac.item())
+    close(metrics["policy/ratio"], (torch.exp(logprobs - old_logprobs) * mask).sum().item() / mask.sum().item())
+    head_grads = grads["heads"][ppo.VALUE_HEAD]
+    close(head_grads["hidden"]["kernel"], head[0].weight.grad.T, atol=2e-6)
+    close(head_grads["out"]["kernel"], head[2].weight.grad.T, atol=2e-6)
+    close(head_grads["out"]["bias"], head[2].bias.grad, atol=2e-6)
+    # a policy weight the value loss and the policy loss both reach, through every layer
+    close(grads["model"]["embed"]["embedding"], torch_policy.model.embed_tokens.weight.grad, atol=2e-6)
+    assert float(jnp.abs(head_grads["out"]["kernel"]).max()) > 1e-3
+
+
 class _Accelerator:
     num_processes = 1
 

@@ -30,7 +30,15 @@ def model_logprobs(model_config, params, tokens, positions, segment_ids, targets
     """log p(targets) `[batch, len]` (float32) under the model run on `tokens [batch, seq]`, read at
     the positions `window` selects on the sequence axis (all by default; `targets` has their
     length), at `temperature` (None: the logits as they are), and the entropy per position with
-    `with_entropy`."""
+    `with_entropy`. A decoder-only family read at a window computes the head on the window's
+    hidden states alone (`logprobs_from_hidden`): RL reads the response positions only, and PPO's
+    shared value head (`ppo.shared_outputs`) takes the same path, so its log-probs match the
+    reference's bit for bit where the weights do."""
+    family = models.family(model_config.model_type)
+    if window is not None and hasattr(family, "hidden_states"):
+        hidden, _ = family.hidden_states(model_config, params, tokens, positions, segment_ids)
+        return logprobs_from_hidden(model_config, params, hidden[:, window], targets, temperature=temperature,
+                                    with_entropy=with_entropy)
     fused = models.fused_head_inputs(model_config, params, tokens, positions, segment_ids)
     if fused is not None:
         hidden, kernel = fused
@@ -42,6 +50,23 @@ def model_logprobs(model_config, params, tokens, positions, segment_ids, targets
     if window is not None:
         logits = logits[:, window]
     logits = logits.astype(jnp.float32)
+    if temperature is not None:
+        logits = logits / temperature
+    logps = token_logps(logits, targets)
+    return (logps, entropy_from_logits(logits)) if with_entropy else logps
+
+
+def logprobs_from_hidden(model_config, params, hidden, targets, *, temperature=None, with_entropy: bool = False):
+    """`model_logprobs` from a decoder's final hidden states `[batch, len, hidden]` (already read at
+    the positions that predict `targets`), for a loss that reads the hidden states for something
+    else too (PPO's shared value head): the fused chunked head where the config asks for it, else
+    the family's `logits_from_hidden`."""
+    family = models.family(model_config.model_type)
+    kernel = family.fused_head_kernel(model_config, params)
+    if kernel is not None:
+        return fused_head.target_logprobs(hidden, kernel, targets, temperature=1.0 if temperature is None else temperature,
+                                          chunk_size=model_config.head_chunk_size, with_entropy=with_entropy)
+    logits = family.logits_from_hidden(model_config, params, hidden).astype(jnp.float32)
     if temperature is not None:
         logits = logits / temperature
     logps = token_logps(logits, targets)

@@ -464,6 +464,36 @@ def response_values(model_config, params, batch):
     return values[:, -response_length - 1:-1, 0].astype(jnp.float32)
 
 
+def policy_terms(options: RLConfig, logps, entropy, batch):
+    """The policy loss of log-probs and entropy `[batch, response]` under the trained params:
+    `(sum, count, {metric: sum})` as `policy_loss_fn` returns them."""
+    mask = batch["response_mask"].astype(jnp.float32)
+    loss_estimator = options.kl_placement.loss_estimator
+    log_ratio = logps - batch["old_logprobs"]
+    kl = (None if loss_estimator is None
+          else batch["kl_coef"] * kl_penalty(logps, batch["ref_logprobs"], loss_estimator))
+    losses, ratio, clipped, unit_weight = options.policy_loss.losses(options, logps, batch["old_logprobs"],
+                                                                     batch["advantages"], mask, kl)
+    weight, count = options.loss_aggregation.weights(mask)
+    loss_sum = jnp.sum(losses * weight)
+    # diagnostics are means over their own units (the ratio's: tokens or sequences; tokens),
+    # scaled so that the loop's sum / count is that mean
+    per_ratio_unit = count / jnp.maximum(jnp.sum(unit_weight), 1.0)
+    per_token = count / jnp.maximum(jnp.sum(mask), 1.0)
+    ratio_total = lambda x: per_ratio_unit * jnp.sum(x * unit_weight)  # noqa: E731
+    token_total = lambda x: per_token * jnp.sum(x * mask)  # noqa: E731
+    metrics = {
+        "policy/clipfrac": ratio_total(clipped.astype(jnp.float32)),
+        "policy/ratio": ratio_total(ratio),
+        "policy/ratio_deviation": ratio_total(jnp.abs(ratio - 1.0)),  # mean |ratio - 1|: 0 before the first update
+        "policy/approxkl": token_total(0.5 * log_ratio ** 2),
+        "policy/entropy": token_total(entropy),
+        "policy/kl_ref": token_total(kl_penalty(logps, batch["ref_logprobs"], "k3")),
+    }
+    metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
+    return loss_sum, count, metrics
+
+
 def policy_loss_fn(options: RLConfig) -> recipe.Loss:
     """The policy's loss: `(sum, count, {metric: sum})`: the registered policy loss's per-token
     losses, aggregated by the --loss_type (`LOSS_TYPES`): over the minibatch's response tokens
@@ -473,43 +503,79 @@ def policy_loss_fn(options: RLConfig) -> recipe.Loss:
     `[batch, 1]` times k3: an input of the jitted step rather than a constant in it, so an
     adaptive controller's current value is the one trained with, without recompiling. A row whose
     `response_mask` is all 0 (a dropped group) weighs nothing and counts nowhere."""
-    losses_of = options.policy_loss.losses
-    weights_of = options.loss_aggregation.weights
-    loss_estimator = options.kl_placement.loss_estimator
 
     def loss_fn(model_config, params, batch, reference=None):
         del reference  # reference log-probs were recorded at rollout time
-        mask = batch["response_mask"].astype(jnp.float32)
         # Under jax.checkpoint the forward is compiled as a forward of its own (the backward
         # recomputes it), so it rounds exactly as the rollout's forward-only pass: the first
         # update's ratio is exactly 1. Fused with the backward, XLA reorders it (~1e-7 apart).
         logps, entropy = jax.checkpoint(
             lambda p: response_logprobs(model_config, p, batch, options.temperature, with_entropy=True))(params)
-        log_ratio = logps - batch["old_logprobs"]
-        kl = (None if loss_estimator is None
-              else batch["kl_coef"] * kl_penalty(logps, batch["ref_logprobs"], loss_estimator))
-        losses, ratio, clipped, unit_weight = losses_of(options, logps, batch["old_logprobs"], batch["advantages"],
-                                                        mask, kl)
-        weight, count = weights_of(mask)
-        loss_sum = jnp.sum(losses * weight)
-        # diagnostics are means over their own units (the ratio's: tokens or sequences; tokens),
-        # scaled so that the loop's sum / count is that mean
-        per_ratio_unit = count / jnp.maximum(jnp.sum(unit_weight), 1.0)
-        per_token = count / jnp.maximum(jnp.sum(mask), 1.0)
-        ratio_total = lambda x: per_ratio_unit * jnp.sum(x * unit_weight)  # noqa: E731
-        token_total = lambda x: per_token * jnp.sum(x * mask)  # noqa: E731
-        metrics = {
-            "policy/clipfrac": ratio_total(clipped.astype(jnp.float32)),
-            "policy/ratio": ratio_total(ratio),
-            "policy/ratio_deviation": ratio_total(jnp.abs(ratio - 1.0)),  # mean |ratio - 1|: 0 before the first update
-            "policy/approxkl": token_total(0.5 * log_ratio ** 2),
-            "policy/entropy": token_total(entropy),
-            "policy/kl_ref": token_total(kl_penalty(logps, batch["ref_logprobs"], "k3")),
-        }
-        metrics = {k: jax.lax.stop_gradient(v) for k, v in metrics.items()}
-        return loss_sum, count, metrics
+        return policy_terms(options, logps, entropy, batch)
 
     # needs_reference: the Trainer holds the reference policy (the rollout records its log-probs)
+    return recipe.Loss(loss_fn, options.loss_aggregation.unit, needs_reference=True)
+
+
+# ----------------------------------------------------------------------------- the shared value head
+
+VALUE_HEAD = "value"  # its name among the policy Trainer's heads (`recipe.Heads`)
+
+
+def init_value_head(key: jax.Array, hidden_size: int) -> dict:
+    """PPO's shared value head (`--critic=shared`): trlx's `make_head(hidden, 1)` (hidden -> 2 hidden
+    -> ReLU -> 1, torch `nn.Linear` initialisation), float32, as `{VALUE_HEAD: head}`."""
+    from easytune.algos.ilql import init_head
+    return {VALUE_HEAD: init_head(key, hidden_size, 1)}
+
+
+def shared_outputs(model_config, params, batch, temperature: float):
+    """`(log-probs, entropy, values)` `[batch, response]` from one forward of the policy, `params`
+    `{"model": the policy's parameters, "heads": {VALUE_HEAD: head}}`: the value head reads the
+    same final hidden states the LM head does (trlx's `AutoModelForCausalLMWithValueHead`), at the
+    positions that predict the response tokens."""
+    from easytune.algos.ilql import apply_head
+    from easytune.algos.logprobs import logprobs_from_hidden
+    response_length = batch["response_mask"].shape[1]
+    family = models.family(model_config.model_type)
+    hidden, _ = family.hidden_states(model_config, params["model"], batch["input_ids"], batch["positions"],
+                                     batch["segment_ids"])
+    hidden = hidden[:, -response_length - 1:-1]
+    logps, entropy = logprobs_from_hidden(model_config, params["model"], hidden, batch["input_ids"][:, -response_length:],
+                                          temperature=temperature, with_entropy=True)
+    values = apply_head(params["heads"][VALUE_HEAD], hidden)[..., 0].astype(jnp.float32)
+    return logps, entropy, values
+
+
+def value_terms(options: RLConfig, values, batch):
+    """`(summed clipped value loss, summed clipped indicator)` over the response tokens."""
+    mask = batch["response_mask"].astype(jnp.float32)
+    losses, clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], options.cliprange_value)
+    return jnp.sum(losses * mask), jnp.sum(clipped.astype(jnp.float32) * mask)
+
+
+def shared_loss_fn(options: RLConfig) -> recipe.Loss:
+    """PPO with the value head on the policy (`--critic=shared`, trlx's default architecture): one
+    loss, the policy loss (`policy_loss_fn`'s) plus `vf_coef` times the clipped value loss's mean
+    over the response tokens, so the value gradient reaches the policy's trained parameters (its
+    adapter, or all weights) as well as the head. One forward and one backward serve both, where a
+    separate critic costs a second model's forward at rollout time and its own forward, backward
+    and optimizer step per minibatch. `params`: `{"model": ..., "heads": {VALUE_HEAD: ...}}`."""
+
+    def loss_fn(model_config, params, batch, reference=None):
+        del reference
+        # checkpointed for the same reason as policy_loss_fn: the first update's ratio is exactly 1
+        logps, entropy, values = jax.checkpoint(
+            lambda p: shared_outputs(model_config, p, batch, options.temperature))(params)
+        loss_sum, count, metrics = policy_terms(options, logps, entropy, batch)
+        value_sum, clipped_sum = value_terms(options, values, batch)
+        # the value loss as a token mean whatever unit the policy loss counts in
+        per_token = count / jnp.maximum(jnp.sum(batch["response_mask"].astype(jnp.float32)), 1.0)
+        loss_sum = loss_sum + options.vf_coef * per_token * value_sum
+        metrics["value/loss"] = jax.lax.stop_gradient(per_token * value_sum)
+        metrics["value/clipfrac"] = jax.lax.stop_gradient(per_token * clipped_sum)
+        return loss_sum, count, metrics
+
     return recipe.Loss(loss_fn, options.loss_aggregation.unit, needs_reference=True)
 
 
@@ -518,13 +584,10 @@ def value_loss_fn(options: RLConfig) -> recipe.Loss:
     minibatch's value positions (`response_mask`)."""
 
     def loss_fn(model_config, params, batch):
-        mask = batch["response_mask"].astype(jnp.float32)
         values = response_values(model_config, params, batch)
-        losses, clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], options.cliprange_value)
-        total = lambda x: jnp.sum(x * mask)  # noqa: E731
-        metrics = {"value/loss": jax.lax.stop_gradient(total(losses)),
-                   "value/clipfrac": total(clipped.astype(jnp.float32))}
-        return options.vf_coef * total(losses), jnp.sum(mask), metrics
+        value_sum, clipped_sum = value_terms(options, values, batch)
+        metrics = {"value/loss": jax.lax.stop_gradient(value_sum), "value/clipfrac": clipped_sum}
+        return options.vf_coef * value_sum, jnp.sum(batch["response_mask"].astype(jnp.float32)), metrics
 
     return recipe.Loss(loss_fn, "value_tokens")
 

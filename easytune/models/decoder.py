@@ -595,11 +595,17 @@ def fused_head_inputs(config: DecoderConfig, params: dict, tokens, positions=Non
     """`(hidden [batch, seq, hidden], head kernel [hidden, vocab])` for `fused_head.target_logprobs`
     when `config.head_chunk_size > 0` and the head is a plain matrix (tied or not); None otherwise
     (fused head off, a score head, an adapted or quantized head), where losses use `forward`."""
-    kernel = None if not config.head_chunk_size or config.num_labels else lm_head_kernel(config, params)
+    kernel = fused_head_kernel(config, params)
     if kernel is None:
         return None
     hidden, _ = hidden_states(config, params, tokens, positions, segment_ids)
     return hidden, kernel
+
+
+def fused_head_kernel(config: DecoderConfig, params: dict):
+    """The head kernel `[hidden, vocab]` `fused_head.target_logprobs` reads final hidden states with
+    (`fused_head_inputs`), or None where losses use `logits_from_hidden`."""
+    return None if not config.head_chunk_size or config.num_labels else lm_head_kernel(config, params)
 
 
 def forward(config: DecoderConfig, params: dict, tokens, positions=None, segment_ids=None):

@@ -5,7 +5,7 @@ config and weight maps; `easytune.models` finds it by scanning its own package, 
 family touches no central table. The implementation module (`decoder` for the decoder-only
 families, `t5`) provides: `Config` (a frozen dataclass), `param_shapes`, `init_params`,
 `SHARDING_RULES`, `forward`, `init_cache`, `flops_per_token`; decoder-only modules also
-`hidden_states` and `logits_from_hidden`, encoder-decoders (`IS_ENCODER_DECODER = True`) `encode`,
+`hidden_states`, `logits_from_hidden` and `fused_head_kernel`, encoder-decoders (`IS_ENCODER_DECODER = True`) `encode`,
 `cross_attention_kv` and `decode`.
 """
 from __future__ import annotations

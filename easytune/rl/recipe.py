@@ -3,7 +3,8 @@ and RLOO from a policy, prompts and a reward, as an iteration step source
 (`easytune.rl.rollout.RLSteps`) of the one run driver.
 
 - **ppo**: a policy, a frozen reference, a critic (the value model: `--value_model`, else the reward
-  model, else the policy's initial weights with a fresh value head), the per-token KL penalty
+  model, else the policy's initial weights with a fresh value head; or with `--critic=shared`
+  trlx's value head on the policy itself, trained in its loss), the per-token KL penalty
   folded into the rewards (`--kl_estimator=k1|k3`, fixed or `--adaptive_kl`), GAE(γ, λ), whitened
   advantages, clipped policy and value losses, `--ppo_epochs` over `--num_minibatches`.
 - **grpo**: no critic; each prompt's `--rollouts_per_prompt` completions are compared with their
@@ -108,6 +109,19 @@ def make_scorer(cfg, policy_model, reward_model):
     return score
 
 
+def shared_value_head(model, seed: int) -> recipe.Heads:
+    """PPO's value head on the policy (`--critic=shared`), created in its shards on the model's mesh."""
+    import jax
+    from easytune import sharding
+    from easytune.algos import ilql, ppo
+    make = lambda key: ppo.init_value_head(key, model.config.hidden_size)  # noqa: E731
+    key = jax.random.key(seed)
+    shardings = sharding.tree_shardings({"heads": jax.eval_shape(make, key)}, ilql.HEAD_RULES, model.mesh)["heads"]
+    with jax.set_mesh(model.mesh):
+        params = jax.jit(make, out_shardings=shardings)(key)
+    return recipe.Heads(params=params, rules=ilql.HEAD_RULES)
+
+
 class RLRecipe(recipe.Recipe):
     """RL fine-tuning of a causal LM (all weights or a LoRA-family adapter) against a reward
     function or reward model; each driver step is one iteration (`RLSteps`)."""
@@ -123,6 +137,7 @@ class RLRecipe(recipe.Recipe):
         "reward_fn": None,
         "reward_model": None,
         "value_model": None,
+        "critic": "model",
         "iterations": 20,
         "rollout_batch_size": 32,
         "rollouts_per_prompt": 4,
@@ -203,6 +218,10 @@ class RLRecipe(recipe.Recipe):
     "cliprange_high": "upper clip epsilon (0 = the algorithm's: 0.28 for dapo, cliprange otherwise; larger than "
                       "cliprange is DAPO's clip-higher)",
     "cliprange_value": "PPO value clip range",
+    "critic": "PPO's critic: model (a value model of its own: --value_model, else --reward_model, else the policy's "
+              "initial weights, with a fresh score head; its own forward, backward and optimizer) or shared (trlx's "
+              "value head, hidden -> 2 hidden -> 1, on the policy's final hidden states, trained in the policy's "
+              "loss as policy loss + vf_coef x value loss: one forward and backward serve both)",
     "vf_coef": "PPO value loss coefficient",
     "value_lr": "critic learning rate (0 = optimizer.lr)",
     "scale_rewards": "grpo, dapo, gspo: divide advantages by the group's std (group, the default), the batch's "
@@ -280,6 +299,19 @@ class RLRecipe(recipe.Recipe):
                              "measure of the task (give the task's verifier as --reward_fn).")
         if cfg.heldout_samples < 0:
             raise ValueError(f"--heldout_samples must be >= 0, got {cfg.heldout_samples}.")
+        if cfg.critic not in ("model", "shared"):
+            raise ValueError(f"--critic must be model (a value model of its own) or shared (a value head on the "
+                             f"policy), got {cfg.critic!r}.")
+        if cfg.critic == "shared":
+            if not options.uses_critic:
+                raise ValueError(f"--critic=shared is a value head for PPO's GAE; {cfg.algo} reads no values.")
+            if cfg.value_model:
+                raise ValueError(f"--critic=shared puts the value head on the policy, so --value_model "
+                                 f"{cfg.value_model} would not be used; drop one of them.")
+            if cfg.value_lr:
+                raise ValueError(f"--critic=shared trains the value head with the policy, in its optimizer at "
+                                 f"--optimizer.lr; --value_lr={cfg.value_lr} applies to a separate critic "
+                                 f"(--critic=model).")
 
     def check_record(self, cfg, record: dict, where: str) -> None:
         prompt_of(record, where)
@@ -330,9 +362,14 @@ class RLRecipe(recipe.Recipe):
         policy_config = train.TrainConfig.from_flags(cfg, batch_size=settings.minibatch,
                                                      async_checkpoints=cfg.async_checkpoints
                                                      and not options.uses_critic)
-        policy = train.Trainer(policy_config, model, ppo.policy_loss_fn(options), total_optimizer_steps)
         critic, value_source = None, None
-        if options.uses_critic:
+        if options.uses_critic and cfg.critic == "shared":
+            value_source = "shared value head on the policy"
+            policy = train.Trainer(policy_config, model, ppo.shared_loss_fn(options), total_optimizer_steps,
+                                   heads=shared_value_head(model, cfg.seed + 1))
+        else:
+            policy = train.Trainer(policy_config, model, ppo.policy_loss_fn(options), total_optimizer_steps)
+        if options.uses_critic and cfg.critic == "model":
             value_source = cfg.value_model or cfg.reward_model or model.source
             value_model = easytune.load(value_source, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                         mesh_dim=cfg.mesh_dim, remat=cfg.remat, attention=cfg.attention,

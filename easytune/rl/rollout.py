@@ -9,7 +9,8 @@ One iteration:
    trip per token), sampling at `temperature` from the current policy;
 2. **record**: in one jitted pass over the rollout batch, in the training step's micro-batch
    shape, the policy's log-probs and entropy, the reference's log-probs (adapters off, or the
-   frozen copy) and, for PPO, the critic's values. These are the "old" log-probs and values: they
+   frozen copy) and, for PPO, the critic's values (with `--critic=shared`, the value head's, from
+   the forward that gives the policy's log-probs). These are the "old" log-probs and values: they
    are not recomputed after updates, so the first update's ratio is exactly 1 and later ones are not;
 3. **score**: the reward function or reward model on the decoded completions (every process
    scores the same gathered batch), minus `missing_eos_penalty` for completions without EOS, plus
@@ -144,7 +145,8 @@ class RLSteps:
     """RL iterations, a step source of the run driver (`step` = iterations done). `policy` is a
     `train.Trainer` over the policy model whose loss `needs_reference`, so its `frozen` input is
     the reference (the base with an adapter, else a copy); `critic` a Trainer over the value model
-    (PPO) or None. `score(prompt_records, completion_ids)` returns float32 scores `[batch]`;
+    (PPO), or None: no values (GRPO, RLOO), or PPO's value head among the policy's heads
+    (`--critic=shared`, trained by the policy's loss, `ppo.shared_loss_fn`). `score(prompt_records, completion_ids)` returns float32 scores `[batch]`;
     `prompt_ids(record)` a record's prompt as token ids. Every iteration's metrics are kept in
     `iterations` (the driver logs only every --log_steps)."""
 
@@ -169,25 +171,40 @@ class RLSteps:
             raise ValueError("the policy has no EOS token id (generation_config / tokenizer); RL needs one to end "
                              "completions.")
         self.adapter = model.adapter
+        # PPO's value head on the policy (--critic=shared): the policy Trainer trains it among its heads
+        self.shared_critic = options.uses_critic and critic is None
+        if self.shared_critic and (policy.heads is None or ppo.VALUE_HEAD not in policy.heads.params):
+            raise ValueError(f"{options.algo} reads values: give it a critic Trainer, or a policy Trainer with the "
+                             f"shared value head (heads {{{ppo.VALUE_HEAD!r}: ...}}, --critic=shared).")
         config, critic_config = model.config, (critic.model_config if critic is not None else None)
         temperature = options.temperature
 
         def record(policy_params, frozen, value_params, batch):
             """Old log-probs, reference log-probs, entropy and values, micro-batch by micro-batch
             (`batch` leaves `[chunks, micro, ...]`), with the training step's forward."""
-            model_params = self._combine(frozen, policy_params)
+            model_params = self._combine(frozen, self._model_params(policy_params))
             reference_params = frozen
 
             def one(micro):
-                logps, entropy = ppo.response_logprobs(config, model_params, micro, temperature, with_entropy=True)
+                if self.shared_critic:
+                    logps, entropy, values = ppo.shared_outputs(
+                        config, {"model": model_params, "heads": policy_params["heads"]}, micro, temperature)
+                else:
+                    logps, entropy = ppo.response_logprobs(config, model_params, micro, temperature,
+                                                           with_entropy=True)
+                    values = (ppo.response_values(critic_config, value_params, micro) if value_params is not None
+                              else jnp.zeros_like(logps))
                 reference = ppo.response_logprobs(config, reference_params, micro, temperature)
-                values = (ppo.response_values(critic_config, value_params, micro) if value_params is not None
-                          else jnp.zeros_like(logps))
                 return logps, reference, entropy, values
 
             return jax.lax.map(one, batch)
 
         self._record = jax.jit(record)
+
+    def _model_params(self, policy_params):
+        """The policy model's trained parameters among the Trainer's (which hold the shared value
+        head beside them with --critic=shared)."""
+        return policy_params["model"] if self.shared_critic else policy_params
 
     def _combine(self, frozen, policy_params):
         if self.adapter is None:
@@ -209,7 +226,7 @@ class RLSteps:
         key = jax.random.fold_in(jax.random.key(self.settings.seed), self.step)
         sampling = generate.SamplingConfig(self.settings.max_new_tokens, temperature=self.options.temperature)
         with jax.set_mesh(self.mesh):
-            params = self._combine(self.policy.frozen, self.policy.params)
+            params = self._combine(self.policy.frozen, self._model_params(self.policy.params))
             responses = generate.generate(self.model.config, params, inputs, sampling, self.eos_ids,
                                           self.model.pad_token_id, key)
         return response_rows(tokens, positions, segments, host_array(responses), self.eos_ids)
