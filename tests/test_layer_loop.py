@@ -195,3 +195,46 @@ def test_causal_blocks_equal_full_causal_attention():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * np.abs(np.asarray(b)).max())
     lowered = jax.jit(ours).lower(q, k, v).as_text()
     assert "160x160xf32" in lowered and "320x320xf32" not in lowered  # two blocks of 160 queries
+
+
+def _aliases(compiled_text):
+    """`{output leaf: input leaf}` of a compiled module's `input_output_alias` (donated buffers)."""
+    import re
+    header = compiled_text.split("\n", 1)[0]
+    return {int(out): int(arg) for out, arg in re.findall(r"\{(\d+)\}: \((\d+), \{\}", header)}
+
+
+def test_train_step_updates_weights_and_optimizer_state_in_place(tiny_dirs, tmp_path):
+    """The train step's donated weights and optimizer state are each updated in their own buffer:
+    output leaf i (weights, then optimizer state) aliases input leaf i. JAX pairs donated inputs
+    with outputs of the same shape in order, so the outputs in another order than the inputs would
+    rotate the pairing (weights into mu's buffers, mu into nu's) and XLA would copy every buffer
+    first; that cost scripts/profile_step.py three extra passes over the weights (issue 21)."""
+    from easytune import train
+    model = easytune.load(tiny_dirs["llama2"], dtype="float32", **SINGLE)
+    trainer = train.Trainer(train.TrainConfig(str(tmp_path), batch_size=2), model, sft.LOSS, total_steps=10)
+    batch = jax.tree.map(lambda x: np.asarray(x)[None], sft_batch())
+    with jax.set_mesh(model.mesh):
+        text = trainer._step.lower(trainer.params, trainer.opt_state, trainer.frozen, batch, 0).compile().as_text()
+    donated = len(jax.tree.leaves(trainer.params)) + len(jax.tree.leaves(trainer.opt_state))
+    sizes = [np.size(leaf) for leaf in jax.tree.leaves((trainer.params, trainer.opt_state))]
+    aliases = _aliases(text)
+    big = [i for i in range(donated) if sizes[i] > 1]  # the step counter may be folded
+    assert big and all(aliases.get(i) == i for i in big), aliases
+
+    # the same check on the optimizer alone tells the orders apart: profile_step.py's rotated one fails it
+    import optax
+    params = jax.tree.map(jnp.copy, trainer.params)
+    state = trainer.optimizer.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    n_params, n_state = len(jax.tree.leaves(params)), len(jax.tree.leaves(state))
+    big = [i for i, leaf in enumerate(jax.tree.leaves(params)) if np.size(leaf) > 1]
+
+    def update(params, state, grads):
+        updates, state = trainer.optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+    in_order = _aliases(jax.jit(update, donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text())
+    rotated = _aliases(jax.jit(lambda grads, state, params: update(params, state, grads), donate_argnums=(1, 2))
+                       .lower(grads, state, params).compile().as_text())
+    assert all(in_order.get(i) == i for i in big)
+    assert not all(rotated.get(i) == n_params + n_state + i for i in big)  # params' own buffers: after grads, state
