@@ -80,6 +80,21 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, own.user + own.system
 
 
+def cpu_isa() -> str:
+    """The host CPU's widest vector ISA that matters to both frameworks' kernels (Linux): the figures
+    move with it (bf16 dots run natively only with avx512_bf16 or amx_bf16; AVX2-only machines take
+    the float32 path for them), so every benchmark header names it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown ISA"
+    for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
+        if flag in flags:
+            return flag
+    return "no AVX2"
+
+
 def measured(step, cores: int):
     """Run `step()` (which returns its wall seconds) and return `(wall seconds, own CPU seconds,
     other processes' share of `cores` during it)`."""
@@ -187,7 +202,8 @@ def main():
     print(f"train step, {args.shape or directory}, batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"attention {args.attention}, layer loop {args.layer_loop}, {len(pairs)} of {args.pairs} interleaved pairs "
           f"on "
-          f"{jax.devices()[0].device_kind}{', one core' if args.single_core else f', {cores} cores'} "
+          f"{jax.devices()[0].device_kind}{f' ({cpu_isa()})' if on_cpu else ''}"
+          f"{', one core' if args.single_core else f', {cores} cores'} "
           f"(easytune first step incl. compile: {compile_seconds:.1f}s; host malloc "
           f"{'kept for reuse' if easytune.host_memory.applied() else 'system default'}, both frameworks):")
     if on_cpu:

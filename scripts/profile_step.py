@@ -35,7 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import measured, random_rows  # noqa: E402
+from bench_train import cpu_isa, measured, random_rows  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
         theirs[name]()
     print(f"{args.dtype}, layer loop {args.layer_loop}, batch {args.batch} x seq {args.seq}, {args.pairs} "
           f"interleaved pairs per component, "
-          f"{cores} cores, JAX {jax.__version__}, PyTorch {torch.__version__.split('+')[0]}, {directory}; the "
+          f"{cores} cores ({cpu_isa()}), JAX {jax.__version__}, PyTorch {torch.__version__.split('+')[0]}, {directory}; the "
           f"same work: loss {same_work['loss_easytune']:.4f} (easytune), "
           f"{same_work['loss_pytorch']:.4f} (PyTorch), before any step")
     print(f"{'component':22s} {'easytune ms':>12s} {'PyTorch ms':>11s} {'ratio':>6s}  (range)")
