@@ -52,7 +52,7 @@ def test_lora_at_the_default_learning_rate_learns_a_style(tmp_path):
     data, heldout = pirate_data(tmp_path)
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "easytune.train_sft", f"--train_data={data}", "--peft=lora",
-                             "--total_steps=20", "--batch_size=4", "--seq_length=128", f"--output_dir={out}",
+                             "--total_steps=20", "--batch_size=4", "--seq_length=96", f"--output_dir={out}",
                              "--logger=none", f"--export_peft={out}/peft"],
                             env=ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
