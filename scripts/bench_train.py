@@ -1,7 +1,7 @@
 """Training throughput: one easytune SFT step next to one Hugging Face transformers + PyTorch step
 (AdamW with clipping, same model, tokens, batch and sequence length), interleaved pair by pair.
 
-    python scripts/bench_train.py [--batch 8] [--seq 128] [--pairs 5] [--dtype float32|bfloat16]
+    python scripts/bench_train.py [--batch 8] [--seq 128] [--pairs 5] [--warmup 1] [--dtype float32|bfloat16]
     python scripts/bench_train.py --shape llama3.2-1b --batch 4 --seq 2048 --dtype bfloat16   # on a GPU
 
 --dtype=float32: both sides compute and keep weights in float32. --dtype=bfloat16: easytune computes
@@ -112,6 +112,9 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps of each framework before the pairs (easytune's first includes its "
+                             "compile); more measures the steady state of a long run")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none")
     parser.add_argument("--layer_loop", default="auto", help="easytune's --layer_loop (scan, unroll, auto)")
@@ -175,6 +178,9 @@ def main():
 
     compile_seconds = ours()
     theirs()  # warm-up
+    for _ in range(args.warmup - 1):  # interleaved, so neither framework's heap settles alone
+        ours()
+        theirs()
     on_cpu = jax.default_backend() == "cpu" and os.path.exists("/proc/stat")
     all_pairs = []
     for number in range(args.pairs):
@@ -204,7 +210,7 @@ def main():
           f"on "
           f"{jax.devices()[0].device_kind}{f' ({cpu_isa()})' if on_cpu else ''}"
           f"{', one core' if args.single_core else f', {cores} cores'} "
-          f"(easytune first step incl. compile: {compile_seconds:.1f}s; host malloc "
+          f"(easytune first step incl. compile: {compile_seconds:.1f}s; {args.warmup} untimed step(s) each; host malloc "
           f"{'kept for reuse' if easytune.host_memory.applied() else 'system default'}, both frameworks):")
     if on_cpu:
         cpu_ratios = [p[1][1] / p[0][1] for p in clean if p[0][1] > 0]
