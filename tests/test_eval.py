@@ -17,10 +17,10 @@ def task_dir(tmp_path_factory):
 
 
 def run_hf(model_dir, task_dir, tasks, model_args_extra="", dtype="float32", **kwargs):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # the local tasks only: lm-eval's full index takes 11.5 s to build
     return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}{model_args_extra}",
-                                   tasks=tasks,
-                                   task_manager=TaskManager(include_path=task_dir), log_samples=True, batch_size=4,
+                                   tasks=tasks, task_manager=TaskManager(include_path=task_dir, include_defaults=False),
+                                   log_samples=True, batch_size=4,
                                    device="cpu", **kwargs)
 
 
@@ -98,7 +98,13 @@ def test_results_files_and_bad_input(tmp_path_factory, task_dir, tmp_path):
     results = json.loads(written[0].read_text())
     assert "capitals_mc" in results["results"] and results["n-samples"]["capitals_mc"]["effective"] == 3
     assert list(written[0].parent.glob("samples_capitals_mc_*.jsonl"))
-    from easytune.eval.__main__ import main
+    from easytune.eval.__main__ import main, resolve_tasks
+    # local tasks only: a manager of the local folder; a bundled task among them: lm-eval's full index
+    local, _ = resolve_tasks("capitals_mc,tasks_gen", task_dir)
+    assert "capitals_mc" in local.task_index and "arc_easy" not in local.task_index
+    full, names = resolve_tasks("capitals_mc,arc_easy", task_dir)
+    assert names == ["capitals_mc", "arc_easy"] and {"capitals_mc", "arc_easy"} <= set(full.task_index)
+    assert full.task_index["capitals_mc"].yaml_path == local.task_index["capitals_mc"].yaml_path  # local wins
     with pytest.raises(ValueError, match="unknown lm-eval task 'no_such_task'"):
         main(["--model", model_dir, "--tasks", "no_such_task", "--include_path", task_dir])
     (tmp_path / "broken").mkdir()
@@ -116,7 +122,8 @@ def test_registered_as_an_lm_eval_model_name(tmp_path_factory, task_dir):
     import easytune.eval.lm_eval_backend  # noqa: F401
     model_dir = make_chat_model(tmp_path_factory.mktemp("tiny_eval_reg"), max_position_embeddings=512)
     results = lm_eval.simple_evaluate(model="easytune", model_args=f"model={model_dir},mesh_dim=1x8x1",
-                                      tasks=["capitals_mc"], task_manager=TaskManager(include_path=task_dir),
+                                      tasks=["capitals_mc"],
+                                      task_manager=TaskManager(include_path=task_dir, include_defaults=False),
                                       limit=2)
     assert get_model("easytune").__name__ == "EasytuneLM"
     assert 0.0 <= results["results"]["capitals_mc"]["acc,none"] <= 1.0
@@ -309,7 +316,8 @@ def test_pass_at_k_task_samples_and_scores_each_question_n_times(task_dir, tmp_p
 
     from easytune import assets
     from easytune.data import exact_match
-    results = run_easytune(assets.smollm2_hf_dir(), task_dir, ["tasks_pass_at_k"], tmp_path / "out")
+    results = run_easytune(assets.smollm2_hf_dir(), task_dir, ["tasks_pass_at_k"], tmp_path / "out",
+                           extra=["--batch_size", "16"])  # 48 requests: 3 batches, not 12
     samples = sorted(results["samples"]["tasks_pass_at_k"], key=lambda s: s["doc_id"])
     answers = [s["resps"][0] for s in samples]  # one request per question, its 4 repeats
     assert len(answers) == 12 and all(len(a) == 4 for a in answers)
