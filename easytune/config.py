@@ -156,7 +156,7 @@ SHARED_DOCS = {
     "param_dtype": "stored (master) weight dtype",
     "remat": "rematerialization per layer: none, full, dots, dots_no_batch",
     "layer_loop": "the training forward's loop over layers: scan (compile time flat in depth), unroll (faster on "
-                  "CPU, compiles longer) or auto (unroll on CPU, scan on GPU/TPU)",
+                  "CPU, compiles longer) or auto (unroll on CPU when all weights train, scan for --peft runs and on GPU/TPU)",
     "attention": "attention implementation: xla (reference), pallas (easytune's fused GPU kernel; interpret mode "
                  "on CPU), splash (JAX's TPU kernel; interpret mode on CPU), cudnn (NVIDIA GPUs) or auto (pallas on "
                  "GPU, splash on TPU, xla elsewhere)",

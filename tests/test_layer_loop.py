@@ -71,6 +71,20 @@ def test_unrolled_layers_give_the_scans_loss_and_gradients(tiny_dirs, name, rema
     assert "stablehlo.while" not in lowered(models["auto"])  # auto is unroll on CPU
 
 
+@pytest.mark.parametrize("flags,expected", [({}, "auto"), ({"peft": "lora"}, "scan"), ({"peft": "prompt"}, "scan"),
+                                            ({"peft": "lora", "layer_loop": "unroll"}, "unroll")])
+def test_auto_scans_when_only_an_adapter_trains(tiny_dirs, flags, expected):
+    """A `--peft` run's `--layer_loop=auto` loads the model with a scan (unrolling spares only the
+    weight-gradient buffers an adapter run does not have); full fine-tuning keeps `auto`, which
+    unrolls on CPU; an explicit loop is kept."""
+    from conftest import run_config
+
+    from easytune.run import load_model
+    from easytune.train_sft import DEFAULTS
+    cfg = run_config(DEFAULTS, {"model": tiny_dirs["llama2"], **flags})
+    assert load_model(cfg).config.layer_loop == expected
+
+
 def test_layer_loop_is_checked(tiny_dirs):
     with pytest.raises(ValueError, match=r"unknown layer_loop 'unrolled'; choose one of \['auto', 'scan', 'unroll'\]"):
         easytune.load(tiny_dirs["llama2"], **SINGLE, layer_loop="unrolled")
