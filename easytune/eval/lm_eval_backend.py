@@ -16,6 +16,7 @@ one SPMD program over the mesh); lm-eval sees one rank, and the CLI writes files
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -44,6 +45,15 @@ def _target_logprobs(family, config, params, tokens, segment_ids, targets):
     logps = jax.nn.log_softmax(logits, axis=-1)
     target_logps = jnp.take_along_axis(logps, targets[..., None], axis=-1)[..., 0]
     return target_logps, jnp.argmax(logits, axis=-1) == targets
+
+
+def scoring_config(config):
+    """The model's config with its layer loop a scan: scoring is a forward pass alone, where an
+    unrolled loop (`layer_loop=auto` on CPU, for training's backward) gains nothing and compiles
+    each scoring shape ~1.7x longer, once per length bucket."""
+    if getattr(config, "layer_loop", "scan") == "scan":
+        return config
+    return dataclasses.replace(config, layer_loop="scan")
 
 
 @register_model("easytune")
@@ -123,7 +133,7 @@ class EasytuneLM(TemplateLM):
     def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """`(sum of continuation log-probs, all greedy)` for `(context, continuation)` token lists,
         each row cut on the left to `max_length` + 1 tokens as HFLM cuts it."""
-        family, config, params = self.model.family, self.model.config, self.model.forward_params
+        family, config, params = self.model.family, scoring_config(self.model.config), self.model.forward_params
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
