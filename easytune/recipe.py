@@ -81,12 +81,15 @@ class Heads:
     copies). after_step(params, step_index) -> params: run inside the jitted step after each
     optimizer update (step_index counts from 0; e.g. ILQL's Polyak update of its targets).
     rules: sharding rules `(regex, PartitionSpec)` matched before the model's against paths
-    "heads/<path>" (and the optimizer state's paths that end in them)."""
+    "heads/<path>" (and the optimizer state's paths that end in them). lr: the heads' peak
+    learning rate, on the optimizer's schedule and under its clipping (None: `--optimizer.lr`;
+    e.g. PPO's shared value head at `--value_lr`, a fresh MLP beside an adapter's small updates)."""
 
     params: dict
     frozen: Callable[[str], bool] | None = None
     after_step: Callable | None = None
     rules: tuple = ()
+    lr: float | None = None
 
 
 @dataclasses.dataclass

@@ -113,13 +113,16 @@ def _decay_mask(params):
         lambda path, _: any(name in sharding.path_name(path) for name in DECAYED), params)
 
 
-def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0, frozen=None
+def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0, frozen=None, scaled=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (clipped, scheduled); with `skip_nonfinite_steps` N > 0 wrapped in
     `optax.apply_if_finite`, which skips an update whose gradients are not finite (weights and
     moments untouched) unless more than N in a row were, and counts them in its state.
     `frozen(path) -> bool`: leaves of the trained tree that get no update and no optimizer state
-    (`optax.multi_transform` with `set_to_zero`; e.g. ILQL's target heads)."""
+    (`optax.multi_transform` with `set_to_zero`; e.g. ILQL's target heads).
+    `scaled`: `(selected(path) -> bool, factor)`: the selected leaves' updates times `factor`,
+    which for AdamW (decay included) is a peak learning rate of `factor * lr` on the same schedule,
+    clipped by the same global norm (e.g. PPO's shared value head, `--value_lr`)."""
     if opt.lr <= 0:
         raise ValueError(f"--optimizer.lr must be > 0, got {opt.lr}.")
     schedule = make_schedule(opt, total_steps)
@@ -128,6 +131,10 @@ def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0, frozen=
         parts.append(optax.clip_by_global_norm(opt.clip_grad_norm))
     parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                              mask=_decay_mask))
+    if scaled is not None:
+        selected, factor = scaled
+        parts.append(optax.masked(optax.scale(factor), lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: bool(selected(sharding.path_name(path))), params)))
     optimizer = optax.chain(*parts)
     if frozen is not None:
         def labels(params):
@@ -262,8 +269,13 @@ class Trainer:
         frozen_heads = None
         if heads is not None and heads.frozen is not None:
             frozen_heads = lambda name: name.startswith("heads/") and heads.frozen(name[len("heads/"):])  # noqa: E731
+        scaled_heads = None
+        if heads is not None and heads.lr is not None:
+            if heads.lr <= 0:
+                raise ValueError(f"a head's learning rate must be > 0, got {heads.lr}.")
+            scaled_heads = (lambda name: name.startswith("heads/"), heads.lr / config.optimizer.lr)
         self.optimizer, self.schedule = make_optimizer(config.optimizer, total_steps, config.skip_nonfinite_steps,
-                                                       frozen_heads)
+                                                       frozen_heads, scaled_heads)
         rules = adapters.rules_for(self.model_config)
         self.adapter = model.adapter
         if self.adapter is not None:

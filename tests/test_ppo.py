@@ -328,7 +328,7 @@ def test_a_failing_reward_function_stops_the_run_with_its_name(char_chat_model, 
     (dict(algo="dapo", overlong_buffer=32), "--overlong_buffer (32) must be at most the length it ends at, 16"),
     (dict(algo="dapo", overlong_max_length=8), "only applies with --overlong_buffer > 0"),
     (dict(algo="grpo", critic="shared"), "--critic=shared is a value head for PPO's GAE; grpo reads no values."),
-    (dict(algo="ppo", critic="shared", value_lr=1e-4), "--value_lr=0.0001 applies to a separate critic"),
+    (dict(algo="ppo", critic="shared", value_lr=-1e-4), "--value_lr must be >= 0 (0: --optimizer.lr), got -0.0001."),
     (dict(algo="ppo", critic="shared", value_model="/somewhere"), "--value_model /somewhere would not be used"),
     (dict(algo="ppo", critic="value"), "--critic must be model (a value model of its own) or shared"),
 ])
@@ -417,6 +417,30 @@ def test_ppo_critic_starts_from_the_reward_model(char_chat_model, prompt_file, t
     reloaded = easytune.load(reward_dir, tokenizer=False)
     np.testing.assert_array_equal(np.asarray(critic.params["score"]["kernel"]),
                                   np.asarray(reloaded.params["score"]["kernel"]))
+
+
+def test_shared_value_head_trains_at_value_lr(char_chat_model, prompt_file, reward_module, tmp_path):
+    """--critic=shared --value_lr: the value head's own learning rate in the policy's optimizer. At
+    1e-20 the head comes out of a PPO iteration as it was initialised, to the last bit of float32
+    (at the policy's learning rate, 3e-3, it would move), while the policy's weights moved."""
+    import jax
+
+    from easytune import checkpoint
+    from easytune.algos import ppo
+    run_dir = tmp_path / "run"
+    run(make_cfg(char_chat_model, prompt_file, run_dir, algo="ppo", critic="shared", iterations=1, save_steps=1,
+                 reward_fn=f"{reward_module}:digit_fraction", value_lr=1e-20))
+    start = easytune.load(char_chat_model, tokenizer=False)
+    initial = ppo.init_value_head(jax.random.key(1), start.config.hidden_size)  # the recipe's seed + 1
+    steps = sorted(int(n) for n in os.listdir(run_dir / "checkpoints") if n.isdigit())
+    shapes = jax.eval_shape(lambda: initial)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    trained = checkpoint.restore_tree(str(run_dir / "checkpoints" / str(steps[-1]) / "heads"), shapes,
+                                      jax.tree.map(lambda _: cpu, shapes))
+    jax.tree.map(np.testing.assert_array_equal, trained, initial)
+    policy = easytune.load(str(run_dir), tokenizer=False)
+    assert not np.array_equal(np.asarray(policy.params["embed"]["embedding"]),
+                              np.asarray(start.params["embed"]["embedding"]))
 
 
 def test_heldout_data_is_scored_with_the_reward_function_before_during_and_after(char_chat_model, prompt_file,

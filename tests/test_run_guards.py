@@ -120,6 +120,50 @@ def test_warmup_spends_no_step_at_learning_rate_zero():
     assert [float(schedule(i)) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
 
 
+def test_scaled_leaves_train_at_their_own_learning_rate_under_the_joint_clip():
+    """make_optimizer's `scaled` (PPO's shared value head at --value_lr): the selected leaves
+    follow AdamW at `factor x lr` on the same warmup + cosine schedule, weight decay included;
+    the others are untouched by it; and one global-norm clip covers both."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from easytune import train
+    opt = train.OptimizerConfig(lr=1e-3, warmup_steps=2, weight_decay=0.1, clip_grad_norm=0.0)
+    keys = jax.random.split(jax.random.key(0), 6)
+    params = {"model": {"w": {"kernel": jax.random.normal(keys[0], (4, 3))}},
+              "heads": {"v": {"kernel": jax.random.normal(keys[1], (3, 2)), "bias": jnp.ones((2,))}}}
+    grads = [jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params) for k in keys[2:]]
+
+    def train_steps(optimizer, tree, grad_trees):
+        state = optimizer.init(tree)
+        for g in grad_trees:
+            updates, state = optimizer.update(g, state, tree)
+            tree = jax.tree.map(lambda p, u: p + u, tree, updates)
+        return tree
+
+    heads = lambda name: name.startswith("heads/")  # noqa: E731
+    scaled, _ = train.make_optimizer(opt, 10, scaled=(heads, 7.0))
+    got = train_steps(scaled, params, grads)
+    plain, _ = train.make_optimizer(opt, 10)
+    fast, _ = train.make_optimizer(train.dataclasses.replace(opt, lr=7e-3), 10)
+    want_model = train_steps(plain, params["model"], [g["model"] for g in grads])
+    want_heads = train_steps(fast, params["heads"], [g["heads"] for g in grads])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got["model"], want_model)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got["heads"], want_heads)
+    assert not np.allclose(got["heads"]["v"]["kernel"], train_steps(plain, params, grads)["heads"]["v"]["kernel"])
+    # clipping: one norm over every leaf, then the heads' updates scaled (no decay: the updates do not
+    # depend on the weights, so the heads' total move is 7x the plain optimizer's on the same tree)
+    clipped = train.dataclasses.replace(opt, clip_grad_norm=0.5, weight_decay=0.0)
+    varied = [jax.tree.map(lambda x, f=f: f * x, g) for g, f in zip(grads, (10.0, 0.1, 1.0, 3.0))]
+    zeros = jax.tree.map(jnp.zeros_like, params)  # from 0 the result is the sum of the updates, exactly rounded
+    moved = lambda optimizer: train_steps(optimizer, zeros, varied)  # noqa: E731
+    one_scaled = moved(train.make_optimizer(clipped, 10, scaled=(heads, 7.0))[0])
+    one_plain = moved(train.make_optimizer(clipped, 10)[0])
+    np.testing.assert_allclose(one_scaled["model"]["w"]["kernel"], one_plain["model"]["w"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(one_scaled["heads"]["v"]["kernel"], 7.0 * one_plain["heads"]["v"]["kernel"],
+                               rtol=1e-6)
+
+
 def test_resume_compares_the_flags_as_the_recipe_completed_them(tmp_path):
     """RL's default job fills in --reward_fn; the saved config holds the filled value, so a resume
     of that job must be compared after the recipe's own validation, not refused for it."""

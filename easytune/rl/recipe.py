@@ -109,8 +109,9 @@ def make_scorer(cfg, policy_model, reward_model):
     return score
 
 
-def shared_value_head(model, seed: int) -> recipe.Heads:
-    """PPO's value head on the policy (`--critic=shared`), created in its shards on the model's mesh."""
+def shared_value_head(model, seed: int, lr: float | None = None) -> recipe.Heads:
+    """PPO's value head on the policy (`--critic=shared`), created in its shards on the model's mesh,
+    trained in the policy's optimizer at peak learning rate `lr` (None: the policy's)."""
     import jax
     from easytune import sharding
     from easytune.algos import ilql, ppo
@@ -119,7 +120,7 @@ def shared_value_head(model, seed: int) -> recipe.Heads:
     shardings = sharding.tree_shardings({"heads": jax.eval_shape(make, key)}, ilql.HEAD_RULES, model.mesh)["heads"]
     with jax.set_mesh(model.mesh):
         params = jax.jit(make, out_shardings=shardings)(key)
-    return recipe.Heads(params=params, rules=ilql.HEAD_RULES)
+    return recipe.Heads(params=params, rules=ilql.HEAD_RULES, lr=lr)
 
 
 class RLRecipe(recipe.Recipe):
@@ -223,7 +224,8 @@ class RLRecipe(recipe.Recipe):
               "value head, hidden -> 2 hidden -> 1, on the policy's final hidden states, trained in the policy's "
               "loss as policy loss + vf_coef x value loss: one forward and backward serve both)",
     "vf_coef": "PPO value loss coefficient",
-    "value_lr": "critic learning rate (0 = optimizer.lr)",
+    "value_lr": "critic learning rate (0 = optimizer.lr): the value model's AdamW, or with --critic=shared the "
+                "value head's, in the policy's optimizer on its schedule",
     "scale_rewards": "grpo, dapo, gspo: divide advantages by the group's std (group, the default), the batch's "
                      "(batch) or not (none; dr_grpo's only choice)",
     "loss_type": "the grpo family's loss aggregation, by TRL GRPOTrainer's names: dapo or bnpo (over the "
@@ -299,6 +301,8 @@ class RLRecipe(recipe.Recipe):
                              "measure of the task (give the task's verifier as --reward_fn).")
         if cfg.heldout_samples < 0:
             raise ValueError(f"--heldout_samples must be >= 0, got {cfg.heldout_samples}.")
+        if cfg.value_lr < 0:
+            raise ValueError(f"--value_lr must be >= 0 (0: --optimizer.lr), got {cfg.value_lr}.")
         if cfg.critic not in ("model", "shared"):
             raise ValueError(f"--critic must be model (a value model of its own) or shared (a value head on the "
                              f"policy), got {cfg.critic!r}.")
@@ -308,10 +312,6 @@ class RLRecipe(recipe.Recipe):
             if cfg.value_model:
                 raise ValueError(f"--critic=shared puts the value head on the policy, so --value_model "
                                  f"{cfg.value_model} would not be used; drop one of them.")
-            if cfg.value_lr:
-                raise ValueError(f"--critic=shared trains the value head with the policy, in its optimizer at "
-                                 f"--optimizer.lr; --value_lr={cfg.value_lr} applies to a separate critic "
-                                 f"(--critic=model).")
 
     def check_record(self, cfg, record: dict, where: str) -> None:
         prompt_of(record, where)
@@ -366,7 +366,7 @@ class RLRecipe(recipe.Recipe):
         if options.uses_critic and cfg.critic == "shared":
             value_source = "shared value head on the policy"
             policy = train.Trainer(policy_config, model, ppo.shared_loss_fn(options), total_optimizer_steps,
-                                   heads=shared_value_head(model, cfg.seed + 1))
+                                   heads=shared_value_head(model, cfg.seed + 1, cfg.value_lr or None))
         else:
             policy = train.Trainer(policy_config, model, ppo.policy_loss_fn(options), total_optimizer_steps)
         if options.uses_critic and cfg.critic == "model":
