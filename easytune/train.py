@@ -107,10 +107,14 @@ def make_schedule(opt, total_steps: int) -> optax.Schedule:
 DECAYED = ("kernel", "embedding", "lora_a", "lora_b", "w_ih", "w_hh")
 
 
-def _decay_mask(params):
-    """Weight decay on matrices only (not norms, biases, DoRA magnitudes)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(name in sharding.path_name(path) for name in DECAYED), params)
+def _by_path(label):
+    """`params -> tree of label(path name) per leaf`: the mask/label function optax's `masked`,
+    `adamw(mask=)` and `multi_transform` take."""
+    return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: label(sharding.path_name(path)), params)
+
+
+# weight decay on matrices only (not norms, biases, DoRA magnitudes)
+_decay_mask = _by_path(lambda name: any(part in name for part in DECAYED))
 
 
 def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0, frozen=None, scaled=None
@@ -133,13 +137,10 @@ def make_optimizer(opt, total_steps: int, skip_nonfinite_steps: int = 0, frozen=
                              mask=_decay_mask))
     if scaled is not None:
         selected, factor = scaled
-        parts.append(optax.masked(optax.scale(factor), lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: bool(selected(sharding.path_name(path))), params)))
+        parts.append(optax.masked(optax.scale(factor), _by_path(lambda name: bool(selected(name)))))
     optimizer = optax.chain(*parts)
     if frozen is not None:
-        def labels(params):
-            return jax.tree_util.tree_map_with_path(
-                lambda path, _: "frozen" if frozen(sharding.path_name(path)) else "trained", params)
+        labels = _by_path(lambda name: "frozen" if frozen(name) else "trained")
         optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
     if skip_nonfinite_steps > 0:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=skip_nonfinite_steps)
