@@ -277,13 +277,18 @@ def dropped(is_main: bool, message: str) -> None:
 
 
 def heldout_reward(model, records, reward_fn, *, max_new_tokens: int, samples: int = 0, temperature: float = 1.0,
-                   seed: int = 0, batch: int = 32) -> dict:
+                   seed: int = 0, batch: int = 32, per_prompt: bool = False) -> dict:
     """Held-out figures of a reward function on prompt records (`prompt` or `messages`; every other
     field is a reward column): `accuracy` (the mean reward of greedy completions, the headline),
     `sampled_mean` (over `samples` completions per prompt at `temperature`; with samples > 0),
     `distinct` (the share of distinct greedy completions: 1/len(records) means one fixed response),
     `length_mean` (greedy completion tokens) and `cut` (the share that ended at max_new_tokens
-    without EOS). The same code scores training rollouts (`rewards.call_reward_fn`)."""
+    without EOS). `accuracy_stderr` and `sampled_stderr` are the standard errors of those means
+    over prompts (the sample standard deviation of the per-prompt figure, a prompt's samples
+    averaged first, over sqrt(prompts)): how finely this many prompts resolve a change. With
+    `per_prompt`, `accuracy_per_prompt` and `sampled_per_prompt` list the per-prompt figures, for
+    paired comparisons of two models on the same prompts. The same code scores training rollouts
+    (`rewards.call_reward_fn`)."""
     import numpy as np
     from easytune import rewards
     from easytune.rl.recipe import prompt_of
@@ -298,16 +303,27 @@ def heldout_reward(model, records, reward_fn, *, max_new_tokens: int, samples: i
                                   return_tokens=True, seed=seed + start, **sampling)
         return ids, [model.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
 
+    def stderr(per_prompt_figure):
+        return float(np.std(per_prompt_figure, ddof=1) / np.sqrt(len(per_prompt_figure))) \
+            if len(per_prompt_figure) > 1 else 0.0
+
     ids, texts = completions(prompts, temperature=0.0)
-    scores = rewards.call_reward_fn(reward_fn, prompts, texts, ids, columns)
-    figures = {"accuracy": float(np.mean(scores)), "distinct": len(set(texts)) / len(texts),
+    scores = np.asarray(rewards.call_reward_fn(reward_fn, prompts, texts, ids, columns), np.float64)
+    figures = {"accuracy": float(np.mean(scores)), "accuracy_stderr": stderr(scores),
+               "distinct": len(set(texts)) / len(texts),
                "length_mean": float(np.mean([len(i) for i in ids])),
                "cut": float(np.mean([len(i) >= max_new_tokens and not set(i) & eos for i in ids]))}
+    if per_prompt:
+        figures["accuracy_per_prompt"] = scores.tolist()
     if samples > 0:
         repeat = lambda values: [v for v in values for _ in range(samples)]  # noqa: E731
         ids, texts = completions(repeat(prompts), temperature=temperature)
-        sampled = rewards.call_reward_fn(reward_fn, repeat(prompts), texts, ids,
-                                         {key: repeat(values) for key, values in columns.items()})
+        sampled = np.asarray(rewards.call_reward_fn(reward_fn, repeat(prompts), texts, ids,
+                                                    {key: repeat(values) for key, values in columns.items()}),
+                             np.float64).reshape(len(prompts), samples).mean(axis=1)
         figures["sampled_mean"] = float(np.mean(sampled))
+        figures["sampled_stderr"] = stderr(sampled)
         figures["sampled_distinct"] = len(set(texts)) / len(texts)
+        if per_prompt:
+            figures["sampled_per_prompt"] = sampled.tolist()
     return figures

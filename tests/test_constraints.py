@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from easytune.data import constraints
@@ -116,18 +117,50 @@ def test_the_writer_command_makes_prompt_files(tmp_path):
         assert prompt_of(r, "record")[0]["role"] == "user"
 
 
-def test_rft_samples_become_sft_dpo_and_ilql_data():
-    """The pipeline's rejection sampling: accepted completions (reward 1, distinct, at most `keep`
-    per prompt) become SFT conversations, an accepted and a rejected one of a prompt a DPO pair, and
-    every completion an ILQL episode with its reward, each in the layout its trainer parses."""
+def load_pipeline():
+    """scripts/constraint_pipeline.py as a module."""
     import importlib.util
     import os
-    from easytune.data import offline, preference
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                         "constraint_pipeline.py")
     spec = importlib.util.spec_from_file_location("constraint_pipeline", path)
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
+    return pipeline
+
+
+def test_the_score_stages_paired_change_is_the_paired_t_tests():
+    """The score stage's change from the start model: the mean per-prompt difference and its
+    standard error, whose ratio is scipy's paired t statistic; and the table's cells."""
+    from scipy import stats
+    pipeline = load_pipeline()
+    rng = np.random.default_rng(0)
+    start, end = rng.uniform(size=48), rng.uniform(size=48)
+    change, error = pipeline.paired_change(start.tolist(), end.tolist())
+    assert change == pytest.approx(np.mean(end - start), abs=1e-12)
+    assert change / error == pytest.approx(stats.ttest_rel(end, start).statistic, rel=1e-10)
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        pipeline.paired_change([0.5], [1.0])
+    figures = lambda greedy, sampled: {"accuracy": float(np.mean(greedy)), "accuracy_stderr": 0.01,  # noqa: E731
+                                       "accuracy_per_prompt": greedy, "sampled_mean": float(np.mean(sampled)),
+                                       "sampled_stderr": 0.02, "sampled_per_prompt": sampled, "distinct": 0.9,
+                                       "length_mean": 30.0}
+    table = pipeline.score_table({"start": figures([0.0, 1.0, 0.5], [0.25, 0.5, 0.25]),
+                                  "grpo": figures([1.0, 1.0, 0.5], [0.5, 0.75, 0.25])}, "start")
+    rows = table.splitlines()
+    assert rows[2] == "| start | 0.500 ± 0.010 | start | 0.333 ± 0.020 | start | 0.90 | 30.0 |"
+    greedy_change = pipeline.paired_change([0.0, 1.0, 0.5], [1.0, 1.0, 0.5])
+    sampled_change = pipeline.paired_change([0.25, 0.5, 0.25], [0.5, 0.75, 0.25])
+    assert rows[3] == (f"| grpo | 0.833 ± 0.010 | {greedy_change[0]:+.3f} ± {greedy_change[1]:.3f} | 0.500 ± 0.020 | "
+                       f"{sampled_change[0]:+.3f} ± {sampled_change[1]:.3f} | 0.90 | 30.0 |")
+
+
+def test_rft_samples_become_sft_dpo_and_ilql_data():
+    """The pipeline's rejection sampling: accepted completions (reward 1, distinct, at most `keep`
+    per prompt) become SFT conversations, an accepted and a rejected one of a prompt a DPO pair, and
+    every completion an ILQL episode with its reward, each in the layout its trainer parses."""
+    from easytune.data import offline, preference
+    pipeline = load_pipeline()
     train = constraints.make_constraint_records(3, heldout=False, seed=0)
     texts = ["a", "a", "b", "c",   "d", "e", "f", "",   "g", "h", "i", "j"]
     scores = [1.0, 1.0, 1.0, 1.0,  0.5, 0.0, 1.0, 1.0,  0.0, 0.0, 0.0, 0.0]

@@ -13,7 +13,7 @@ import pytest
 from conftest import logged, run_config
 
 import easytune
-from easytune import data, generate, rewards, rl
+from easytune import data, generate, recipe, rewards, rl
 from easytune.algos import reward as reward_lib
 from easytune.train_ppo import DEFAULTS, DOCS, make_scorer, run
 
@@ -474,6 +474,29 @@ def test_heldout_data_is_scored_with_the_reward_function_before_during_and_after
     history = logged(tmp_path / "run")
     assert [h["heldout_accuracy"] for h in history if "heldout_accuracy" in h] == \
         [summary["heldout_curve"][1]["accuracy"]]
+
+
+def test_heldout_reward_gives_standard_errors_and_per_prompt_figures(char_chat_model, reward_module):
+    """recipe.heldout_reward's standard errors are over prompts (a prompt's samples averaged first)
+    and its per-prompt figures are in record order: recomputed from the same greedy and seeded
+    sampled completions."""
+    records = data.make_task_records(6, seed=11)
+    fn = rewards.load_reward_fn(f"{reward_module}:digit_fraction")
+    model = easytune.load(char_chat_model)
+    figures = recipe.heldout_reward(model, records, fn, max_new_tokens=16, samples=3, temperature=1.0, seed=5,
+                                    per_prompt=True)
+    prompts = [r["messages"][:-1] for r in records]
+    greedy = np.asarray(fn(prompts, model.generate(prompts, max_new_tokens=16, temperature=0.0)), np.float64)
+    repeated = [p for p in prompts for _ in range(3)]
+    sampled = np.asarray(fn(repeated, model.generate(repeated, max_new_tokens=16, temperature=1.0, seed=5)),
+                         np.float64).reshape(6, 3).mean(axis=1)
+    assert np.std(sampled) > 0  # the test tells prompt-major from sample-major order
+    np.testing.assert_allclose(figures["accuracy_per_prompt"], greedy, atol=1e-6)
+    np.testing.assert_allclose(figures["sampled_per_prompt"], sampled, atol=1e-6)
+    assert figures["accuracy_stderr"] == pytest.approx(np.std(greedy, ddof=1) / np.sqrt(6), abs=1e-6)
+    assert figures["sampled_stderr"] == pytest.approx(np.std(sampled, ddof=1) / np.sqrt(6), abs=1e-6)
+    assert figures["sampled_mean"] == pytest.approx(sampled.mean(), abs=1e-6)
+    assert "sampled_per_prompt" not in recipe.heldout_reward(model, records, fn, max_new_tokens=16, samples=1)
 
 
 def test_heldout_data_needs_a_reward_function(char_chat_model, prompt_file, tmp_path):
