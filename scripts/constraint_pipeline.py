@@ -17,6 +17,10 @@ SmolLM2-135M-Instruct, every stage one of easytune's own commands:
    `--heldout_steps` iterations and after. PPO's critic is the value head on the policy
    (`--critic=shared`); `--extra ppo=--critic=model --extra ppo=--value_lr=1e-4` gives it a value
    model of its own (a second SmolLM2, all weights), as the first table in BENCHMARKS.md did.
+   PPO runs GAE with λ = 1 (Monte-Carlo returns less the value): the reward comes on the last
+   token only, and with TRL's λ = 0.95 and a critic that has not learnt the values a 40-token
+   response's first tokens get 0.95^40 ≈ 0.13 of it (held-out sampled +0.02 ± 0.02 at λ 0.95,
+   +0.14 ± 0.03 at λ 1, BENCHMARKS.md); `--extra ppo=--lam=0.95` restores TRL's.
 5. **dpo**: `python -m easytune.train_dpo` from the RFT model on the pairs.
 6. **ilql**: `python -m easytune.train_ilql` from the RFT model on the episodes.
 7. **score**: the finished stages' final models (and `--score_also name=DIR`) scored again on the
@@ -263,7 +267,7 @@ def main() -> None:
     if "ppo" in stages:
         out = os.path.join(cfg.out, "ppo")
         seconds = command("ppo", [*rl_common, "--algo=ppo", "--rollouts_per_prompt=4", "--kl_coef=0.02",
-                                  "--critic=shared", f"--iterations={cfg.ppo_iterations}", f"--output_dir={out}",
+                                  "--critic=shared", "--lam=1.0", f"--iterations={cfg.ppo_iterations}", f"--output_dir={out}",
                                   *extra.get("ppo", [])], os.path.join(cfg.out, "ppo.log"))
         results["ppo"] = {**rl_figures(out), "seconds": seconds}
         print(f"[ppo] {results['ppo']}", flush=True)
