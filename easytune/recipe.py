@@ -276,6 +276,14 @@ def dropped(is_main: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def standard_error(values) -> float:
+    """The standard error of the mean of `values`: their sample standard deviation (ddof 1) over
+    sqrt(len); 0 for fewer than two values."""
+    import numpy as np
+    values = np.asarray(values, np.float64)
+    return float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
+
+
 def heldout_reward(model, records, reward_fn, *, max_new_tokens: int, samples: int = 0, temperature: float = 1.0,
                    seed: int = 0, batch: int = 32, per_prompt: bool = False) -> dict:
     """Held-out figures of a reward function on prompt records (`prompt` or `messages`; every other
@@ -303,13 +311,9 @@ def heldout_reward(model, records, reward_fn, *, max_new_tokens: int, samples: i
                                   return_tokens=True, seed=seed + start, **sampling)
         return ids, [model.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
 
-    def stderr(per_prompt_figure):
-        return float(np.std(per_prompt_figure, ddof=1) / np.sqrt(len(per_prompt_figure))) \
-            if len(per_prompt_figure) > 1 else 0.0
-
     ids, texts = completions(prompts, temperature=0.0)
     scores = np.asarray(rewards.call_reward_fn(reward_fn, prompts, texts, ids, columns), np.float64)
-    figures = {"accuracy": float(np.mean(scores)), "accuracy_stderr": stderr(scores),
+    figures = {"accuracy": float(np.mean(scores)), "accuracy_stderr": standard_error(scores),
                "distinct": len(set(texts)) / len(texts),
                "length_mean": float(np.mean([len(i) for i in ids])),
                "cut": float(np.mean([len(i) >= max_new_tokens and not set(i) & eos for i in ids]))}
@@ -322,7 +326,7 @@ def heldout_reward(model, records, reward_fn, *, max_new_tokens: int, samples: i
                                                     {key: repeat(values) for key, values in columns.items()}),
                              np.float64).reshape(len(prompts), samples).mean(axis=1)
         figures["sampled_mean"] = float(np.mean(sampled))
-        figures["sampled_stderr"] = stderr(sampled)
+        figures["sampled_stderr"] = standard_error(sampled)
         figures["sampled_distinct"] = len(set(texts)) / len(texts)
         if per_prompt:
             figures["sampled_per_prompt"] = sampled.tolist()

@@ -87,10 +87,11 @@ def paired_change(start: list[float], end: list[float]) -> tuple[float, float]:
     between two models scored on the same prompts (the paired t-test's numerator and
     denominator)."""
     import numpy as np
+    from easytune import recipe
     diff = np.asarray(end, np.float64) - np.asarray(start, np.float64)
     if diff.size < 2:
         raise ValueError(f"a paired change needs at least 2 prompts, got {diff.size}.")
-    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
+    return float(diff.mean()), recipe.standard_error(diff)
 
 
 def score_table(scores: dict, start: str) -> str:
@@ -100,8 +101,7 @@ def score_table(scores: dict, start: str) -> str:
     first = scores[start]
     for name, got in scores.items():
         cells = []
-        for key in ("accuracy", "sampled"):
-            mean = got["accuracy"] if key == "accuracy" else got["sampled_mean"]
+        for key, mean in (("accuracy", got["accuracy"]), ("sampled", got["sampled_mean"])):
             cells.append(f"{mean:.3f} ± {got[key + '_stderr']:.3f}")
             if name == start:
                 cells.append("start")
@@ -267,7 +267,8 @@ def main() -> None:
     if "ppo" in stages:
         out = os.path.join(cfg.out, "ppo")
         seconds = command("ppo", [*rl_common, "--algo=ppo", "--rollouts_per_prompt=4", "--kl_coef=0.02",
-                                  "--critic=shared", "--lam=1.0", f"--iterations={cfg.ppo_iterations}", f"--output_dir={out}",
+                                  "--critic=shared", "--lam=1.0", f"--iterations={cfg.ppo_iterations}",
+                                  f"--output_dir={out}",
                                   *extra.get("ppo", [])], os.path.join(cfg.out, "ppo.log"))
         results["ppo"] = {**rl_figures(out), "seconds": seconds}
         print(f"[ppo] {results['ppo']}", flush=True)
