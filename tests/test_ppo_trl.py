@@ -471,12 +471,14 @@ def trlx_ppo_loss(logprobs, values, old_logprobs, old_values, advantages, return
     return pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, vf_clipfrac
 
 
-@pytest.mark.parametrize("head_chunk_size", [0, 48])
-def test_shared_value_head_loss_and_gradients_match_trlx(tiny_models, head_chunk_size):
+@pytest.mark.parametrize("head_chunk_size, exact_ratio", [(0, True), (48, True), (0, False)])
+def test_shared_value_head_loss_and_gradients_match_trlx(tiny_models, head_chunk_size, exact_ratio):
     """`--critic=shared` is trlx's PPO model (`AutoModelForCausalLMWithValueHead` with
     num_value_layers_unfrozen=0: `make_head(hidden, 1)` on `hidden_states[-1]`) trained by trlx's
     `PPOConfig.loss`: the same loss and the same gradients, for the value head and for the
-    policy's own weights (the value loss reaches them), with the full logits and the fused head."""
+    policy's own weights (the value loss reaches them), with the full logits and the fused head,
+    and with the forward fused into the backward (`--exact_ratio=false`), which compiles to fewer
+    FLOPs than the checkpointed forward (it is not run a second time)."""
     import dataclasses
 
     from trl.trainer.utils import selective_log_softmax
@@ -502,22 +504,29 @@ def test_shared_value_head_loss_and_gradients_match_trlx(tiny_models, head_chunk
     assert 0 < vf_clipfrac < 1
     loss.backward()
 
-    options = ppo.RLConfig(algo="ppo", temperature=1.0, cliprange=cliprange, cliprange_value=cliprange_value,
-                           vf_coef=vf_coef)
     batch = {k: jnp.asarray(v) for k, v in dict(
         input_ids=input_ids, positions=positions, segment_ids=segment_ids, response_mask=response_mask,
         old_logprobs=old_logprobs.numpy(), ref_logprobs=old_logprobs.numpy(), advantages=advantages.numpy(),
         returns=returns.numpy(), old_values=old_values.numpy()).items()}
     heads = {ppo.VALUE_HEAD: {"hidden": {"kernel": j(head[0].weight.T), "bias": j(head[0].bias)},
                               "out": {"kernel": j(head[2].weight.T), "bias": j(head[2].bias)}}}
-    loss_fn = ppo.shared_loss_fn(options).fn
 
-    def mean_loss(params):
-        total, count, metrics = loss_fn(config, params, batch)
-        return total / count, {k: v / count for k, v in metrics.items()}
+    def step(exact):
+        loss_fn = ppo.shared_loss_fn(ppo.RLConfig(algo="ppo", temperature=1.0, cliprange=cliprange,
+                                                  cliprange_value=cliprange_value, vf_coef=vf_coef,
+                                                  exact_ratio=exact)).fn
 
-    (ours, metrics), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(
-        {"model": policy.params, "heads": heads})
+        def mean_loss(params):
+            total, count, metrics = loss_fn(config, params, batch)
+            return total / count, {k: v / count for k, v in metrics.items()}
+
+        return jax.jit(jax.value_and_grad(mean_loss, has_aux=True))
+
+    params = {"model": policy.params, "heads": heads}
+    (ours, metrics), grads = step(exact_ratio)(params)
+    if not exact_ratio:
+        flops = {exact: step(exact).lower(params).compile().cost_analysis()["flops"] for exact in (True, False)}
+        assert flops[False] < 0.9 * flops[True], flops
     close(ours, loss.item())
     close(metrics["value/loss"], vf_loss.item())
     close(metrics["value/clipfrac"], vf_clipfrac.item())

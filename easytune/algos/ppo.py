@@ -233,6 +233,7 @@ class RLConfig:
     group_size: int = 1               # completions per prompt
     loss_type: str | None = None      # a LOSS_TYPES name (TRL's loss_type)
     dynamic_sampling: bool | None = None  # drop prompt groups that all scored the same (DAPO)
+    exact_ratio: bool = True          # the loss's forward under jax.checkpoint (`loss_forward`)
 
     def __post_init__(self):
         algorithm = ALGORITHMS.get(self.algo)
@@ -494,6 +495,17 @@ def policy_terms(options: RLConfig, logps, entropy, batch):
     return loss_sum, count, metrics
 
 
+def loss_forward(options: RLConfig, forward):
+    """The policy losses' forward. With `exact_ratio` (the default) under `jax.checkpoint`: compiled
+    as a forward of its own, which the backward recomputes, it rounds exactly as the rollout's
+    forward-only pass, so the first update's ratio is exactly 1 on any mesh
+    (`policy/ratio_deviation_first_step` 0), at the price of a second forward per minibatch.
+    Without it the forward is fused with the backward, which keeps its activations: one forward
+    fewer per minibatch (a quarter of the compiled FLOPs of the shared-head loss and gradient in
+    `tests/test_ppo_trl.py`), and XLA's reordering leaves the first ratio about 1e-7 from 1."""
+    return jax.checkpoint(forward) if options.exact_ratio else forward
+
+
 def policy_loss_fn(options: RLConfig) -> recipe.Loss:
     """The policy's loss: `(sum, count, {metric: sum})`: the registered policy loss's per-token
     losses, aggregated by the --loss_type (`LOSS_TYPES`): over the minibatch's response tokens
@@ -506,11 +518,8 @@ def policy_loss_fn(options: RLConfig) -> recipe.Loss:
 
     def loss_fn(model_config, params, batch, reference=None):
         del reference  # reference log-probs were recorded at rollout time
-        # Under jax.checkpoint the forward is compiled as a forward of its own (the backward
-        # recomputes it), so it rounds exactly as the rollout's forward-only pass: the first
-        # update's ratio is exactly 1. Fused with the backward, XLA reorders it (~1e-7 apart).
-        logps, entropy = jax.checkpoint(
-            lambda p: response_logprobs(model_config, p, batch, options.temperature, with_entropy=True))(params)
+        logps, entropy = loss_forward(options, lambda p: response_logprobs(
+            model_config, p, batch, options.temperature, with_entropy=True))(params)
         return policy_terms(options, logps, entropy, batch)
 
     # needs_reference: the Trainer holds the reference policy (the rollout records its log-probs)
@@ -564,9 +573,8 @@ def shared_loss_fn(options: RLConfig) -> recipe.Loss:
 
     def loss_fn(model_config, params, batch, reference=None):
         del reference
-        # checkpointed for the same reason as policy_loss_fn: the first update's ratio is exactly 1
-        logps, entropy, values = jax.checkpoint(
-            lambda p: shared_outputs(model_config, p, batch, options.temperature))(params)
+        logps, entropy, values = loss_forward(
+            options, lambda p: shared_outputs(model_config, p, batch, options.temperature))(params)
         loss_sum, count, metrics = policy_terms(options, logps, entropy, batch)
         value_sum, clipped_sum = value_terms(options, values, batch)
         # the value loss as a token mean whatever unit the policy loss counts in

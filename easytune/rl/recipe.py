@@ -167,6 +167,7 @@ class RLRecipe(recipe.Recipe):
         "loss_type": None,
         "dynamic_sampling": False,
         "normalize_advantages": False,
+        "exact_ratio": True,
         "optimizer": {"schedule": "constant", "warmup_ratio": 0.0, "min_lr_ratio": 1.0},
         "heldout_steps": 0,
         "heldout_data": None,
@@ -235,6 +236,9 @@ class RLRecipe(recipe.Recipe):
     "dynamic_sampling": "drop the prompt groups whose completions all scored the same (their rows weigh 0; "
                         "always on for dapo; grpo family and rloo)",
     "normalize_advantages": "rloo: standardize advantages over the batch",
+    "exact_ratio": "run the loss's forward under jax.checkpoint, so it rounds as the rollout's forward and the first "
+                   "update's ratio is exactly 1 (false: fused with the backward, one forward fewer per minibatch; the "
+                   "first ratio then starts ~1e-7 from 1)",
     "loss_reduction": "mean: per unit of the --loss_type over the minibatch (tokens, sequences, or sequences x "
                       "max_new_tokens); sum: per micro-batch",
     "optimizer.lr": "peak learning rate (AdamW)",
@@ -273,7 +277,8 @@ class RLRecipe(recipe.Recipe):
             cliprange=cfg.cliprange, cliprange_high=cfg.cliprange_high, cliprange_value=cfg.cliprange_value,
             vf_coef=cfg.vf_coef, scale_rewards=cfg.scale_rewards, normalize_advantages=cfg.normalize_advantages,
             group_size=cfg.rollouts_per_prompt, loss_type=cfg.loss_type,
-            dynamic_sampling=cfg.dynamic_sampling or None)  # off: the algorithm's choice (on for dapo)
+            dynamic_sampling=cfg.dynamic_sampling or None,  # off: the algorithm's choice (on for dapo)
+            exact_ratio=cfg.exact_ratio)
 
     @staticmethod
     def rollout_config(cfg):
