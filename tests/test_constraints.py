@@ -3,6 +3,7 @@ request and in constraint instance, every record's constraints are IFEval's (lm-
 accept a response written to follow them and refuse one that breaks them), two constraints never
 conflict, and the writer's files feed train_ppo's --train_data/--heldout_data."""
 import json
+import os
 import subprocess
 import sys
 
@@ -175,3 +176,30 @@ def test_rft_samples_become_sft_dpo_and_ilql_data():
         assert parsed is not None
     for i, episode in enumerate(episodes):
         assert offline.parse_offline(episode, f"episode {i}") is not None
+
+
+def test_the_pipeline_runs_ppo_from_a_start_model_and_scores_it(char_chat_model, tmp_path):
+    """scripts/constraint_pipeline.py end to end on a tiny model: the data stage, the PPO stage (a
+    real train_ppo run, with the pipeline's GAE λ 1 and shared value head, and a flag passed
+    through --extra), and the score stage, which finds the start model and the PPO run and scores
+    both on the held-out prompts with standard errors and per-prompt figures."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "constraint_pipeline.py")
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, script, f"--out={out}", f"--model={char_chat_model}",
+                             f"--start={char_chat_model}", "--stages=data,ppo,score", "--num_train=16",
+                             "--num_heldout=4", "--ppo_iterations=1", "--max_new_tokens=8", "--heldout_samples=1",
+                             "--score_samples=2", "--extra=ppo=--exact_ratio=false"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    config = json.loads((out / "ppo" / "easytune_config.json").read_text())
+    assert (config["lam"], config["critic"], config["exact_ratio"], config["iterations"]) == (1.0, "shared", False, 1)
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["num_heldout"] == 4
+    assert len(results["ppo"]["reward_curve"]) == 1 and results["ppo"]["seconds"] > 0
+    scores = results["score"]["models"]
+    assert set(scores) == {"start", "ppo"} and scores["ppo"]["model"] == str(out / "ppo")
+    for figures in scores.values():
+        assert len(figures["accuracy_per_prompt"]) == len(figures["sampled_per_prompt"]) == 4
+        assert figures["sampled_mean"] == pytest.approx(np.mean(figures["sampled_per_prompt"]))
+    assert "| ppo |" in result.stdout and "| start |" in result.stdout
