@@ -180,8 +180,8 @@ def test_rft_samples_become_sft_dpo_and_ilql_data():
 
 def test_the_pipeline_runs_ppo_from_a_start_model_and_scores_it(char_chat_model, tmp_path):
     """scripts/constraint_pipeline.py end to end on a tiny model: the data stage, the PPO stage (a
-    real train_ppo run, with the pipeline's GAE λ 1 and shared value head, and a flag passed
-    through --extra), and the score stage, which finds the start model and the PPO run and scores
+    real train_ppo run, with the pipeline's GAE λ 1, shared value head and fused loss forward, and a
+    flag passed through --extra), and the score stage, which finds the start model and the PPO run and scores
     both on the held-out prompts with standard errors and per-prompt figures."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                           "constraint_pipeline.py")
@@ -189,11 +189,12 @@ def test_the_pipeline_runs_ppo_from_a_start_model_and_scores_it(char_chat_model,
     result = subprocess.run([sys.executable, script, f"--out={out}", f"--model={char_chat_model}",
                              f"--start={char_chat_model}", "--stages=data,ppo,score", "--num_train=16",
                              "--num_heldout=4", "--ppo_iterations=1", "--max_new_tokens=8", "--heldout_samples=1",
-                             "--score_samples=2", "--extra=ppo=--exact_ratio=false"],
+                             "--score_samples=2", "--extra=ppo=--kl_coef=0.05"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     config = json.loads((out / "ppo" / "easytune_config.json").read_text())
     assert (config["lam"], config["critic"], config["exact_ratio"], config["iterations"]) == (1.0, "shared", False, 1)
+    assert config["kl_coef"] == 0.05
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["num_heldout"] == 4
     assert len(results["ppo"]["reward_curve"]) == 1 and results["ppo"]["seconds"] > 0
