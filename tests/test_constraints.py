@@ -181,8 +181,8 @@ def test_rft_samples_become_sft_dpo_and_ilql_data():
 def test_the_pipeline_runs_ppo_from_a_start_model_and_scores_it(char_chat_model, tmp_path):
     """scripts/constraint_pipeline.py end to end on a tiny model: the data stage, the PPO stage (a
     real train_ppo run, with the pipeline's GAE λ 1, shared value head and fused loss forward, and a
-    flag passed through --extra), and the score stage, which finds the start model and the PPO run and scores
-    both on the held-out prompts with standard errors and per-prompt figures."""
+    flag passed through --extra), and the score stage, which finds the start model and the PPO run and
+    scores both on the held-out prompts with standard errors and per-prompt figures."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                           "constraint_pipeline.py")
     out = tmp_path / "run"
