@@ -108,6 +108,7 @@ class Job:
     every `heldout_every` steps and after (`heldout_accuracy_before/after`, `heldout_curve`); or a
     dict of figures whose `accuracy` is the headline (`heldout_reward`: a reward function's mean
     on held-out prompts), the others logged beside it (`heldout_<name>_before/after`).
+    heldout_before: False skips the figures before training (the caller knows the start model's).
     heldout_name: what the headline is, for the printed lines.
     report(history, summary): the recipe's figures at the end, from the logged records.
     flops_per_token: for MFU. progress: the metric the progress bar shows as its loss.
@@ -132,6 +133,7 @@ class Job:
     total_steps: int = 0
     heldout: Callable[[], float | dict] | None = None
     heldout_every: int = 0
+    heldout_before: bool = True
     heldout_name: str = "exact-match accuracy"
     report: Callable[[list, dict], dict] | None = None
     flops_per_token: float | None = None

@@ -539,7 +539,7 @@ def _run(recipe: Recipe, cfg, is_main: bool, started: float) -> dict:
         return {f"heldout_{'accuracy' if k == 'accuracy' else k}{suffix}": v for k, v in figures.items()}
 
     if steps.step == 0:  # a fresh run: its starting figures
-        if job.heldout is not None:
+        if job.heldout is not None and job.heldout_before:
             summary.update(heldout_figures(heldout(0, "before"), "_before"))
         if (job.eval_before or cfg.get("eval_tasks")) and evaluate is not None:
             before = {f"{name}_before": value for name, value in evaluate().items()}

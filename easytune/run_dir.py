@@ -28,8 +28,8 @@ LOCK_FILE = ".easytune.lock"
 RESUMABLE_CHANGES = {
     "resume", "resume_override", "debug", "output_dir", "mesh_dim", "attention", "remat", "dtype", "head_chunk_size",
     "layer_loop", "exact_ratio", "log_steps", "save_steps", "keep_checkpoints", "async_checkpoints", "logger",
-    "eval_steps", "heldout_steps", "export_hf", "push_to_hub", "export_peft", "eval_data", "eval_tasks",
-    "eval_include_path", "eval_limit", "eval_num_fewshot", "eval_batch_size", "eval_max_gen_toks",
+    "eval_steps", "heldout_steps", "heldout_before", "export_hf", "push_to_hub", "export_peft", "eval_data",
+    "eval_tasks", "eval_include_path", "eval_limit", "eval_num_fewshot", "eval_batch_size", "eval_max_gen_toks",
     "eval_apply_chat_template", "keep_best", "keep_best_mode", "config", "data_num_proc", "data_cache_dir",
     "peak_flops",
 }

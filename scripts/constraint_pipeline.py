@@ -24,6 +24,9 @@ SmolLM2-135M-Instruct, every stage one of easytune's own commands:
    forward is fused with its backward (`--exact_ratio=false`: one forward fewer per minibatch; over 20
    iterations it drew the same samples as the exact mode and its KL agreed to 3e-5, BENCHMARKS.md);
    `--extra ppo=--exact_ratio=true` recomputes it under `jax.checkpoint`, first ratio exactly 1.
+   Where the RFT stage (or the base stage, for a `--start` that is `--model`) measured the start
+   model on the same held-out file with the same settings, the RL stages report those figures as
+   "before" and skip their own evaluation before training (`--heldout_before=false`, `known_start`).
 5. **dpo**: `python -m easytune.train_dpo` from the RFT model on the pairs.
 6. **ilql**: `python -m easytune.train_ilql` from the RFT model on the episodes.
 7. **score**: the finished stages' final models (and `--score_also name=DIR`) scored again on the
@@ -83,6 +86,33 @@ def evaluate(model_dir, heldout, cfg, *, samples: int | None = None, seed: int |
                                  samples=cfg.heldout_samples if samples is None else samples,
                                  temperature=cfg.temperature, seed=cfg.seed if seed is None else seed,
                                  per_prompt=per_prompt)
+
+
+def measure(cfg, heldout_path: str) -> dict:
+    """How `evaluate` (the base and RFT stages) measures a model: the held-out file's digest and the
+    sampling settings. An RL stage that starts from a model measured this way, with none of these
+    settings changed for it by --extra, would measure the same figures before training."""
+    import hashlib
+    with open(heldout_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"heldout_sha256": digest, "samples": cfg.heldout_samples, "seed": cfg.seed,
+            "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
+
+
+MEASURE_FLAGS = ("seed", "heldout_samples", "heldout_data", "temperature", "max_new_tokens", "model")
+
+
+def known_start(results: dict, start_model: str, current: dict, flags: list[str]) -> dict | None:
+    """The start model's held-out figures as the base or RFT stage measured them, where the RL stage
+    given `flags` (its --extra) would measure the same (then it skips its own evaluation before
+    training, `--heldout_before=false`); else None."""
+    if any(flag.lstrip("-").partition("=")[0] in MEASURE_FLAGS for flag in flags):
+        return None
+    for stage in ("rft", "base"):
+        got = results.get(stage) or {}
+        if got.get("heldout_model") == start_model and got.get("measure") == current:
+            return got["heldout"]
+    return None
 
 
 def paired_change(start: list[float], end: list[float]) -> tuple[float, float]:
@@ -155,7 +185,9 @@ def rft_data(train, texts, scores, samples: int, keep: int) -> tuple[list, list,
     return sft, pairs, episodes, figures
 
 
-def rl_figures(run_dir: str) -> dict:
+def rl_figures(run_dir: str, before: dict | None = None) -> dict:
+    """An RL run's figures from its summary and metrics; `before`: the start model's held-out
+    figures where the run did not measure them itself (`known_start`)."""
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     iterations = []
@@ -165,9 +197,14 @@ def rl_figures(run_dir: str) -> dict:
             if "reward/mean" in record:
                 iterations.append(record)
     keys = ("accuracy", "sampled_mean", "distinct", "length_mean")
-    return {"before": {k: summary.get(f"heldout_{k}_before") for k in keys},
+    curve = summary.get("heldout_curve")
+    if before is not None:
+        before = {k: before.get(k) for k in keys}
+        curve = [{"step": 0, **before}, *(curve or [])]
+    return {"before": before or {k: summary.get(f"heldout_{k}_before") for k in keys},
+            "before_measured_by": "the start model's stage" if before is not None else "the run",
             "after": {k: summary.get(f"heldout_{k}_after") for k in keys},
-            "heldout_curve": summary.get("heldout_curve"),
+            "heldout_curve": curve,
             "reward_curve": [round(m["reward/mean"], 3) for m in iterations],
             "kl_last": iterations[-1].get("objective/kl") if iterations else None,
             "entropy_first_last": [iterations[0].get("objective/entropy"), iterations[-1].get("objective/entropy")]
@@ -228,7 +265,8 @@ def main() -> None:
     heldout = read_jsonl(heldout_path)
     if "base" in stages:
         started = time.time()
-        results["base"] = {"heldout": evaluate(cfg.model or None, heldout, cfg), "seconds": time.time() - started}
+        results["base"] = {"heldout": evaluate(cfg.model or None, heldout, cfg), "seconds": time.time() - started,
+                           "heldout_model": cfg.model, "measure": measure(cfg, heldout_path)}
         print(f"[base] {results['base']}", flush=True)
         save()
     rft_dir = os.path.join(cfg.out, "rft")
@@ -250,7 +288,8 @@ def main() -> None:
                                   "--export_hf=" + rft_dir + "/hf", *extra.get("rft", [])],
                           os.path.join(cfg.out, "rft.log"))
         results["rft"] = {**figures, "sampling_seconds": sampling_seconds, "train_seconds": seconds,
-                          "heldout": evaluate(rft_dir + "/hf", heldout, cfg)}
+                          "heldout": evaluate(rft_dir + "/hf", heldout, cfg), "heldout_model": rft_dir + "/hf",
+                          "measure": measure(cfg, heldout_path)}
         print(f"[rft] {results['rft']}", flush=True)
         save()
     start_model = start + "/hf" if start == rft_dir else start
@@ -259,22 +298,30 @@ def main() -> None:
                  f"--heldout_steps={cfg.heldout_steps}", f"--temperature={cfg.temperature}", *common,
                  "--rollout_batch_size=32", "--num_minibatches=2", "--ppo_epochs=1", "--optimizer.lr=3e-4",
                  "--log_steps=1"]
+    current = measure(cfg, heldout_path)
+
+    def skip_known(stage: str) -> tuple[dict | None, list[str]]:
+        known = known_start(results, start_model, current, extra.get(stage, []))
+        return known, ([] if known is None else ["--heldout_before=false"])
+
     if "grpo" in stages:
         out = os.path.join(cfg.out, "grpo")
-        seconds = command("grpo", [*rl_common, "--algo=grpo", "--rollouts_per_prompt=8", "--kl_coef=0.02",
+        known, skip = skip_known("grpo")
+        seconds = command("grpo", [*rl_common, *skip, "--algo=grpo", "--rollouts_per_prompt=8", "--kl_coef=0.02",
                                    f"--iterations={cfg.grpo_iterations}", f"--output_dir={out}",
                                    *extra.get("grpo", [])], os.path.join(cfg.out, "grpo.log"))
-        results["grpo"] = {**rl_figures(out), "seconds": seconds}
+        results["grpo"] = {**rl_figures(out, known), "seconds": seconds}
         print(f"[grpo] {results['grpo']}", flush=True)
         save()
     if "ppo" in stages:
         out = os.path.join(cfg.out, "ppo")
-        seconds = command("ppo", [*rl_common, "--algo=ppo", "--rollouts_per_prompt=4", "--kl_coef=0.02",
+        known, skip = skip_known("ppo")
+        seconds = command("ppo", [*rl_common, *skip, "--algo=ppo", "--rollouts_per_prompt=4", "--kl_coef=0.02",
                                   "--critic=shared", "--lam=1.0", "--exact_ratio=false",
                                   f"--iterations={cfg.ppo_iterations}",
                                   f"--output_dir={out}",
                                   *extra.get("ppo", [])], os.path.join(cfg.out, "ppo.log"))
-        results["ppo"] = {**rl_figures(out), "seconds": seconds}
+        results["ppo"] = {**rl_figures(out, known), "seconds": seconds}
         print(f"[ppo] {results['ppo']}", flush=True)
         save()
     if "dpo" in stages:

@@ -178,25 +178,56 @@ def test_rft_samples_become_sft_dpo_and_ilql_data():
         assert offline.parse_offline(episode, f"episode {i}") is not None
 
 
+def test_the_pipeline_reuses_the_start_models_figures_only_where_measured_alike(tmp_path):
+    """An RL stage skips its evaluation before training only where the base or RFT stage measured
+    its start model on the same held-out file with the same settings, and no --extra flag of the
+    stage changes how the run measures."""
+    import argparse
+    pipeline = load_pipeline()
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text('{"prompt": "a"}\n')
+    cfg = argparse.Namespace(heldout_samples=2, seed=0, temperature=1.0, max_new_tokens=64)
+    current = pipeline.measure(cfg, str(heldout))
+    figures = {"accuracy": 0.5, "sampled_mean": 0.25}
+    results = {"rft": {"heldout": figures, "heldout_model": "out/rft/hf", "measure": current}}
+    assert pipeline.known_start(results, "out/rft/hf", current, ["--optimizer.lr=5e-4"]) == figures
+    assert pipeline.known_start(results, "other", current, []) is None
+    for flag in ("--seed=1", "--heldout_samples=4", "--temperature=0.7", "--max_new_tokens=32", "--model=x"):
+        assert pipeline.known_start(results, "out/rft/hf", current, [flag]) is None
+    assert pipeline.known_start(results, "out/rft/hf", pipeline.measure(argparse.Namespace(**{**vars(cfg), "seed": 1}),
+                                                                         str(heldout)), []) is None
+    heldout.write_text('{"prompt": "b"}\n')
+    assert pipeline.known_start(results, "out/rft/hf", pipeline.measure(cfg, str(heldout)), []) is None
+    assert pipeline.known_start({"rft": {"heldout": figures}}, "out/rft/hf", current, []) is None  # older results
+
+
 def test_the_pipeline_runs_ppo_from_a_start_model_and_scores_it(char_chat_model, tmp_path):
-    """scripts/constraint_pipeline.py end to end on a tiny model: the data stage, the PPO stage (a
-    real train_ppo run, with the pipeline's GAE λ 1, shared value head and fused loss forward, and a
-    flag passed through --extra), and the score stage, which finds the start model and the PPO run and
-    scores both on the held-out prompts with standard errors and per-prompt figures."""
+    """scripts/constraint_pipeline.py end to end on a tiny model: the data stage, the base stage
+    (the start model's held-out figures), the PPO stage (a real train_ppo run, with the pipeline's
+    GAE λ 1, shared value head and fused loss forward, a flag passed through --extra, and no
+    evaluation of its own before training: the base stage measured the same model the same way), and
+    the score stage, which finds the start model and the PPO run and scores both on the held-out
+    prompts with standard errors and per-prompt figures."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                           "constraint_pipeline.py")
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, script, f"--out={out}", f"--model={char_chat_model}",
-                             f"--start={char_chat_model}", "--stages=data,ppo,score", "--num_train=16",
+                             f"--start={char_chat_model}", "--stages=data,base,ppo,score", "--num_train=16",
                              "--num_heldout=4", "--ppo_iterations=1", "--max_new_tokens=8", "--heldout_samples=1",
                              "--score_samples=2", "--extra=ppo=--kl_coef=0.05"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     config = json.loads((out / "ppo" / "easytune_config.json").read_text())
     assert (config["lam"], config["critic"], config["exact_ratio"], config["iterations"]) == (1.0, "shared", False, 1)
-    assert config["kl_coef"] == 0.05
+    assert config["kl_coef"] == 0.05 and config["heldout_before"] is False
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["num_heldout"] == 4
+    summary = json.loads((out / "ppo" / "summary.json").read_text())
+    assert "heldout_accuracy_before" not in summary and [c["step"] for c in summary["heldout_curve"]] == [1]
+    base = results["base"]["heldout"]
+    assert results["ppo"]["before"] == {k: base[k] for k in ("accuracy", "sampled_mean", "distinct", "length_mean")}
+    assert [c["step"] for c in results["ppo"]["heldout_curve"]] == [0, 1]
+    assert results["ppo"]["after"]["accuracy"] == summary["heldout_accuracy_after"]
     assert len(results["ppo"]["reward_curve"]) == 1 and results["ppo"]["seconds"] > 0
     scores = results["score"]["models"]
     assert set(scores) == {"start", "ppo"} and scores["ppo"]["model"] == str(out / "ppo")

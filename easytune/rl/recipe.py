@@ -172,6 +172,7 @@ class RLRecipe(recipe.Recipe):
         "heldout_steps": 0,
         "heldout_data": None,
         "heldout_samples": 0,
+        "heldout_before": True,
         "eval_steps": 0,
         "tasks": {"num_train": 512, "num_heldout": 90, "names": "count,subtract", "shots": 2},
         "peft": "lora",
@@ -252,6 +253,8 @@ class RLRecipe(recipe.Recipe):
     "heldout_data": "held-out prompt records in --train_data's format, scored with --reward_fn before training, every "
                     "--heldout_steps and after: the greedy completions' mean reward (the headline), their distinct "
                     "share and mean length, and with --heldout_samples the mean over samples",
+    "heldout_before": "score the held-out prompts before training too (false: skip it where the start model's "
+                      "figures are known, as the constraint pipeline's RFT stage measured them)",
     "heldout_samples": "--heldout_data: also sample this many completions per prompt at --temperature (0 = greedy "
                        "only)",
     "save_steps": "checkpoint every N iterations and at the end (0 = only at the end)",
@@ -410,7 +413,8 @@ class RLRecipe(recipe.Recipe):
                      "optimizer_steps": total_optimizer_steps,
                      "reference": "base (adapter off)" if model.adapter is not None else "copy",
                      "critic": value_source},
-            heldout=heldout_fn, heldout_name=heldout_name, heldout_every=cfg.heldout_steps)
+            heldout=heldout_fn, heldout_name=heldout_name, heldout_every=cfg.heldout_steps,
+            heldout_before=cfg.heldout_before)
 
 
 RECIPE = RLRecipe()
