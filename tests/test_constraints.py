@@ -204,10 +204,10 @@ def test_the_pipeline_reuses_the_start_models_figures_only_where_measured_alike(
 def test_the_pipeline_runs_ppo_from_a_start_model_and_scores_it(char_chat_model, tmp_path):
     """scripts/constraint_pipeline.py end to end on a tiny model: the data stage, the base stage
     (the start model's held-out figures), the PPO stage (a real train_ppo run, with the pipeline's
-    GAE λ 1, shared value head and fused loss forward, a flag passed through --extra, and no
-    evaluation of its own before training: the base stage measured the same model the same way), and
-    the score stage, which finds the start model and the PPO run and scores both on the held-out
-    prompts with standard errors and per-prompt figures."""
+    GAE λ 1, shared value head, fused loss forward and 4 minibatches, a flag passed through --extra,
+    and no evaluation of its own before training: the base stage measured the same model the same
+    way), and the score stage, which finds the start model and the PPO run and scores both on the
+    held-out prompts with standard errors and per-prompt figures."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                           "constraint_pipeline.py")
     out = tmp_path / "run"
@@ -219,7 +219,7 @@ def test_the_pipeline_runs_ppo_from_a_start_model_and_scores_it(char_chat_model,
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     config = json.loads((out / "ppo" / "easytune_config.json").read_text())
     assert (config["lam"], config["critic"], config["exact_ratio"], config["iterations"]) == (1.0, "shared", False, 1)
-    assert config["kl_coef"] == 0.05 and config["heldout_before"] is False
+    assert config["kl_coef"] == 0.05 and config["heldout_before"] is False and config["num_minibatches"] == 4
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["num_heldout"] == 4
     summary = json.loads((out / "ppo" / "summary.json").read_text())
