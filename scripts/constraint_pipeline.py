@@ -268,10 +268,11 @@ def main() -> None:
         results["data"] = {"types": types, "num_train": cfg.num_train, "num_heldout": cfg.num_heldout}
         save()
     heldout = read_jsonl(heldout_path)
+    current = measure(cfg, heldout_path)  # how the base and RFT stages measure, and the RL stages would
     if "base" in stages:
         started = time.time()
         results["base"] = {"heldout": evaluate(cfg.model or None, heldout, cfg), "seconds": time.time() - started,
-                           "heldout_model": cfg.model, "measure": measure(cfg, heldout_path)}
+                           "heldout_model": cfg.model, "measure": current}
         print(f"[base] {results['base']}", flush=True)
         save()
     rft_dir = os.path.join(cfg.out, "rft")
@@ -294,17 +295,15 @@ def main() -> None:
                           os.path.join(cfg.out, "rft.log"))
         results["rft"] = {**figures, "sampling_seconds": sampling_seconds, "train_seconds": seconds,
                           "heldout": evaluate(rft_dir + "/hf", heldout, cfg), "heldout_model": rft_dir + "/hf",
-                          "measure": measure(cfg, heldout_path)}
+                          "measure": current}
         print(f"[rft] {results['rft']}", flush=True)
         save()
     start_model = start + "/hf" if start == rft_dir else start
     rl_common = ["easytune.train_ppo", f"--model={start_model}", f"--train_data={train_path}",
                  f"--heldout_data={heldout_path}", f"--reward_fn={REWARD}", f"--heldout_samples={cfg.heldout_samples}",
                  f"--heldout_steps={cfg.heldout_steps}", f"--temperature={cfg.temperature}", *common,
-                 "--rollout_batch_size=32", "--num_minibatches=2", "--ppo_epochs=1", "--optimizer.lr=3e-4",
+                 "--rollout_batch_size=32", "--ppo_epochs=1", "--optimizer.lr=3e-4",
                  "--log_steps=1"]
-    current = measure(cfg, heldout_path)
-
     def skip_known(stage: str) -> tuple[dict | None, list[str]]:
         known = known_start(results, start_model, current, extra.get(stage, []))
         return known, ([] if known is None else ["--heldout_before=false"])
@@ -312,7 +311,8 @@ def main() -> None:
     if "grpo" in stages:
         out = os.path.join(cfg.out, "grpo")
         known, skip = skip_known("grpo")
-        seconds = command("grpo", [*rl_common, *skip, "--algo=grpo", "--rollouts_per_prompt=8", "--kl_coef=0.02",
+        seconds = command("grpo", [*rl_common, *skip, "--algo=grpo", "--rollouts_per_prompt=8", "--num_minibatches=2",
+                                   "--kl_coef=0.02",
                                    f"--iterations={cfg.grpo_iterations}", f"--output_dir={out}",
                                    *extra.get("grpo", [])], os.path.join(cfg.out, "grpo.log"))
         results["grpo"] = {**rl_figures(out, known), "seconds": seconds}
